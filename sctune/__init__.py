@@ -1,0 +1,1 @@
+"""sctune: Leslie Smith's super-convergence recipe as a distributed hyperparameter service on Ray Tune."""

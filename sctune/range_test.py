@@ -1,0 +1,165 @@
+"""The LR range test (Smith 1506.01186 section 3.3; METHOD.md section 2).
+
+One short pre-training run in which the LR rises linearly (Smith's default) or exponentially from
+``start_lr`` to ``end_lr`` over ``num_iter`` steps. Per step it records the LR, the raw and
+smoothed training loss; every ``eval_every`` steps the accuracy (and loss) on a fixed held-out set,
+the quantity Smith reads the bounds from. It stops at divergence (non-finite loss, or smoothed loss
+above ``diverge_th`` x the best). Model, optimizer and RNG state are restored exactly afterwards,
+so a range test can run on the model about to be trained.
+
+``range_test`` works on any model/optimizer/loss/data; ``run_range_test`` builds all of them from a
+``TrainConfig`` and is what the Ray trainables call.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .config import RangeTestConfig, TrainConfig
+from .data import DatasetSplits, DeviceLoader, load_dataset, resolve_device
+from .models import build_model
+from .schedules import range_ramp
+from .train import (
+    StepInfo,
+    amp_dtype_for,
+    evaluate,
+    make_optimizer,
+    rng_state,
+    run_steps,
+    seed_everything,
+    set_rng_state,
+)
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("step", "lr", "loss", "smooth_loss", "acc", "val_loss")
+
+# metric(model) -> (loss, accuracy) on the held-out set; the default is cross-entropy + top-1.
+MetricFn = Callable[[nn.Module], tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class RangeTestResult:
+    frame: pd.DataFrame  # one row per step: COLUMNS; acc/val_loss NaN where not evaluated
+    config: RangeTestConfig
+    stop_reason: str  # "completed" | "diverged: <why>"
+    weight_decay: float | None = None
+    seed: int | None = None
+
+    @property
+    def diverged(self) -> bool:
+        return self.stop_reason.startswith("diverged")
+
+    @property
+    def diverged_at_lr(self) -> float | None:
+        return float(self.frame["lr"].iloc[-1]) if self.diverged and len(self.frame) else None
+
+    @property
+    def evaluated(self) -> pd.DataFrame:
+        """Only the rows where held-out accuracy was measured."""
+        return self.frame.dropna(subset=["acc"])
+
+    def bounds(self, *, method: str | None = None, divisor: float | None = None):
+        """LR bounds from this curve (see ``sctune.bounds``)."""
+        from .bounds import bounds_from_frame
+
+        cfg = self.config
+        kw = {"divisor": cfg.divisor if divisor is None else divisor}
+        if (method or cfg.method) == "smith":
+            kw.update(sc_tolerance=cfg.sc_tolerance, sc_threshold_decades=cfg.sc_threshold_decades)
+        return bounds_from_frame(self.frame, method=method or cfg.method, **kw)
+
+
+def range_test(model: nn.Module, optimizer: Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+               cfg: RangeTestConfig, criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+               val: tuple[torch.Tensor, torch.Tensor] | None = None, metric: MetricFn | None = None,
+               amp_dtype: torch.dtype | None = None, restore: bool = True) -> RangeTestResult:
+    """Run the LR range test on any model; accuracy from ``val`` (x, y) or a user ``metric``.
+
+    ``batches`` is re-iterated (as epochs) until ``cfg.num_iter`` steps. With ``restore`` the
+    model weights and buffers, optimizer state and all RNG states are put back bit for bit.
+    """
+    if val is None and metric is None:
+        raise ValueError("range_test needs held-out data (val=(x, y)) or a metric function")
+    if metric is None:
+        x_val, y_val = val
+        metric = lambda m: evaluate(m, x_val, y_val, batch_size=1024, amp_dtype=amp_dtype)  # noqa: E731
+    criterion = criterion or nn.CrossEntropyLoss()
+    saved = None
+    if restore:
+        saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()), rng_state(),
+                 model.training)
+    scheduler = range_ramp(optimizer, start_lr=cfg.start_lr, end_lr=cfg.end_lr, num_iter=cfg.num_iter,
+                           step_mode=cfg.step_mode)
+    rows: list[tuple] = []
+    state = {"avg": 0.0, "best": math.inf, "reason": "completed"}
+
+    def on_step(info: StepInfo) -> bool:
+        loss = info.loss.item()  # the range test needs every step's loss on the host
+        i = info.step
+        if not math.isfinite(loss):
+            rows.append((i, info.lr, loss, math.nan, math.nan, math.nan))
+            state["reason"] = f"diverged: non-finite loss at lr {info.lr:.4g}"
+            return True
+        # EMA with bias correction (pytorch-lr-finder's smooth_f): early points are not dragged to 0.
+        state["avg"] = cfg.smooth_f * loss + (1 - cfg.smooth_f) * state["avg"]
+        smooth = state["avg"] / (1 - (1 - cfg.smooth_f) ** (i + 1))
+        acc = val_loss = math.nan
+        if (i + 1) % cfg.eval_every == 0 or i + 1 == cfg.num_iter:
+            val_loss, acc = metric(model)
+        rows.append((i, info.lr, loss, smooth, acc, val_loss))
+        state["best"] = min(state["best"], smooth)
+        if i > 0 and smooth > cfg.diverge_th * state["best"]:
+            state["reason"] = f"diverged: smoothed loss {smooth:.4g} > {cfg.diverge_th} x best {state['best']:.4g}"
+            return True
+        return False
+
+    try:
+        run_steps(model, optimizer, batches, criterion=criterion, scheduler=scheduler, num_steps=cfg.num_iter,
+                  on_step=on_step, amp_dtype=amp_dtype)
+    finally:
+        if saved is not None:
+            model_state, opt_state, rng, training = saved
+            model.load_state_dict(model_state)
+            optimizer.load_state_dict(opt_state)
+            set_rng_state(rng)
+            model.train(training)
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    if state["reason"] != "completed":
+        log.info("range test stopped early after %d of %d steps (%s)", len(frame), cfg.num_iter, state["reason"])
+    return RangeTestResult(frame=frame, config=cfg, stop_reason=state["reason"])
+
+
+def run_range_test(train_cfg: TrainConfig, rt_cfg: RangeTestConfig, *, weight_decay: float, seed: int,
+                   data: DatasetSplits | None = None, momentum: float | None = None,
+                   device: torch.device | str | None = None) -> RangeTestResult:
+    """Build data, model and optimizer from ``train_cfg`` and run one range test.
+
+    Uses the task's model with ``weight_decay`` and dropout from the config, SGD with fixed
+    momentum (Smith ran his range tests at momentum 0.9, ``baseline.momentum``).
+    """
+    dev = resolve_device(train_cfg.device) if device is None else torch.device(device)
+    seed_everything(seed, deterministic=train_cfg.deterministic)
+    data = load_dataset(train_cfg.task) if data is None else data
+    model = build_model(train_cfg.task.model, num_classes=data.num_classes, input_shape=data.input_shape,
+                        dropout=train_cfg.reg.dropout).to(dev)
+    mom = train_cfg.baseline.momentum if momentum is None else momentum
+    optimizer = make_optimizer(model, train_cfg, lr=rt_cfg.end_lr, weight_decay=weight_decay, momentum=mom)
+    loader = DeviceLoader(data.x_train, data.y_train, batch_size=train_cfg.batch_size, device=dev,
+                          augment=data.augment, seed=seed)
+    n_eval = min(rt_cfg.eval_samples, len(data.y_val))
+    val = (data.x_val[:n_eval].to(dev), data.y_val[:n_eval].to(dev))
+    criterion = nn.CrossEntropyLoss(label_smoothing=train_cfg.reg.label_smoothing)
+    result = range_test(model, optimizer, loader, cfg=rt_cfg, criterion=criterion, val=val,
+                        amp_dtype=amp_dtype_for(train_cfg, dev), restore=False)
+    return RangeTestResult(frame=result.frame, config=rt_cfg, stop_reason=result.stop_reason,
+                           weight_decay=weight_decay, seed=seed)

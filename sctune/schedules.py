@@ -1,0 +1,112 @@
+"""Learning-rate schedules, all stepped once per iteration, all built on torch's schedulers.
+
+* ``one_cycle``: Smith's 1cycle (METHOD.md section 3) is exactly torch's ``OneCycleLR`` with
+  ``three_phase=True, anneal_strategy="linear"``: min -> max over ``cycle_frac/2`` of the steps,
+  max -> min over the next ``cycle_frac/2``, then annihilation min -> min/annihilation_factor. Momentum
+  moves opposite to the LR (0.95 -> 0.85 -> 0.95), Adam's beta1 included.
+* ``piecewise``: the paper's baseline, LR x gamma at fixed fractions of the run (``MultiStepLR``).
+* ``clr``: cyclical LR, triangular and its variants (``CyclicLR``, Smith 1506.01186).
+* ``range_ramp``: the LR range test's linear (Smith) or exponential sweep (``LambdaLR``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import ConstantLR, CyclicLR, LambdaLR, LRScheduler, MultiStepLR, OneCycleLR
+
+from .config import BaselineConfig, OneCycleConfig, TrainConfig
+
+
+def linear_ramp(start: float, end: float, pos: float) -> float:
+    """Value at ``pos`` in [0, 1] on a straight line from start to end."""
+    return start + (end - start) * pos
+
+
+def exp_ramp(start: float, end: float, pos: float) -> float:
+    """Value at ``pos`` in [0, 1] on a geometric path from start to end (both > 0)."""
+    return start * (end / start) ** pos
+
+
+def _set_lr(optimizer: Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group.pop("initial_lr", None)  # a fresh scheduler must take this lr as its base
+
+
+def range_ramp(optimizer: Optimizer, *, start_lr: float, end_lr: float, num_iter: int,
+               step_mode: str = "linear") -> LambdaLR:
+    """LR at step i (0-based) goes from start_lr (i = 0) to end_lr (i = num_iter - 1)."""
+    if num_iter < 2:
+        raise ValueError(f"num_iter must be >= 2 for a ramp, got {num_iter}")
+    if step_mode not in ("linear", "exp"):
+        raise ValueError(f"step_mode must be 'linear' or 'exp', got {step_mode!r}")
+    if step_mode == "exp" and start_lr <= 0:
+        raise ValueError(f"step_mode 'exp' needs start_lr > 0, got {start_lr}")
+    ramp = linear_ramp if step_mode == "linear" else exp_ramp
+    last = num_iter - 1
+    _set_lr(optimizer, end_lr)
+    # LambdaLR multiplies the base LR (end_lr) by the factor; steps past the end hold end_lr.
+    return LambdaLR(optimizer, lambda i: ramp(start_lr, end_lr, min(i, last) / last) / end_lr)
+
+
+def one_cycle(optimizer: Optimizer, cfg: OneCycleConfig, *, total_steps: int) -> OneCycleLR:
+    """Smith's 1cycle: one linear cycle over cfg.cycle_frac of the steps, then annihilation."""
+    if total_steps < 3:
+        raise ValueError(f"one_cycle needs total_steps >= 3, got {total_steps}")
+    return OneCycleLR(
+        optimizer,
+        max_lr=cfg.max_lr,
+        total_steps=total_steps,
+        pct_start=cfg.cycle_frac / 2,
+        anneal_strategy="linear",
+        three_phase=True,
+        div_factor=cfg.div_factor,
+        final_div_factor=cfg.annihilation_factor,
+        cycle_momentum=cfg.cycle_momentum,
+        base_momentum=cfg.min_momentum,
+        max_momentum=cfg.max_momentum,
+    )
+
+
+def piecewise(optimizer: Optimizer, cfg: BaselineConfig, *, total_steps: int) -> MultiStepLR:
+    """The paper's step baseline: lr, then x gamma at each milestone fraction of the run."""
+    _set_lr(optimizer, cfg.lr)
+    milestones = sorted({max(1, round(f * total_steps)) for f in cfg.milestones_frac})
+    return MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma)
+
+
+def clr(optimizer: Optimizer, cfg: BaselineConfig, *, steps_per_epoch: int) -> CyclicLR:
+    """Cyclical LR between cfg.lr and cfg.clr_max_lr, stepsize = clr_step_epochs epochs."""
+    step = max(1, round(cfg.clr_step_epochs * steps_per_epoch))
+    _set_lr(optimizer, cfg.lr)
+    return CyclicLR(optimizer, base_lr=cfg.lr, max_lr=cfg.clr_max_lr, step_size_up=step,
+                    mode=cfg.clr_mode, gamma=0.99994, cycle_momentum=False)
+
+
+def constant(optimizer: Optimizer, cfg: BaselineConfig) -> ConstantLR:
+    _set_lr(optimizer, cfg.lr)
+    return ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def build_schedule(optimizer: Optimizer, cfg: TrainConfig, *, steps_per_epoch: int) -> LRScheduler:
+    """The schedule named by ``cfg.schedule`` over ``cfg.epochs * steps_per_epoch`` steps."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return one_cycle(optimizer, cfg.onecycle, total_steps=total)
+    if cfg.schedule == "piecewise":
+        return piecewise(optimizer, cfg.baseline, total_steps=total)
+    if cfg.schedule == "clr":
+        return clr(optimizer, cfg.baseline, steps_per_epoch=steps_per_epoch)
+    if cfg.schedule == "constant":
+        return constant(optimizer, cfg.baseline)
+    raise ValueError(f"unknown schedule {cfg.schedule!r}")
+
+
+def current_momentum(optimizer: Optimizer) -> float:
+    """Momentum (SGD) or beta1 (Adam/AdamW) of the first param group; NaN when it has neither."""
+    group = optimizer.param_groups[0]
+    if "betas" in group:
+        return float(group["betas"][0])
+    return float(group.get("momentum", math.nan))

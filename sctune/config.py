@@ -292,6 +292,8 @@ class RangeTestConfig(_Config):
     diverge_th: float = 5.0  # stop when smoothed loss > diverge_th * best smoothed loss
     eval_every: int = 10  # held-out accuracy every k steps
     eval_samples: int = 2048  # cap on the held-out set size, keeps evaluation cheap
+    bn_recalibrate: bool = True  # precise BN before each evaluation (see train.recalibrate_bn)
+    recal_samples: int = 512  # training samples used to recompute BatchNorm statistics
     divisor: float = 4.0  # min_lr = max_lr / divisor (Smith: 3..4)
     method: str = "smith"  # smith | steepest | valley | divergence
     weight_decays: tuple[float, ...] = (1e-3, 1e-4, 1e-5, 0.0)  # Smith's WD comparison (1803.09820)
@@ -313,6 +315,7 @@ class RangeTestConfig(_Config):
         _require(1 <= self.eval_every <= self.num_iter, "eval_every",
                  f"must be in [1, num_iter], got {self.eval_every}")
         _require(self.eval_samples >= 1, "eval_samples", f"must be >= 1, got {self.eval_samples}")
+        _require(self.recal_samples >= 1, "recal_samples", f"must be >= 1, got {self.recal_samples}")
         _require(self.divisor >= 1, "divisor", f"must be >= 1, got {self.divisor}")
         _require(self.method in ("smith", "steepest", "valley", "divergence"), "method",
                  f"must be smith, steepest, valley or divergence, got {self.method!r}")

@@ -33,6 +33,7 @@ from .train import (
     amp_dtype_for,
     evaluate,
     make_optimizer,
+    recalibrate_bn,
     rng_state,
     run_steps,
     seed_everything,
@@ -82,8 +83,12 @@ class RangeTestResult:
 def range_test(model: nn.Module, optimizer: Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
                cfg: RangeTestConfig, criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                val: tuple[torch.Tensor, torch.Tensor] | None = None, metric: MetricFn | None = None,
-               amp_dtype: torch.dtype | None = None, restore: bool = True) -> RangeTestResult:
+               amp_dtype: torch.dtype | None = None, restore: bool = True,
+               recalibrate_x: torch.Tensor | None = None) -> RangeTestResult:
     """Run the LR range test on any model; accuracy from ``val`` (x, y) or a user ``metric``.
+
+    ``recalibrate_x`` (training inputs): recompute BatchNorm statistics from them before every
+    evaluation (``cfg.bn_recalibrate``), so eval-mode accuracy reflects the current weights.
 
     ``batches`` is re-iterated (as epochs) until ``cfg.num_iter`` steps. With ``restore`` the
     model weights and buffers, optimizer state and all RNG states are put back bit for bit.
@@ -93,6 +98,12 @@ def range_test(model: nn.Module, optimizer: Optimizer, batches: Iterable[tuple[t
     if metric is None:
         x_val, y_val = val
         metric = lambda m: evaluate(m, x_val, y_val, batch_size=1024, amp_dtype=amp_dtype)  # noqa: E731
+    if cfg.bn_recalibrate and recalibrate_x is not None:
+        user_metric = metric
+
+        def metric(m: nn.Module) -> tuple[float, float]:
+            recalibrate_bn(m, recalibrate_x)
+            return user_metric(m)
     criterion = criterion or nn.CrossEntropyLoss()
     saved = None
     if restore:
@@ -159,7 +170,9 @@ def run_range_test(train_cfg: TrainConfig, rt_cfg: RangeTestConfig, *, weight_de
     n_eval = min(rt_cfg.eval_samples, len(data.y_val))
     val = (data.x_val[:n_eval].to(dev), data.y_val[:n_eval].to(dev))
     criterion = nn.CrossEntropyLoss(label_smoothing=train_cfg.reg.label_smoothing)
+    # a fixed subset (no RNG draw, so the training trajectory is the same with or without it)
+    recal = data.x_train[torch.linspace(0, len(data.x_train) - 1, min(rt_cfg.recal_samples, len(data.x_train))).long()]
     result = range_test(model, optimizer, loader, cfg=rt_cfg, criterion=criterion, val=val,
-                        amp_dtype=amp_dtype_for(train_cfg, dev), restore=False)
+                        amp_dtype=amp_dtype_for(train_cfg, dev), restore=False, recalibrate_x=recal.to(dev))
     return RangeTestResult(frame=result.frame, config=rt_cfg, stop_reason=result.stop_reason,
                            weight_decay=weight_decay, seed=seed)

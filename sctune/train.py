@@ -8,6 +8,7 @@ per epoch, unless a callback asks for a float.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -35,6 +36,11 @@ TRAIN_LOSS, VAL_LOSS, VAL_ACC, TEST_LOSS, TEST_ACC = "train/loss", "val/loss", "
 LR, MOMENTUM, THROUGHPUT = "lr", "momentum", "perf/samples_per_s"
 HF_LR, HF_LR_EMA = "curvature/lr_estimate", "curvature/lr_estimate_ema"
 
+# An epoch whose mean training loss exceeds this many times chance level (ln C, the loss of a uniform
+# guess) has diverged even if it stayed finite: BatchNorm nets at absurd LRs reach losses ~1e17
+# without ever producing a NaN, and such a run never recovers.
+DIVERGE_LOSS_FACTOR = 10.0
+
 
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:
     random.seed(seed)
@@ -46,7 +52,11 @@ def seed_everything(seed: int, *, deterministic: bool = False) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """All RNG states, as tensors and plain Python types only, so a checkpoint holding them loads
+    with ``torch.load(weights_only=True)`` (numpy arrays are not on that allowlist)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -54,7 +64,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -116,6 +127,35 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
     model.train(was_training)
     n = max(1, len(y))
     return float(loss_sum) / n, float(correct) / n
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512) -> bool:
+    """Recompute BatchNorm running statistics from ``x`` for the current weights ("precise BN").
+
+    During the range test the weights move fast; running averages (momentum 0.1) lag behind and
+    make eval-mode accuracy swing by tens of points at high LR, drowning Smith's signal. Exact
+    statistics for the current weights remove that artefact. Only BatchNorm layers run in train
+    mode here (dropout stays off), so no RNG is consumed and training is unaffected (train-mode
+    forward passes use batch statistics). Returns False when the model has no BatchNorm.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return False
+    was_training = model.training
+    model.eval()
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the recalibration batches
+        bn.train()
+    device = next(model.parameters()).device
+    for i in range(0, len(x), batch_size):
+        model(x[i:i + batch_size].to(device, non_blocking=True))
+    for bn, m in zip(bns, momenta, strict=True):
+        bn.momentum = m
+    model.train(was_training)
+    return True
 
 
 @dataclass
@@ -186,8 +226,12 @@ EpochCallback = Callable[[dict[str, float], Callable[[], dict[str, Any]]], bool 
 
 
 def fit(cfg: TrainConfig, *, data: DatasetSplits | None = None, on_epoch: EpochCallback | None = None,
-        state: dict[str, Any] | None = None, device: torch.device | str | None = None) -> FitResult:
+        state: dict[str, Any] | None = None, device: torch.device | str | None = None,
+        test_at_end: bool = False) -> FitResult:
     """Train one run of ``cfg``; evaluate on the validation split after every epoch.
+
+    With ``test_at_end`` the last epoch's metrics also hold one evaluation on the test split
+    (``test/loss``, ``test/acc``): the final fit, never the search, looks at test data.
 
     ``state`` resumes from a dict produced by the ``state_fn`` passed to ``on_epoch`` (model,
     optimizer, scheduler, loader, RNG and history), continuing at the next epoch.
@@ -223,9 +267,11 @@ def fit(cfg: TrainConfig, *, data: DatasetSplits | None = None, on_epoch: EpochC
     steps_per_epoch = len(loader)
 
     def state_fn() -> dict[str, Any]:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "rng": rng_state(),
-                "history": list(result.history), "epoch": result.epochs_run}
+        # deepcopy: state_dict() tensors alias the live weights/buffers, so without it a kept
+        # checkpoint would silently change as training continues.
+        return copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "loader": loader.state_dict(),
+                              "rng": rng_state(), "history": list(result.history), "epoch": result.epochs_run})
 
     last: dict[str, float] = {}
 
@@ -242,7 +288,8 @@ def fit(cfg: TrainConfig, *, data: DatasetSplits | None = None, on_epoch: EpochC
         seconds = time.perf_counter() - t0
         val_loss, val_acc = evaluate(model, x_val, y_val, batch_size=cfg.eval_batch_size, amp_dtype=amp,
                                      channels_last=channels_last)
-        diverged = not (math.isfinite(train_loss) and math.isfinite(val_loss))
+        diverged = (not (math.isfinite(train_loss) and math.isfinite(val_loss))
+                    or train_loss > DIVERGE_LOSS_FACTOR * math.log(max(2, data.num_classes)))
         metrics: dict[str, float] = {
             "epoch": epoch + 1,
             TRAIN_LOSS: train_loss,
@@ -256,6 +303,10 @@ def fit(cfg: TrainConfig, *, data: DatasetSplits | None = None, on_epoch: EpochC
         if curv is not None and curv.count:
             metrics[HF_LR] = curv.last
             metrics[HF_LR_EMA] = curv.ema
+        if test_at_end and epoch + 1 == cfg.epochs:
+            metrics[TEST_LOSS], metrics[TEST_ACC] = evaluate(
+                model, data.x_test.to(dev), data.y_test.to(dev), batch_size=cfg.eval_batch_size, amp_dtype=amp,
+                channels_last=channels_last)
         result.history.append(metrics)
         result.epochs_run = epoch + 1
         stop = on_epoch(metrics, state_fn) if on_epoch is not None else False
@@ -267,11 +318,3 @@ def fit(cfg: TrainConfig, *, data: DatasetSplits | None = None, on_epoch: EpochC
             result.stopped_early = True
             break
     return result
-
-
-def evaluate_test(result: FitResult, data: DatasetSplits, cfg: TrainConfig) -> dict[str, float]:
-    """One evaluation on the held-out test split (final fit only)."""
-    dev = next(result.model.parameters()).device
-    loss, acc = evaluate(result.model, data.x_test.to(dev), data.y_test.to(dev),
-                         batch_size=cfg.eval_batch_size, amp_dtype=amp_dtype_for(cfg, dev))
-    return {TEST_LOSS: loss, TEST_ACC: acc}

@@ -1,0 +1,393 @@
+"""``python -m sctune.search [SPACE.yaml] [options]``: range tests, joint search, final fit on Ray Tune.
+
+Everything the user can get wrong (the space file, options, the storage path, an existing
+experiment, GPUs that are not there) is checked before Ray starts; such errors exit with code 2
+and a message naming the file or option, the key path and the rule.
+
+The Python API is ``run(...)``; the CLI only parses arguments and calls it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+from .space import DEFAULT_SPACE_DIR, SpaceError, SpaceSpec, load_space
+
+log = logging.getLogger("sctune")
+
+DEFAULT_SPACE = DEFAULT_SPACE_DIR / "digits.yaml"
+DEFAULT_STORAGE = "./sctune_results"
+EXIT_USAGE = 2  # bad input: nothing was started
+EXIT_STAGE = 3  # a stage could not go on (e.g. no usable bounds); finished work is kept
+
+
+class UsageError(ConfigError):
+    """Bad option or state detected before any cluster work."""
+
+    def __init__(self, where: str, message: str):
+        super().__init__(where, message)
+
+
+@dataclass
+class SearchResults:
+    root: Path
+    bounds: dict[str, Any] | None = None
+    summary: Any = None  # pandas.DataFrame of the search trials
+    best: dict[str, Any] | None = None
+    stages_run: list[str] = field(default_factory=list)
+
+    @property
+    def tensorboard_command(self) -> str:
+        return f"tensorboard --logdir {(self.root / 'tensorboard').resolve()} --host 127.0.0.1 --port 6006"
+
+
+def _quiet_ray_env(verbose: bool) -> None:
+    # Local Ray binds loopback only, never phones home, and keeps its console noise down.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # sctune writes TensorBoard itself
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if not verbose:
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+
+
+def _check_storage(storage_path: str | Path) -> Path:
+    p = Path(storage_path).expanduser()
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError("--storage-path", f"{p}: {probe} exists and is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError("--storage-path", f"{p}: {probe} is not writable")
+    return p.resolve()
+
+
+def _local_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def prepare(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
+            storage_path: str | Path = DEFAULT_STORAGE, stage: str = "all", resume: bool = False,
+            smoke: bool = False, address: str | None = None, num_samples: int | None = None,
+            max_concurrent: int | None = None, cpus_per_trial: float | None = None,
+            gpus_per_trial: float | None = None, seed: int | None = None,
+            lr_bounds: tuple[float, float] | None = None, wd_prior: float | None = None
+            ) -> tuple[SpaceSpec, Path, dict[str, Any]]:
+    """All validation, no side effects beyond reading files. Returns (spec, experiment dir, state)."""
+    if stage not in ("range", "search", "final", "all"):
+        raise UsageError("--stage", f"must be range, search, final or all, got {stage!r}")
+    root_storage = _check_storage(storage_path)
+    state: dict[str, Any] = {}
+    if name is not None and (not name or "/" in name or name.startswith(".")):
+        raise UsageError("--name", f"must be a plain folder name, got {name!r}")
+    if resume and name is None:
+        raise UsageError("--resume", "needs --name of the experiment to resume "
+                         f"(see the folders in {root_storage})")
+    if isinstance(space, SpaceSpec):
+        spec = space
+    else:
+        space_path = Path(space) if space is not None else DEFAULT_SPACE
+        if resume:
+            # a resumed experiment runs with the space it started with
+            saved = root_storage / name / "space.yaml"
+            if saved.exists():
+                space_path = saved
+        spec = load_space(space_path, smoke=smoke)
+    if name is None:
+        name = f"{spec.name}{'-smoke' if smoke else ''}-{datetime.now():%Y%m%d-%H%M%S}"
+    exp = root_storage / name
+    state_file = exp / "state.json"
+    if exp.exists() and any(exp.iterdir()):
+        if not state_file.exists():
+            if resume:
+                raise UsageError("--resume", f"{exp} holds no sctune experiment state (state.json missing); "
+                                 "it cannot be resumed. Use a new --name.")
+            raise UsageError("--name", f"{exp} exists and is not an sctune experiment; choose another --name")
+        from .stages import read_json
+
+        try:
+            state = read_json(state_file)
+        except ValueError as e:
+            raise UsageError("--resume", f"{state_file} is corrupted ({e}); it cannot be resumed. "
+                             "Move it aside and rerun with --resume to restart from the stage outputs, "
+                             "or use a new --name.") from None
+        if not resume and stage == "all":
+            raise UsageError("--name", f"experiment {name!r} already exists in {root_storage}. "
+                             f"Resume it with --resume --name {name}, or pick a new --name.")
+    elif resume:
+        raise UsageError("--resume", f"no experiment {name!r} in {root_storage} to resume")
+    try:
+        spec = spec.with_search(num_samples=num_samples, max_concurrent=max_concurrent,
+                                cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, seed=seed)
+    except SpaceError as e:
+        raise UsageError(f"--{e.path.replace('_', '-')}", e.rule) from None
+    if lr_bounds is not None:
+        lo, hi = lr_bounds
+        if not (0 < lo < hi):
+            raise UsageError("--lr-bounds", f"need 0 < MIN_LR < MAX_LR, got {lo} {hi}")
+    if wd_prior is not None and wd_prior < 0:
+        raise UsageError("--wd-prior", f"must be >= 0, got {wd_prior}")
+    if address is None and spec.search.gpus_per_trial > 0:
+        gpus = _local_gpu_count()
+        if gpus == 0:
+            raise UsageError("--gpus-per-trial", f"{spec.search.gpus_per_trial:g} GPUs per trial requested but this "
+                             "machine has no CUDA GPU; use 0 here, or --address to submit to a GPU cluster")
+        if spec.search.gpus_per_trial > gpus:
+            raise UsageError("--gpus-per-trial", f"{spec.search.gpus_per_trial:g} GPUs per trial but this machine "
+                             f"has {gpus}")
+    if address is None and spec.search.cpus_per_trial > (os.cpu_count() or 1):
+        raise UsageError("--cpus-per-trial", f"{spec.search.cpus_per_trial:g} CPUs per trial but this machine has "
+                         f"{os.cpu_count()}")
+    if stage in ("search", "final") and not resume and not (exp / "range_test" / "bounds.json").exists() \
+            and lr_bounds is None:
+        raise UsageError("--stage", f"stage {stage!r} needs stage-1 bounds: run --stage range first with "
+                         f"--name {name}, or give --lr-bounds MIN_LR MAX_LR")
+    if stage == "final" and not (exp / "summary.csv").exists():
+        raise UsageError("--stage", f"stage 'final' needs a finished search in {exp} (summary.csv)")
+    return spec, exp, state | {"name": name}
+
+
+def _start_ray(address: str | None, *, verbose: bool, dashboard: bool, num_cpus: int | None = None) -> bool:
+    """Connect to ``address`` or start a local Ray on loopback. Returns True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    level = logging.INFO if verbose else logging.ERROR
+    if address:
+        ray.init(address=address, log_to_driver=verbose, logging_level=level)
+        return True
+    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+             log_to_driver=verbose, logging_level=level)
+    return True
+
+
+def _preflight(spec: SpaceSpec, *, cluster_yaml: str | None = None) -> None:
+    from .cluster import cluster_snapshot, preflight
+
+    available, per_node = cluster_snapshot()
+    autoscale = None
+    if cluster_yaml:
+        from .cluster import autoscale_limits
+
+        autoscale = autoscale_limits(cluster_yaml)
+    for warning in preflight(cpus_per_trial=spec.search.cpus_per_trial, gpus_per_trial=spec.search.gpus_per_trial,
+                             max_concurrent=spec.search.max_concurrent, available=available,
+                             autoscale_max=autoscale, per_node=per_node):
+        log.warning("%s", warning)
+
+
+def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
+        storage_path: str | Path = DEFAULT_STORAGE, stage: str = "all", resume: bool = False, smoke: bool = False,
+        address: str | None = None, num_samples: int | None = None, max_concurrent: int | None = None,
+        cpus_per_trial: float | None = None, gpus_per_trial: float | None = None, seed: int | None = None,
+        lr_bounds: tuple[float, float] | None = None, wd_prior: float | None = None, verbose: bool = False,
+        quiet: bool = False, dashboard: bool = False, num_cpus: int | None = None,
+        cluster_yaml: str | None = None) -> SearchResults:
+    """Run sctune's stages and return their results (the CLI's engine).
+
+    ``space``: a search-space file (default: the embedded digits space) or a parsed ``SpaceSpec``.
+    Raises ``ConfigError`` (bad input, before Ray starts) or ``StageError`` (a stage cannot go on).
+    """
+    _quiet_ray_env(verbose)
+    t0 = time.monotonic()
+    spec, exp, state = prepare(space, name=name, storage_path=storage_path, stage=stage, resume=resume,
+                               smoke=smoke, address=address, num_samples=num_samples,
+                               max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial,
+                               gpus_per_trial=gpus_per_trial, seed=seed, lr_bounds=lr_bounds, wd_prior=wd_prior)
+    import pandas as pd
+
+    from .report import search_figure, write_report
+    from .space import Anchors
+    from .stages import (
+        ExperimentPaths,
+        pick_best,
+        read_json,
+        run_final_stage,
+        run_range_stage,
+        run_search_stage,
+        search_plan,
+        write_json,
+    )
+
+    paths = ExperimentPaths(exp)
+    exp.mkdir(parents=True, exist_ok=True)
+    if not (exp / "space.yaml").exists() and not isinstance(space, SpaceSpec):
+        shutil.copyfile(Path(space) if space is not None else DEFAULT_SPACE, exp / "space.yaml")
+    state.setdefault("done", [])
+    state.update({"smoke": smoke, "space": str(space if space is not None and not isinstance(space, SpaceSpec)
+                                                else spec.path)})
+    write_json(paths.state, state)
+    results = SearchResults(root=exp)
+    want = STAGE_ORDER[stage]
+    started = _start_ray(address, verbose=verbose, dashboard=dashboard, num_cpus=num_cpus)
+    try:
+        _preflight(spec, cluster_yaml=cluster_yaml)
+        bounds_file = paths.range_dir / "bounds.json"
+        # Stage 1
+        if "range" in want and not ("range" in state["done"] and bounds_file.exists()):
+            results.bounds = run_range_stage(spec, paths, resume=resume, quiet=quiet, lr_bounds=lr_bounds,
+                                             wd_prior=wd_prior)
+            state["done"].append("range")
+            write_json(paths.state, state)
+            results.stages_run.append("range")
+        elif bounds_file.exists():
+            results.bounds = read_json(bounds_file)
+        if results.bounds is not None and not quiet:
+            _print_bounds(results.bounds)
+        anchors = None
+        if lr_bounds is not None and (results.bounds is None or results.bounds.get("chosen") is None):
+            anchors = Anchors(max_lr_bound=lr_bounds[1], min_lr_bound=lr_bounds[0],
+                              wd_prior=wd_prior if wd_prior is not None else spec.base.reg.weight_decay)
+        elif results.bounds is not None and results.bounds.get("chosen"):
+            anchors = Anchors(**results.bounds["chosen"])
+        # Stage 2
+        summary_file = exp / "summary.csv"
+        if "search" in want and not ("search" in state["done"] and summary_file.exists()):
+            if anchors is None:
+                from .stages import StageError
+
+                raise StageError("no LR bounds to search within; give --lr-bounds MIN_LR MAX_LR")
+            results.summary = run_search_stage(spec, paths, anchors, resume=resume, quiet=quiet)
+            state["done"].append("search")
+            write_json(paths.state, state)
+            results.stages_run.append("search")
+            search_figure(results.summary, spec.search.metric, exp / "search.png")
+        elif summary_file.exists():
+            results.summary = pd.read_csv(summary_file)
+        # Stage 3
+        if "final" in want and results.summary is not None:
+            best_row = pick_best(results.summary, spec)
+            plan = search_plan(spec, anchors) if anchors is not None else {"dists": {}, "constants": {}}
+            keys = set(plan["dists"]) | set(plan["constants"])
+            params = {k: _py(best_row[k]) for k in keys if k in best_row}
+            final = None
+            if "final" in state["done"] and (exp / "best.json").exists():
+                final = read_json(exp / "best.json").get("final")
+            else:
+                final = run_final_stage(spec, paths, params, resume=resume, quiet=quiet)
+                state["done"].append("final")
+                results.stages_run.append("final")
+            metric = spec.search.metric
+            results.best = {
+                "trial_id": best_row["trial_id"], "config": spec.base.with_flat(**params).to_flat(),
+                "searched": params, "metric": metric, "value": _py(best_row[f"final_{metric}"]), "final": final, "anchors": anchors.to_dict() if anchors else None,
+            }
+            write_json(exp / "best.json", results.best)
+            write_json(paths.state, state)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    write_report(exp, spec_path=str(spec.path), bounds=results.bounds, summary=results.summary, best=results.best,
+                 metric=spec.search.metric, wall_s=time.monotonic() - t0)
+    return results
+
+
+STAGE_ORDER = {"range": ("range",), "search": ("search",), "final": ("final",), "all": ("range", "search", "final")}
+
+
+def _py(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+
+
+def _print_bounds(bounds: dict[str, Any]) -> None:
+    chosen = bounds.get("chosen")
+    verdict = (bounds.get("verdict") or {}).get("message")
+    if chosen:
+        print(f"[range] LR bounds: min {chosen['min_lr_bound']:.4g}, max {chosen['max_lr_bound']:.4g}; "
+              f"weight-decay prior {chosen['wd_prior']:g} ({bounds.get('source')})", file=sys.stderr)
+    if verdict:
+        print(f"[range] {verdict}", file=sys.stderr)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sctune.search",
+        description="Super-convergence search: LR range tests, then a joint one-cycle + regularization search "
+                    "(Optuna + ASHA) on Ray Tune, then a final fit. Results land in STORAGE/NAME/.")
+    p.add_argument("space", nargs="?", default=None,
+                   help=f"search-space YAML (default: {DEFAULT_SPACE.relative_to(DEFAULT_SPACE_DIR.parent)})")
+    p.add_argument("--name", help="experiment folder name (default: <space>-<timestamp>)")
+    p.add_argument("--storage-path", default=DEFAULT_STORAGE, help="where experiments live (default: %(default)s)")
+    p.add_argument("--num-samples", type=int, help="search trials (overrides search.num_samples)")
+    p.add_argument("--max-concurrent", type=int, help="trials running at once")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (also torch threads)")
+    p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial; fractions pack trials (0.25 = 4 per GPU)")
+    p.add_argument("--address", help="connect to an existing Ray cluster (default: start Ray locally)")
+    p.add_argument("--stage", choices=("range", "search", "final", "all"), default="all",
+                   help="run only this stage (default: all three)")
+    p.add_argument("--resume", action="store_true", help="continue experiment --name where it stopped")
+    p.add_argument("--seed", type=int, help="search seed (range-test seeds and sampler)")
+    p.add_argument("--smoke", action="store_true", help="tiny budgets from the file's smoke: section (tests, CI)")
+    p.add_argument("--lr-bounds", nargs=2, type=float, metavar=("MIN_LR", "MAX_LR"),
+                   help="use these LR bounds when the range tests give none")
+    p.add_argument("--wd-prior", type=float, help="weight-decay prior to search below (default: from stage 1)")
+    p.add_argument("--dashboard", action="store_true", help="start the local Ray dashboard (on 127.0.0.1)")
+    p.add_argument("--cluster-yaml", help="launcher config to read autoscaling limits from for the preflight")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from .stages import StageError
+
+    try:
+        res = run(args.space, name=args.name, storage_path=args.storage_path, stage=args.stage, resume=args.resume,
+                  smoke=args.smoke, address=args.address, num_samples=args.num_samples,
+                  max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
+                  gpus_per_trial=args.gpus_per_trial, seed=args.seed,
+                  lr_bounds=tuple(args.lr_bounds) if args.lr_bounds else None, wd_prior=args.wd_prior,
+                  verbose=args.verbose, quiet=args.quiet, dashboard=args.dashboard,
+                  cluster_yaml=args.cluster_yaml)
+    except ConfigError as e:
+        print(f"sctune: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except StageError as e:
+        print(f"sctune: stopped: {e}", file=sys.stderr)
+        return EXIT_STAGE
+    _print_summary(res)
+    return 0
+
+
+def _print_summary(res: SearchResults) -> None:
+    print()
+    if res.best:
+        b = res.best
+        metric = b["metric"]
+        print(f"Best configuration (trial {b['trial_id']}, {metric} {b['value']:.4f}):")
+        for k, v in sorted(b["searched"].items()):
+            print(f"  {k:<20} {v:.4g}" if isinstance(v, float) else f"  {k:<20} {v}")
+        f = b.get("final") or {}
+        if f.get("test_acc_mean") is not None:
+            print(f"Final fit over {f['n']} seed(s): test/acc {f['test_acc_mean']:.4f} ± {f['test_acc_std']:.4f}")
+    elif res.bounds and res.bounds.get("chosen"):
+        c = res.bounds["chosen"]
+        print(f"LR bounds: min {c['min_lr_bound']:.4g}, max {c['max_lr_bound']:.4g}, wd prior {c['wd_prior']:g}")
+    print(f"Results:     {res.root}")
+    print(f"Report:      {res.root / 'report.md'}")
+    print(f"TensorBoard: {res.tensorboard_command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

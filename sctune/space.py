@@ -1,0 +1,365 @@
+"""Search-space files: YAML -> validated ``SpaceSpec`` -> Optuna distributions for stage 2.
+
+A file has these sections (all but ``task`` optional)::
+
+    task:        TaskConfig fields (dataset, model, data_root, train_subset, ...)
+    fixed:       flat TrainConfig fields applied to every trial (epochs, batch_size, optimizer, ...)
+    range_test:  RangeTestConfig fields (end_lr, num_iter, weight_decays, repeats, ...)
+    search:      SearchConfig fields (metric, num_samples, max_concurrent, ASHA settings, seed, ...)
+    final:       FinalConfig fields (seeds)
+    space:       flat TrainConfig field -> {type: float|int, low, high, log, scale} or {choices: [...]}
+    smoke:       overrides of the sections above used with --smoke (tiny budgets for tests and CI)
+
+``scale`` expresses a range relative to stage 1's result, so one file serves any model:
+``max_lr_bound`` / ``min_lr_bound`` (the range test's LR bounds) and ``wd_prior`` (the weight
+decay that let the LR go highest). ``max_lr: {low: 0.25, high: 1.0, log: true, scale: max_lr_bound}``
+searches max_lr log-uniformly inside [max_bound / 4, max_bound].
+
+Every rule is checked by ``load_space`` with ``yaml.safe_load`` before any cluster work; errors
+name the file, the key path and the rule broken.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, RangeTestConfig, TaskConfig, TrainConfig, _Config, _require
+
+SECTIONS = ("task", "fixed", "range_test", "search", "final", "space", "smoke")
+SCALES = ("max_lr_bound", "min_lr_bound", "wd_prior")
+DEFAULT_SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+class SpaceError(ConfigError):
+    """A search-space file broke a rule: message is ``FILE: key.path: rule``."""
+
+    def __init__(self, file: str | Path, path: str, message: str):
+        self.file = str(file)
+        super().__init__(path, message)
+        self.args = (f"{file}: {path}: {message}" if path else f"{file}: {message}",)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+@dataclass(frozen=True)
+class SearchConfig(_Config):
+    metric: str = "val/acc"  # reported every epoch; the final-epoch value ranks trials
+    mode: str = "max"
+    num_samples: int = 16
+    max_concurrent: int = 2
+    scheduler: str = "asha"  # asha | none
+    grace_period: int | None = None  # None: schedule-aware, first rung after the latest LR peak
+    reduction_factor: float = 2.0
+    seed: int = 0
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+
+    def __post_init__(self):
+        _require(self.mode in ("max", "min"), "mode", f"must be 'max' or 'min', got {self.mode!r}")
+        _require(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        _require(self.max_concurrent >= 1, "max_concurrent", f"must be >= 1, got {self.max_concurrent}")
+        _require(self.scheduler in ("asha", "none"), "scheduler",
+                 f"must be 'asha' or 'none', got {self.scheduler!r}")
+        _require(self.grace_period is None or self.grace_period >= 1, "grace_period",
+                 f"must be >= 1, got {self.grace_period}")
+        _require(self.reduction_factor > 1, "reduction_factor", f"must be > 1, got {self.reduction_factor}")
+        _require(self.cpus_per_trial > 0, "cpus_per_trial", f"must be > 0, got {self.cpus_per_trial}")
+        _require(self.gpus_per_trial >= 0, "gpus_per_trial", f"must be >= 0, got {self.gpus_per_trial}")
+        _require(self.gpus_per_trial <= 1 or float(self.gpus_per_trial).is_integer(), "gpus_per_trial",
+                 f"above 1 must be a whole number of GPUs, got {self.gpus_per_trial}")
+
+
+@dataclass(frozen=True)
+class FinalConfig(_Config):
+    seeds: int = 3  # final fit repeated over this many seeds: mean and spread of test accuracy
+
+    def __post_init__(self):
+        _require(self.seeds >= 1, "seeds", f"must be >= 1, got {self.seeds}")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """One searched parameter."""
+
+    name: str
+    kind: str  # float | int | categorical
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    scale: str | None = None
+    choices: tuple = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.kind == "categorical":
+            return {"choices": list(self.choices)}
+        d = {"type": self.kind, "low": self.low, "high": self.high, "log": self.log}
+        if self.scale:
+            d["scale"] = self.scale
+        return d
+
+
+@dataclass(frozen=True)
+class SpaceSpec:
+    path: str
+    base: TrainConfig  # task + fixed values: what every trial starts from
+    range_test: RangeTestConfig
+    search: SearchConfig
+    final: FinalConfig
+    space: dict[str, Dist] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem
+
+    def with_search(self, **changes: Any) -> SpaceSpec:
+        """Override SearchConfig fields (CLI options), re-validated."""
+        data = self.search.to_dict() | {k: v for k, v in changes.items() if v is not None}
+        try:
+            search = SearchConfig.from_dict(data, "search")
+        except ConfigError as e:
+            raise SpaceError("command line", e.path, e.rule) from None
+        return SpaceSpec(self.path, self.base, self.range_test, search, self.final, self.space, self.raw)
+
+
+def _parse_dist(file: str, path: str, name: str, spec: Any) -> Dist:
+    if not isinstance(spec, Mapping):
+        raise SpaceError(file, path, f"must be a mapping like {{type: float, low: .., high: ..}} or "
+                         f"{{choices: [...]}}, got {spec!r}")
+    if "choices" in spec:
+        extra = sorted(set(spec) - {"choices"})
+        if extra:
+            raise SpaceError(file, f"{path}.{extra[0]}", "unknown key next to 'choices'")
+        choices = spec["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise SpaceError(file, f"{path}.choices", f"must be a non-empty list, got {choices!r}")
+        for i, c in enumerate(choices):
+            if not isinstance(c, (int, float, str, bool)) or (isinstance(c, float) and not math.isfinite(c)):
+                raise SpaceError(file, f"{path}.choices[{i}]", f"must be a number, string or bool, got {c!r}")
+        if len(set(map(repr, choices))) != len(choices):
+            raise SpaceError(file, f"{path}.choices", f"has duplicates: {choices!r}")
+        return Dist(name, "categorical", choices=tuple(choices))
+    allowed = {"type", "low", "high", "log", "scale"}
+    extra = sorted(set(spec) - allowed)
+    if extra:
+        raise SpaceError(file, f"{path}.{extra[0]}", f"unknown key (allowed: {', '.join(sorted(allowed))}, or choices)")
+    kind = spec.get("type", "float")
+    if kind not in ("float", "int"):
+        raise SpaceError(file, f"{path}.type", f"must be 'float' or 'int', got {kind!r}")
+    for key in ("low", "high"):
+        if key not in spec:
+            raise SpaceError(file, f"{path}.{key}", "is required")
+        v = spec[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise SpaceError(file, f"{path}.{key}", f"must be a finite number, got {v!r}")
+        if kind == "int" and not float(v).is_integer():
+            raise SpaceError(file, f"{path}.{key}", f"must be an integer for type int, got {v!r}")
+    low, high = spec["low"], spec["high"]
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise SpaceError(file, f"{path}.log", f"must be true or false, got {log!r}")
+    if not low < high:
+        raise SpaceError(file, f"{path}.low", f"must be < high, got low={low} high={high}")
+    if log and low <= 0:
+        raise SpaceError(file, f"{path}.low", f"must be > 0 with log: true, got {low}")
+    scale = spec.get("scale")
+    if scale is not None and scale not in SCALES:
+        raise SpaceError(file, f"{path}.scale", f"must be one of {', '.join(SCALES)}, got {scale!r}")
+    if scale is not None and low < 0:
+        raise SpaceError(file, f"{path}.low", f"must be >= 0 with scale (a multiplier), got {low}")
+    return Dist(name, kind, low=float(low) if kind == "float" else int(low),
+                high=float(high) if kind == "float" else int(high), log=log, scale=scale)
+
+
+def _merge(base: dict, override: Mapping) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict) and k != "space":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_space(raw: Any, file: str = "<space>", *, smoke: bool = False) -> SpaceSpec:
+    """Validate a parsed YAML document (see module docstring)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise SpaceError(file, "", f"top level must be a mapping of sections ({', '.join(SECTIONS)}), "
+                         f"got {type(raw).__name__}")
+    for k in raw:
+        if k not in SECTIONS:
+            raise SpaceError(file, str(k), f"unknown section (allowed: {', '.join(SECTIONS)})")
+    for k in SECTIONS:
+        if k in raw and raw[k] is not None and not isinstance(raw[k], Mapping):
+            raise SpaceError(file, k, f"must be a mapping, got {type(raw[k]).__name__} {raw[k]!r}")
+    doc = {k: dict(raw.get(k) or {}) for k in SECTIONS}
+    if smoke:
+        smoke_over = doc.pop("smoke")
+        for k in smoke_over:
+            if k not in SECTIONS or k == "smoke":
+                raise SpaceError(file, f"smoke.{k}", "unknown section")
+        doc = _merge(doc, smoke_over)
+    try:
+        task = TaskConfig.from_dict(doc["task"], "task")
+        task_keys = set(TaskConfig.__dataclass_fields__)
+        flat_keys = TrainConfig.flat_keys()
+        for k in doc["fixed"]:
+            if k in task_keys:
+                raise ConfigError(f"fixed.{k}", "is a task setting: put it under task:")
+            if k not in flat_keys:
+                raise ConfigError(f"fixed.{k}", f"unknown training parameter (known: {', '.join(sorted(set(flat_keys) - task_keys))})")
+        base = TrainConfig.from_flat(doc["fixed"], "fixed").replace(task=task)
+        rt = RangeTestConfig.from_dict(doc["range_test"], "range_test")
+        search = SearchConfig.from_dict(doc["search"], "search")
+        final = FinalConfig.from_dict(doc["final"], "final")
+    except SpaceError:
+        raise
+    except ConfigError as e:
+        raise SpaceError(file, e.path, e.rule) from None
+    space: dict[str, Dist] = {}
+    searchable = set(TrainConfig.flat_keys()) - set(TaskConfig.__dataclass_fields__)
+    for name, spec in doc["space"].items():
+        if name not in searchable:
+            raise SpaceError(file, f"space.{name}", f"unknown training parameter (searchable: {', '.join(sorted(searchable))})")
+        space[name] = _parse_dist(file, f"space.{name}", name, spec)
+    _check_space_consistency(file, base, space)
+    _check_names(file, base)
+    return SpaceSpec(path=str(file), base=base, range_test=rt, search=search, final=final, space=space,
+                     raw={k: v for k, v in raw.items()})
+
+
+def _check_space_consistency(file: str, base: TrainConfig, space: dict[str, Dist]) -> None:
+    # Each sampled point must build a valid TrainConfig: check the corners of every range.
+    for name, d in space.items():
+        if d.scale is not None:
+            continue  # resolved against stage-1 results; checked again then
+        values = list(d.choices) if d.kind == "categorical" else [d.low, d.high]
+        for v in values:
+            try:
+                base.with_flat(**{name: v})
+            except ConfigError as e:
+                raise SpaceError(file, f"space.{name}", f"value {v!r} is invalid: {e.rule}") from None
+    mn, mx = space.get("min_momentum"), space.get("max_momentum")
+    if mn is not None and mx is not None and mn.kind != "categorical" and mx.kind != "categorical":
+        if mn.high > mx.low:
+            raise SpaceError(file, "space.min_momentum.high",
+                             f"must be <= space.max_momentum.low ({mx.low}) so every sample keeps "
+                             f"min_momentum <= max_momentum, got {mn.high}")
+
+
+def _check_names(file: str, base: TrainConfig) -> None:
+    from .data import dataset_names
+    from .models import model_names
+
+    if base.task.dataset not in dataset_names():
+        raise SpaceError(file, "task.dataset", f"unknown dataset {base.task.dataset!r} (known: {', '.join(dataset_names())})")
+    m = base.task.model
+    if not m.startswith("torchvision:") and m not in model_names():
+        raise SpaceError(file, "task.model", f"unknown model {m!r} (known: {', '.join(model_names())})")
+
+
+def load_space(path: str | Path, *, smoke: bool = False) -> SpaceSpec:
+    """Read and validate a search-space file with ``yaml.safe_load``."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpaceError(p, "", "file not found" if not p.exists() else "is not a file")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise SpaceError(p, "", f"invalid YAML (only plain YAML is accepted, no Python tags): {e}") from None
+    except UnicodeDecodeError as e:
+        raise SpaceError(p, "", f"not a text file: {e}") from None
+    return parse_space(raw, str(p), smoke=smoke)
+
+
+# -- stage 2: resolve relative ranges against stage-1 results -----------------------------------
+
+@dataclass(frozen=True)
+class Anchors:
+    """Stage-1 results that relative ranges scale with."""
+
+    max_lr_bound: float
+    min_lr_bound: float
+    wd_prior: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"max_lr_bound": self.max_lr_bound, "min_lr_bound": self.min_lr_bound, "wd_prior": self.wd_prior}
+
+
+def resolve(spec: SpaceSpec, anchors: Anchors) -> tuple[dict[str, Dist], dict[str, Any]]:
+    """Absolute ranges for stage 2, plus parameters that collapsed to a constant.
+
+    A range scaled by a zero anchor (e.g. wd_prior = 0: no weight decay was best) collapses to 0.
+    """
+    out: dict[str, Dist] = {}
+    constants: dict[str, Any] = {}
+    a = anchors.to_dict()
+    for name, d in spec.space.items():
+        if d.scale is None:
+            out[name] = d
+            continue
+        factor = a[d.scale]
+        if factor <= 0:
+            constants[name] = 0.0
+            continue
+        low, high = d.low * factor, d.high * factor
+        if d.log and low <= 0:
+            low = high * 1e-3
+        out[name] = Dist(name, d.kind, low=low, high=high, log=d.log)
+    return out, constants
+
+
+def to_optuna(dists: Mapping[str, Dist]) -> dict[str, Any]:
+    import optuna
+
+    out: dict[str, Any] = {}
+    for name, d in dists.items():
+        if d.kind == "categorical":
+            out[name] = optuna.distributions.CategoricalDistribution(list(d.choices))
+        elif d.kind == "int":
+            out[name] = optuna.distributions.IntDistribution(int(d.low), int(d.high), log=d.log)
+        else:
+            out[name] = optuna.distributions.FloatDistribution(d.low, d.high, log=d.log)
+    return out
+
+
+def recipe_point(dists: Mapping[str, Dist], anchors: Anchors, *, divisor: float) -> dict[str, Any]:
+    """Smith's recipe from the stage-1 bounds, clipped into the space: the first point evaluated."""
+    recipe = {"max_lr": anchors.max_lr_bound, "div_factor": divisor, "cycle_frac": 0.9,
+              "annihilation_factor": 1000.0, "max_momentum": 0.95, "min_momentum": 0.85,
+              "weight_decay": anchors.wd_prior, "dropout": 0.0, "label_smoothing": 0.0}
+    point: dict[str, Any] = {}
+    for name, d in dists.items():
+        if d.kind == "categorical":
+            v = recipe.get(name)
+            point[name] = v if v in d.choices else d.choices[0]
+        else:
+            v = recipe.get(name, (d.low + d.high) / 2)
+            v = min(max(v, d.low), d.high)
+            point[name] = int(round(v)) if d.kind == "int" else float(v)
+    return point
+
+
+def rung_grace_period(spec: SpaceSpec, dists: Mapping[str, Dist]) -> int:
+    """First ASHA rung placed after the latest possible LR peak of any trial (schedule-aware pruning).
+
+    During 1cycle's high-LR phase accuracy dips; comparing trials there would prune the very
+    configurations super-convergence needs. The peak sits at cycle_frac / 2 of the run, so the first
+    rung goes one epoch past the largest cycle_frac's peak.
+    """
+    if spec.search.grace_period is not None:
+        return spec.search.grace_period
+    d = dists.get("cycle_frac")
+    cf = d.high if d is not None and d.kind != "categorical" else (
+        max(d.choices) if d is not None else spec.base.onecycle.cycle_frac)
+    return min(spec.base.epochs, math.floor(cf / 2 * spec.base.epochs) + 1)

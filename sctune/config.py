@@ -289,7 +289,7 @@ class RangeTestConfig(_Config):
     num_iter: int = 300
     step_mode: str = "linear"  # linear (Smith) | exp
     smooth_f: float = 0.05  # EMA factor of the smoothed loss
-    diverge_th: float = 5.0  # stop when smoothed loss > diverge_th * best smoothed loss
+    diverge_th: float = 5.0  # stop when smoothed loss > diverge_th * best smoothed loss (and > the starting one)
     eval_every: int = 10  # held-out accuracy every k steps
     eval_samples: int = 2048  # cap on the held-out set size, keeps evaluation cheap
     bn_recalibrate: bool = True  # precise BN before each evaluation (see train.recalibrate_bn)

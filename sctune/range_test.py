@@ -4,8 +4,8 @@ One short pre-training run in which the LR rises linearly (Smith's default) or e
 ``start_lr`` to ``end_lr`` over ``num_iter`` steps. Per step it records the LR, the raw and
 smoothed training loss; every ``eval_every`` steps the accuracy (and loss) on a fixed held-out set,
 the quantity Smith reads the bounds from. It stops at divergence (non-finite loss, or smoothed loss
-above ``diverge_th`` x the best). Model, optimizer and RNG state are restored exactly afterwards,
-so a range test can run on the model about to be trained.
+above ``diverge_th`` x the best and above the starting loss). Model, optimizer and RNG state are
+restored exactly afterwards, so a range test can run on the model about to be trained.
 
 ``range_test`` works on any model/optimizer/loss/data; ``run_range_test`` builds all of them from a
 ``TrainConfig`` and is what the Ray trainables call.
@@ -129,8 +129,12 @@ def range_test(model: nn.Module, optimizer: Optimizer, batches: Iterable[tuple[t
             val_loss, acc = metric(model)
         rows.append((i, info.lr, loss, smooth, acc, val_loss))
         state["best"] = min(state["best"], smooth)
-        if i > 0 and smooth > cfg.diverge_th * state["best"]:
-            state["reason"] = f"diverged: smoothed loss {smooth:.4g} > {cfg.diverge_th} x best {state['best']:.4g}"
+        state.setdefault("first", smooth)
+        # Diverged: diverge_th x the best *and* worse than the untrained start. The relative rule alone
+        # fires on noise once the training loss nears zero (digits: 0.005 -> 0.03 at 100% accuracy).
+        if i > 0 and smooth > cfg.diverge_th * state["best"] and smooth > state["first"]:
+            state["reason"] = (f"diverged: smoothed loss {smooth:.4g} > {cfg.diverge_th} x best {state['best']:.4g} "
+                               f"and above the starting {state['first']:.4g}")
             return True
         return False
 

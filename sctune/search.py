@@ -57,6 +57,10 @@ def _quiet_ray_env(verbose: bool) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # sctune writes TensorBoard itself
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune's experiment state (which trials finished, the searcher's state) reaches the storage path at most
+    # ~1 s late, so a killed driver's --resume reruns only trials that finished in its last second (Tune's
+    # "auto" period is 10 s or more). Writing the state of a few hundred trials takes milliseconds.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     if not verbose:
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000")
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -92,6 +96,7 @@ def prepare(space: str | Path | SpaceSpec | None = None, *, name: str | None = N
     if stage not in ("range", "search", "final", "all"):
         raise UsageError("--stage", f"must be range, search, final or all, got {stage!r}")
     root_storage = _check_storage(storage_path)
+    address = _cluster_address(address)  # RAY_ADDRESS counts: inside `ray job submit` the local checks don't apply
     state: dict[str, Any] = {}
     if name is not None and (not name or "/" in name or name.startswith(".")):
         raise UsageError("--name", f"must be a plain folder name, got {name!r}")
@@ -177,18 +182,65 @@ def _start_ray(address: str | None, *, verbose: bool, dashboard: bool, num_cpus:
     return True
 
 
-def _preflight(spec: SpaceSpec, *, cluster_yaml: str | None = None) -> None:
-    from .cluster import cluster_snapshot, preflight
+def _cluster_address(address: str | None) -> str | None:
+    """The Ray cluster to connect to: ``--address``, else ``RAY_ADDRESS``, else None (start Ray locally).
 
+    ``ray job submit`` sets ``RAY_ADDRESS`` (the GCS address) for the job's driver, so a submitted
+    ``python -m sctune.search`` joins the cluster it runs on, and the local-machine checks of ``prepare``
+    (GPUs, CPUs of *this* machine) do not apply to it: the head of a GPU cluster usually has no GPU.
+    """
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address == "local":
+        return None
+    if address is not None and address.startswith(("http://", "https://")):
+        raise UsageError("--address", f"{address} (from --address or RAY_ADDRESS) is a Ray Jobs/dashboard address; "
+                         "sctune's driver connects to the cluster itself (GCS host:port, or 'auto'). Submit with "
+                         "`ray job submit --address http://... -- python -m sctune.search ...`, or unset RAY_ADDRESS "
+                         "to run locally")
+    return address
+
+
+def _read_cluster_yaml(cluster_yaml: str | None) -> tuple[dict[str, float] | None, list[dict[str, float]] | None]:
+    """(autoscale_limits, autoscale_node_types) of a launcher YAML, or UsageError naming --cluster-yaml."""
+    if not cluster_yaml:
+        return None, None
+    import yaml
+
+    from .cluster import autoscale_limits, autoscale_node_types
+
+    try:
+        return autoscale_limits(cluster_yaml), autoscale_node_types(cluster_yaml)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise UsageError("--cluster-yaml", f"{cluster_yaml}: {e}") from None
+
+
+def _preflight(spec: SpaceSpec, *, cluster_yaml: str | None = None,
+               autoscale: tuple[dict[str, float] | None, list[dict[str, float]] | None] | None = None) -> None:
+    """Refuse (UsageError, exit code 2) per-trial resources that no node of the connected cluster, nor any
+    node the launcher config (``--cluster-yaml``) can add, will ever hold; warn about queueing.
+
+    Runs right after Ray connects and before any trial or experiment file is created: an impossible
+    request would otherwise sit PENDING forever."""
+    from .cluster import PreflightError, cluster_snapshot, preflight
+
+    limits, node_types = autoscale if autoscale is not None else _read_cluster_yaml(cluster_yaml)
     available, per_node = cluster_snapshot()
-    autoscale = None
-    if cluster_yaml:
-        from .cluster import autoscale_limits
-
-        autoscale = autoscale_limits(cluster_yaml)
-    for warning in preflight(cpus_per_trial=spec.search.cpus_per_trial, gpus_per_trial=spec.search.gpus_per_trial,
+    try:
+        warnings = preflight(cpus_per_trial=spec.search.cpus_per_trial, gpus_per_trial=spec.search.gpus_per_trial,
                              max_concurrent=spec.search.max_concurrent, available=available,
-                             autoscale_max=autoscale, per_node=per_node):
+                             autoscale_max=limits, per_node=per_node, autoscale_node_types=node_types)
+    except PreflightError as e:
+        if cluster_yaml and limits is None:
+            # The YAML declares no node resources (the launcher detects them at `ray up`): the
+            # autoscaler may still add a node that fits, so this cannot be refused offline.
+            log.warning("%s; %s does not declare node resources, so the autoscaler may still add a node "
+                        "that fits: trials will wait for it", e, cluster_yaml)
+            return
+        msg = str(e)
+        where = next((opt for opt in ("--gpus-per-trial", "--cpus-per-trial") if msg.startswith(opt)),
+                     "--gpus-per-trial" if spec.search.gpus_per_trial > 0 else "--cpus-per-trial")
+        raise UsageError(where, msg) from None
+    for warning in warnings:
         log.warning("%s", warning)
 
 
@@ -206,6 +258,7 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
     """
     _quiet_ray_env(verbose)
     t0 = time.monotonic()
+    address = _cluster_address(address)
     spec, exp, state = prepare(space, name=name, storage_path=storage_path, stage=stage, resume=resume,
                                smoke=smoke, address=address, num_samples=num_samples,
                                max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial,
@@ -223,8 +276,21 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
         run_search_stage,
         search_plan,
         write_json,
+        write_tb_config,
     )
 
+    autoscale = _read_cluster_yaml(cluster_yaml)  # a bad --cluster-yaml fails before Ray starts
+    started = _start_ray(address, verbose=verbose, dashboard=dashboard, num_cpus=num_cpus)
+    try:
+        # Before any trial is queued and before the experiment folder exists: a refused request
+        # leaves nothing behind, so the same command can be rerun with a fixed option.
+        _preflight(spec, cluster_yaml=cluster_yaml, autoscale=autoscale)
+    except BaseException:
+        if started:
+            import ray
+
+            ray.shutdown()
+        raise
     paths = ExperimentPaths(exp)
     exp.mkdir(parents=True, exist_ok=True)
     if not (exp / "space.yaml").exists() and not isinstance(space, SpaceSpec):
@@ -235,9 +301,8 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
     write_json(paths.state, state)
     results = SearchResults(root=exp)
     want = STAGE_ORDER[stage]
-    started = _start_ray(address, verbose=verbose, dashboard=dashboard, num_cpus=num_cpus)
     try:
-        _preflight(spec, cluster_yaml=cluster_yaml)
+        write_tb_config(spec, paths)
         bounds_file = paths.range_dir / "bounds.json"
         # Stage 1
         if "range" in want and not ("range" in state["done"] and bounds_file.exists()):

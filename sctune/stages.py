@@ -124,26 +124,32 @@ class StageProgress(_callback_base()):
                  tb_logdir: Path | None, quiet: bool = False):
         self.stage, self.total, self.metric, self.mode, self.epochs = stage, total, metric, mode, epochs
         self.tb_logdir, self.quiet = tb_logdir, quiet
-        self.done = self.pruned = self.errored = self.running = 0
+        self.done = self.pruned = self.errored = 0
+        self._running: set[str] = set()
         self.best: float | None = None
         self._last_line = ""
         self._t0 = time.monotonic()
 
     def _print(self) -> None:
-        best = f" | best {self.metric} {self.best:.4f}" if self.best is not None else ""
+        best = f" | best {self.metric} {self.best:.4f}" if self.best is not None and self.metric else ""
         extra = f" ({self.pruned} pruned, {self.errored} errored)" if self.stage == "search" else (
             f" ({self.errored} errored)" if self.errored else "")
-        line = (f"[{self.stage}] {self.done}/{self.total} done{extra} | {self.running} running{best} "
+        line = (f"[{self.stage}] {self.done}/{self.total} done{extra} | {len(self._running)} running{best} "
                 f"| {time.monotonic() - self._t0:.0f}s")
         if line != self._last_line and not self.quiet:
             print(line, file=sys.stderr, flush=True)
             self._last_line = line
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.running = sum(t.status == "RUNNING" for t in trials) or 1
+        self._running.add(trial.trial_id)
         self._print()
 
+    def on_trial_restore(self, iteration, trials, trial, **info):
+        self._running.add(trial.trial_id)
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if not self.metric:
+            return
         v = result.get(self.metric)
         if isinstance(v, (int, float)) and math.isfinite(v) and not result.get("diverged"):
             if self.best is None or (v > self.best if self.mode == "max" else v < self.best):
@@ -152,7 +158,7 @@ class StageProgress(_callback_base()):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
-        self.running = max(0, sum(t.status == "RUNNING" for t in trials) - 1)
+        self._running.discard(trial.trial_id)
         last = trial.last_result or {}
         if self.epochs is not None and int(last.get("epoch", 0)) < self.epochs and not last.get("diverged"):
             self.pruned += 1
@@ -162,15 +168,17 @@ class StageProgress(_callback_base()):
     def on_trial_error(self, iteration, trials, trial, **info):
         self.done += 1
         self.errored += 1
-        self.running = max(0, sum(t.status == "RUNNING" for t in trials) - 1)
+        self._running.discard(trial.trial_id)
         self._end_session(trial, "failure")
         self._print()
 
     def _end_session(self, trial, status: str) -> None:
-        if self.tb_logdir is None or self.stage != "search":
+        if self.tb_logdir is None or self.stage not in ("search", "final"):
             return
+        name = (tb.run_name("search", trial=trial.trial_id) if self.stage == "search"
+                else tb.run_name("final", seed=(trial.config or {}).get("seed")))
         try:
-            tb.end_session(self.tb_logdir, tb.run_name("search", trial=trial.trial_id), status=status)
+            tb.end_session(self.tb_logdir, name, status=status)
         except Exception as e:  # TensorBoard bookkeeping must never break the search
             log.warning("could not close the TensorBoard session of %s: %s", trial.trial_id, e)
 
@@ -208,6 +216,44 @@ def _resources(spec: SpaceSpec):
     return {"cpu": spec.search.cpus_per_trial, "gpu": spec.search.gpus_per_trial}, tune
 
 
+# -- TensorBoard HParams config ---------------------------------------------------------------
+
+TB_METRICS = [(VAL_ACC, "validation accuracy"), (TEST_ACC, "test accuracy (final fit)"),
+              ("val/loss", "validation loss"), ("train/loss", "training loss"),
+              ("range_test/max_lr", "range test: max LR"), ("range_test/min_lr", "range test: min LR"),
+              ("range_test/peak_acc", "range test: peak accuracy")]
+
+
+def write_tb_config(spec: SpaceSpec, paths: ExperimentPaths, anchors: Anchors | None = None) -> None:
+    """One HParams config for every stage, written before the first trial.
+
+    TensorBoard shows only the columns the config lists and a running TensorBoard keeps the first
+    config it reads, so it names the range-test, search and final hparams and metrics at once. Ranges
+    relative to stage-1 results are shown over what they can span until the anchors are known.
+    """
+    rt = spec.range_test
+    if anchors is not None:
+        dists, _ = resolve(spec, anchors)
+    else:
+        span = {"max_lr_bound": (rt.start_lr, rt.end_lr), "min_lr_bound": (rt.start_lr, rt.end_lr),
+                "wd_prior": (0.0, max(rt.weight_decays))}
+        dists = {}
+        for n, d in spec.space.items():
+            if d.scale is None:
+                dists[n] = d
+            else:
+                lo, hi = span[d.scale]
+                dists[n] = type(d)(n, d.kind, low=d.low * lo, high=max(d.high * hi, d.low * lo), log=False)
+    hparams = {n: {k: v for k, v in d.to_dict().items() if k != "log"} for n, d in dists.items()}
+    hparams.setdefault("weight_decay", {"type": "float", "low": 0.0, "high": max(rt.weight_decays)})
+    hparams |= {"seed": {"type": "int", "low": 0, "high": spec.search.seed + 10_000},
+                "stage": {"choices": ["range", "search", "final"]}}
+    try:
+        tb.write_hparams_config(paths.tensorboard, hparams=hparams, metrics=TB_METRICS)
+    except (ValueError, OSError) as e:  # TensorBoard bookkeeping must never stop a search
+        log.warning("could not write the TensorBoard HParams config: %s", e)
+
+
 # -- stage 1 -----------------------------------------------------------------------------------
 
 def run_range_stage(spec: SpaceSpec, paths: ExperimentPaths, *, resume: bool = False, quiet: bool = False,
@@ -223,7 +269,7 @@ def run_range_stage(spec: SpaceSpec, paths: ExperimentPaths, *, resume: bool = F
                              tb_logdir=str(paths.tensorboard), cpus=spec.search.cpus_per_trial),
         resources)
     total = len(rt.weight_decays) * len(seeds)
-    progress = StageProgress("range", total, metric="max_lr", mode="max", epochs=None, tb_logdir=None, quiet=quiet)
+    progress = StageProgress("range", total, metric="", mode="max", epochs=None, tb_logdir=None, quiet=quiet)
 
     def make():
         return tune.Tuner(
@@ -243,7 +289,8 @@ def run_range_stage(spec: SpaceSpec, paths: ExperimentPaths, *, resume: bool = F
         df = pd.DataFrame(res.metrics["curve"]).astype(float)
         wd, seed = float(res.config["weight_decay"]), int(res.config["seed"])
         frames.append(df.assign(weight_decay=wd, seed=seed))
-        per_trial.append({"weight_decay": wd, "seed": seed, "stop_reason": res.metrics.get("stop_reason")})
+        per_trial.append({"weight_decay": wd, "seed": seed, "stop_reason": res.metrics.get("stop_reason"),
+                          "node_id": res.metrics.get("node_id")})
     if not frames:
         raise StageError("every range test failed; see the errors in "
                          f"{paths.ray_stage('range')} (rerun with --verbose for Ray's logs)")
@@ -373,6 +420,7 @@ def run_search_stage(spec: SpaceSpec, paths: ExperimentPaths, anchors: Anchors, 
 
     from .trainables import onecycle_trainable
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no per-study chatter on the console
     resources, tune = _resources(spec)
     s = spec.search
     plan = search_plan(spec, anchors)
@@ -381,10 +429,7 @@ def run_search_stage(spec: SpaceSpec, paths: ExperimentPaths, anchors: Anchors, 
         tune.with_parameters(onecycle_trainable, base=base, tb_logdir=str(paths.tensorboard), stage="search",
                              cpus=s.cpus_per_trial),
         resources)
-    tb.write_hparams_config(paths.tensorboard, hparams={n: d.to_dict() for n, d in plan["dists"].items()}
-                            | {"stage": {"choices": ["search", "final"]}},
-                            metrics=[(VAL_ACC, "validation accuracy"), ("val/loss", "validation loss"),
-                                     ("train/loss", "training loss"), (TEST_ACC, "test accuracy (final fit)")])
+    write_tb_config(spec, paths, anchors)
     progress = StageProgress("search", s.num_samples, metric=s.metric, mode=s.mode, epochs=spec.base.epochs,
                              tb_logdir=paths.tensorboard, quiet=quiet)
 
@@ -433,7 +478,8 @@ def summarize_search(grid, spec: SpaceSpec, plan: dict[str, Any]) -> pd.DataFram
                      **plan["constants"], "status": status, "epochs_run": epochs,
                      f"final_{metric}": m.get(metric, math.nan), f"best_{metric}": best,
                      "final_val/loss": m.get("val/loss", math.nan), "final_train/loss": m.get("train/loss", math.nan),
-                     "is_recipe": all(_close(params.get(k), v) for k, v in plan["recipe"].items())})
+                     "is_recipe": all(_close(params.get(k), v) for k, v in plan["recipe"].items()),
+                     "node_id": m.get("node_id")})  # the Ray node of the trial's last result
     df = pd.DataFrame(rows)
     if len(df):
         df = df.sort_values(f"final_{metric}", ascending=spec.search.mode == "min", na_position="last",
@@ -472,7 +518,7 @@ def run_final_stage(spec: SpaceSpec, paths: ExperimentPaths, params: dict[str, A
         tune.with_parameters(onecycle_trainable, base=base, tb_logdir=str(paths.tensorboard), stage="final",
                              cpus=spec.search.cpus_per_trial),
         resources)
-    progress = StageProgress("final", len(seeds), metric=TEST_ACC, mode="max", epochs=None, tb_logdir=None,
+    progress = StageProgress("final", len(seeds), metric=TEST_ACC, mode="max", epochs=None, tb_logdir=paths.tensorboard,
                              quiet=quiet)
 
     def make():
@@ -488,7 +534,7 @@ def run_final_stage(spec: SpaceSpec, paths: ExperimentPaths, params: dict[str, A
         m = res.metrics or {}
         runs.append({"seed": res.config.get("seed"), "test/acc": m.get(TEST_ACC), "test/loss": m.get("test/loss"),
                      "val/acc": m.get(VAL_ACC), "epochs": m.get("epoch"), "diverged": bool(m.get("diverged", 0)),
-                     "error": None if res.error is None else str(res.error)[:300]})
+                     "error": None if res.error is None else str(res.error)[:300], "node_id": m.get("node_id")})
     accs = [r["test/acc"] for r in runs if r["test/acc"] is not None and not r["diverged"]]
     return clean({"runs": runs, "test_acc_mean": float(np.mean(accs)) if accs else None,
                   "test_acc_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else (0.0 if accs else None),

@@ -223,6 +223,11 @@ def _hparam_info(name: str, spec: Mapping[str, Any]) -> api_pb2.HParamInfo:
         raise ValueError(
             f"{where} must be a dict like {{'type': 'float', 'low': ..., 'high': ...}}, got {spec!r}"
         )
+    if "scale" in spec:
+        # space.py's relative ranges: low/high are multipliers of an anchor, not LR values.
+        raise ValueError(
+            f"{where} has scale={spec['scale']!r}: resolve relative ranges (space.resolve) first"
+        )
     unknown = sorted(set(spec) - _SPEC_KEYS)
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(_SPEC_KEYS)}")
@@ -450,7 +455,7 @@ def _bound_dict(bounds: object) -> dict[str, Any]:
         return {}
     if hasattr(bounds, "to_dict"):
         return dict(bounds.to_dict())
-    keys = ("min_lr", "max_lr", "status", "confidence", "verdict")
+    keys = ("min_lr", "max_lr", "status", "confidence", "verdict", "message")
     return {k: getattr(bounds, k) for k in keys if hasattr(bounds, k)}
 
 
@@ -550,7 +555,8 @@ def _fmt(value: object) -> str:
 
 
 def bounds_markdown(bounds: object) -> str:
-    """Markdown table of min_lr / max_lr / status / confidence plus the verdict message (pure)."""
+    """Markdown table of min_lr / max_lr / status / confidence, then the bounds' own message (why
+    there are none, what was cut) and the super-convergence verdict message (pure)."""
     d = _bound_dict(bounds)
     rows = [
         "| min_lr | max_lr | status | confidence |",
@@ -559,6 +565,8 @@ def bounds_markdown(bounds: object) -> str:
     ]
     verdict = d.get("verdict")
     message = verdict.get("message") if isinstance(verdict, Mapping) else getattr(verdict, "message", verdict)
+    if d.get("message"):
+        rows += ["", f"**Bounds:** {d['message']}"]
     if message:
         rows += ["", f"**Super-convergence verdict:** {message}"]
     return "\n".join(rows)
@@ -654,7 +662,10 @@ class TrialLogger:
         for tag, value in metrics.items():
             if value is None:
                 continue
-            x = float(value)
+            try:
+                x = float(value)
+            except (TypeError, ValueError):
+                raise TypeError(f"scalar {tag!r} must be a number, got {value!r}") from None
             if not math.isfinite(x):
                 if tag not in self._nonfinite_seen:
                     self._nonfinite_seen.add(tag)

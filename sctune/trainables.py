@@ -14,7 +14,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,75 @@ def _threads(cpus: float) -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
+def _node_id() -> str | None:
+    """Id of the Ray node running this trial (a hex string; None outside Ray). Reported with every
+    result as ``node_id`` so summary.csv and bounds.json show where each trial ran."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # never let bookkeeping break a trial
+        return None
+
+
+# -- test-only fault injection ---------------------------------------------------------------
+
+FAULT_ENV = "SCTUNE_FAULT_INJECT"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the test-only fault hook (``SCTUNE_FAULT_INJECT``)."""
+
+
+def _fault_rules(stage: str) -> list[dict[str, str]]:
+    """Parse ``SCTUNE_FAULT_INJECT``: rules ``STAGE[:key=value...]`` separated by ``;``.
+
+    Test-only; inert unless the variable is set (worker processes inherit it from the driver).
+    Keys: ``epoch=N`` fire after epoch N's checkpoint was reported (a range test has one "epoch", fired
+    before its report); ``once=PATH`` fire only for whoever creates PATH first (O_EXCL; the trial id is
+    written into it), so exactly one fault happens across trials and retries; ``action=raise`` (default,
+    an exception in the trial) or ``exit`` (the worker process dies: ``os._exit``); ``delay=S`` sleep S
+    seconds after every epoch (slow trials, for tests that act while trials run). Example:
+    ``SCTUNE_FAULT_INJECT="search:epoch=2:once=/tmp/m;search:delay=0.5"``.
+    """
+    spec = os.environ.get(FAULT_ENV, "").strip()
+    rules = []
+    for text in filter(None, (r.strip() for r in spec.split(";"))):
+        head, *pairs = text.split(":")
+        rule = {"stage": head.strip()}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or key not in ("epoch", "once", "action", "delay"):
+                raise ValueError(f"{FAULT_ENV}: bad item {pair!r} in rule {text!r} "
+                                 "(keys: epoch, once, action, delay)")
+            rule[key] = value
+        if rule["stage"] == stage:
+            rules.append(rule)
+    return rules
+
+
+def _inject_fault(stage: str, epoch: int, trial_id: str) -> None:
+    """The fault hook, called once per reported epoch; a no-op unless ``SCTUNE_FAULT_INJECT`` is set."""
+    if FAULT_ENV not in os.environ:
+        return
+    for rule in _fault_rules(stage):
+        if "delay" in rule:
+            time.sleep(float(rule["delay"]))
+        if "epoch" not in rule or int(rule["epoch"]) != epoch:
+            continue
+        if "once" in rule:
+            try:
+                fd = os.open(rule["once"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                continue
+            os.write(fd, trial_id.encode())
+            os.close(fd)
+        log.warning("%s: injecting a fault into trial %s at epoch %d", FAULT_ENV, trial_id, epoch)
+        if rule.get("action", "raise") == "exit":
+            os._exit(17)
+        raise InjectedFault(f"{FAULT_ENV}: injected fault in {stage} trial {trial_id} at epoch {epoch}")
+
+
 def range_test_trainable(config: dict[str, Any], *, train: dict[str, Any], range_test: dict[str, Any],
                          tb_logdir: str | None, cpus: float = 1.0) -> None:
     _threads(cpus)
@@ -51,6 +122,7 @@ def range_test_trainable(config: dict[str, Any], *, train: dict[str, Any], range
     wd, seed = float(config["weight_decay"]), int(config["seed"])
     result = run_range_test(train_cfg, rt_cfg, weight_decay=wd, seed=seed, data=cached_dataset(train_cfg.task))
     bounds = result.bounds()
+    _inject_fault("range", 1, tune.get_context().get_trial_id() or "local")
     if tb_logdir:
         name = tb.run_name("range", wd=wd, seed=seed)
         with tb.TrialLogger(tb_logdir, name, hparams={"weight_decay": wd, "seed": seed, "stage": "range"},
@@ -66,6 +138,7 @@ def range_test_trainable(config: dict[str, Any], *, train: dict[str, Any], range
         "min_lr": bounds.min_lr if bounds.min_lr is not None else math.nan,
         "stop_reason": result.stop_reason,
         "steps": len(frame),
+        "node_id": _node_id(),
         # the per-step curve travels with the result so the driver needs no shared filesystem
         "curve": {c: [None if not math.isfinite(v) else float(v) for v in frame[c]] for c in frame.columns},
     })
@@ -92,6 +165,7 @@ def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdi
     hparams = {k: v for k, v in params.items() if isinstance(v, (int, float, str, bool))}
     logger = tb.TrialLogger(tb_logdir, name, hparams=hparams | {"stage": stage}) if tb_logdir else None
     best = {"v": max((h[VAL_ACC] for h in state["history"]), default=-math.inf) if state else -math.inf}
+    node_id = _node_id()  # once per trial; not a scalar, so it goes to Tune only, never to TensorBoard
 
     def on_epoch(metrics: dict[str, float], state_fn) -> bool:
         epoch = int(metrics["epoch"])
@@ -102,14 +176,17 @@ def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdi
             logger.scalars({k: v for k, v in report.items() if k not in ("epoch", "diverged")}, epoch)
         with tempfile.TemporaryDirectory() as d:
             torch.save(state_fn(), Path(d) / CHECKPOINT_FILE)
-            tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report(report | {"node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(d))
+        _inject_fault(stage, epoch, trial_id)
         return False
 
     try:
         result = fit(cfg, data=data, on_epoch=on_epoch, state=state, test_at_end=stage == "final")
     except BaseException:
         if logger is not None:
-            logger.end("failure")
+            # No session end here: Tune may retry the trial from its checkpoint (the retry continues this
+            # run), and TensorBoard keeps the first session end. The driver ends the session when the trial
+            # errors for good or the scheduler stops it (StageProgress).
             logger.close()
         raise
     if logger is not None:

@@ -1,0 +1,44 @@
+"""Shared pytest setup. Keep each section small; add new sections below with a header comment."""
+
+# -- environment: set before anything imports torch or ray ---------------------------------------
+import os
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+import torch  # noqa: E402
+
+# Unit tests use tiny tasks; two threads keep them fast and stop oversubscription on shared CI runners.
+torch.set_num_threads(2)
+
+
+# -- one real smoke experiment shared by the output tests ------------------------------------------
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class SmokeRun:
+    root: Path  # <storage>/<name>
+    returncode: int
+    stdout: str
+    stderr: str
+    wall_s: float
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> SmokeRun:
+    """``python -m sctune.search --smoke`` on the embedded default, through the real CLI and Ray."""
+    storage = tmp_path_factory.mktemp("smoke_storage")
+    env = dict(os.environ, RAY_TMPDIR=str(tmp_path_factory.mktemp("ray_tmp")))
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "sctune.search", "--smoke", "--storage-path", str(storage),
+                           "--name", "smoke"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return SmokeRun(storage / "smoke", proc.returncode, proc.stdout, proc.stderr, time.monotonic() - t0)

@@ -1,0 +1,173 @@
+"""The search service end to end on real Ray: the smoke pipeline's outputs, asserted by content."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from sctune.space import Anchors, load_space, resolve
+from sctune.tensorboard import experiment_logdir
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.ray
+
+SPEC = load_space(REPO / "search_spaces" / "digits.yaml", smoke=True)
+
+
+@pytest.fixture(scope="module")
+def run(smoke_run):
+    assert smoke_run.returncode == 0, f"CLI failed:\n{smoke_run.stderr[-4000:]}"
+    return smoke_run
+
+
+def _json(run, rel):
+    return json.loads((run.root / rel).read_text())
+
+
+def test_cli_prints_best_config_accuracy_and_tensorboard_command(run):
+    best = _json(run, "best.json")
+    assert "Best configuration" in run.stdout
+    assert f"{best['value']:.4f}" in run.stdout
+    assert f"tensorboard --logdir {run.root / 'tensorboard'} --host 127.0.0.1 --port 6006" in run.stdout
+    assert "--bind_all" not in run.stdout
+    # progress lines for the three stages, no Ray console noise
+    for stage in ("[range]", "[search]", "[final]"):
+        assert stage in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_bounds_json_per_weight_decay_with_spread_and_chosen_prior(run):
+    bounds = _json(run, "range_test/bounds.json")
+    rt = SPEC.range_test
+    assert bounds["status"] == "ok"
+    per_wd = bounds["per_weight_decay"]
+    assert set(per_wd) == {f"{w:g}" for w in rt.weight_decays}
+    for entry in per_wd.values():
+        assert entry["n_total"] == rt.repeats
+        if entry["status"] == "ok":
+            spread = entry["spread"]["max_lr"]
+            assert spread["min"] <= entry["max_lr"] <= spread["max"]
+            assert entry["min_lr"] == pytest.approx(entry["max_lr"] / rt.divisor)
+    chosen = bounds["chosen"]
+    ok = {k: v for k, v in per_wd.items() if v["status"] == "ok"}
+    # the prior is the WD whose bounds let the LR go highest (Smith 1803.09820)
+    top = max(ok.values(), key=lambda v: v["max_lr"])
+    assert chosen["max_lr_bound"] == pytest.approx(top["max_lr"])
+    assert chosen["wd_prior"] == pytest.approx(top["weight_decay"])
+    assert rt.start_lr < chosen["max_lr_bound"] <= rt.end_lr
+    verdict = bounds["verdict"]
+    assert isinstance(verdict["possible"], bool) and verdict["message"]
+    assert (verdict["width_decades"] >= verdict["threshold_decades"]) == verdict["possible"]
+    assert len(bounds["trials"]) == len(rt.weight_decays) * rt.repeats
+
+
+def test_curves_csv_holds_every_range_test_step(run):
+    curves = pd.read_csv(run.root / "range_test/curves.csv")
+    rt = SPEC.range_test
+    assert list(curves.columns[:2]) == ["weight_decay", "seed"]
+    assert {"step", "lr", "loss", "smooth_loss", "acc", "val_loss"} <= set(curves.columns)
+    groups = curves.groupby(["weight_decay", "seed"])
+    assert len(groups) == len(rt.weight_decays) * rt.repeats
+    for _, g in groups:
+        assert g["step"].tolist() == list(range(len(g)))
+        assert len(g) <= rt.num_iter
+        # Smith's linear ramp: lr(step) = start + (end - start) * step / (num_iter - 1)
+        expected = rt.start_lr + (rt.end_lr - rt.start_lr) * g["step"] / (rt.num_iter - 1)
+        assert (g["lr"] - expected).abs().max() < 1e-9
+        evaluated = g.dropna(subset=["acc"])
+        assert ((evaluated["step"] + 1) % rt.eval_every == 0).all()
+    png = (run.root / "range_test/range_test.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_summary_has_one_row_per_trial_inside_the_resolved_space(run):
+    summary = pd.read_csv(run.root / "summary.csv")
+    bounds = _json(run, "range_test/bounds.json")
+    anchors = Anchors(**bounds["chosen"])
+    dists, constants = resolve(SPEC, anchors)
+    assert len(summary) == SPEC.search.num_samples
+    assert summary["trial_id"].is_unique
+    assert set(summary["status"]) <= {"completed", "pruned", "diverged", "error"}
+    completed = summary[summary["status"] == "completed"]
+    assert len(completed) >= 1
+    assert (completed["epochs_run"] == SPEC.base.epochs).all()
+    assert (summary.loc[summary["status"] == "pruned", "epochs_run"] < SPEC.base.epochs).all()
+    for name, d in dists.items():
+        assert summary[name].between(d.low * (1 - 1e-9), d.high * (1 + 1e-9)).all(), name
+    # reduced regularization: weight decay at or below the stage-1 prior
+    wd = summary["weight_decay"]
+    assert (wd <= anchors.wd_prior * (1 + 1e-9)).all()
+    assert summary["is_recipe"].sum() == 1  # Smith's recipe is evaluated first
+    for name in constants:
+        assert (summary[name] == constants[name]).all()
+    # sorted best first by the final-epoch metric
+    finals = summary["final_val/acc"].dropna().tolist()
+    assert finals == sorted(finals, reverse=True)
+
+
+def test_best_json_matches_the_best_completed_trial_and_final_fit(run):
+    best = _json(run, "best.json")
+    summary = pd.read_csv(run.root / "summary.csv")
+    completed = summary[summary["status"] == "completed"]
+    top = completed.sort_values("final_val/acc", ascending=False).iloc[0]
+    assert best["trial_id"] == top["trial_id"]
+    assert best["value"] == pytest.approx(top["final_val/acc"])
+    for k, v in best["searched"].items():
+        assert best["config"][k] == pytest.approx(v)
+        assert top[k] == pytest.approx(v)
+    final = best["final"]
+    assert final["n"] == SPEC.final.seeds == len(final["runs"])
+    accs = [r["test/acc"] for r in final["runs"]]
+    assert final["test_acc_mean"] == pytest.approx(sum(accs) / len(accs))
+    assert 0.5 < final["test_acc_mean"] <= 1.0  # digits: far above chance (0.1)
+    assert all(r["epochs"] == SPEC.base.epochs for r in final["runs"])
+
+
+def test_report_md_is_readable_and_complete(run):
+    report = (run.root / "report.md").read_text()
+    bounds = _json(run, "range_test/bounds.json")
+    best = _json(run, "best.json")
+    assert bounds["verdict"]["message"] in report
+    assert "![range test](range_test/range_test.png)" in report
+    assert best["trial_id"] in report
+    assert f"{best['final']['test_acc_mean']:.4f}" in report
+    assert "--host 127.0.0.1" in report
+
+
+def test_tensorboard_has_a_run_per_trial(run):
+    logdir = experiment_logdir(run.root)
+    rt = SPEC.range_test
+    range_runs = sorted(p.relative_to(logdir).as_posix() for p in (logdir / "range").glob("wd=*/seed=*"))
+    assert len(range_runs) == len(rt.weight_decays) * rt.repeats
+    assert len(list((logdir / "search").iterdir())) == SPEC.search.num_samples
+    assert len(list((logdir / "final").iterdir())) == SPEC.final.seeds
+
+
+def test_state_json_marks_all_stages_done(run):
+    state = _json(run, "state.json")
+    assert state["done"] == ["range", "search", "final"]
+    assert state["smoke"] is True
+    assert (run.root / "space.yaml").read_text() == (REPO / "search_spaces/digits.yaml").read_text()
+
+
+def test_python_api_runs_stage_by_stage(tmp_path):
+    """``run()`` drives one stage at a time; later stages read the earlier ones' outputs."""
+    from sctune.search import run as sctune_run
+
+    space = REPO / "search_spaces" / "digits.yaml"
+    common = dict(name="api", storage_path=tmp_path, smoke=True, quiet=True)
+    r1 = sctune_run(space, stage="range", **common)
+    assert r1.stages_run == ["range"] and r1.summary is None and r1.best is None
+    assert r1.bounds["status"] == "ok"
+    r2 = sctune_run(space, stage="search", num_samples=2, **common)
+    assert r2.stages_run == ["search"] and len(r2.summary) == 2
+    assert r2.bounds == r1.bounds
+    r3 = sctune_run(space, stage="final", **common)
+    assert r3.stages_run == ["final"]
+    assert r3.best["final"]["n"] == SPEC.final.seeds
+    assert math.isfinite(r3.best["value"])

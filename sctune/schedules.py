@@ -55,6 +55,10 @@ def one_cycle(optimizer: Optimizer, cfg: OneCycleConfig, *, total_steps: int) ->
     """Smith's 1cycle: one linear cycle over cfg.cycle_frac of the steps, then annihilation."""
     if total_steps < 3:
         raise ValueError(f"one_cycle needs total_steps >= 3, got {total_steps}")
+    if cfg.cycle_frac * total_steps <= 2 + 1e-9:
+        # torch's phases end at pct*T - 1 and 2*pct*T - 2: a cycle of <= 2 steps has empty phases
+        # (exactly 2 steps divides by zero inside OneCycleLR).
+        raise ValueError(f"one_cycle needs cycle_frac x total_steps > 2 steps, got {cfg.cycle_frac} x {total_steps}")
     return OneCycleLR(
         optimizer,
         max_lr=cfg.max_lr,

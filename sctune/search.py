@@ -177,8 +177,10 @@ def _start_ray(address: str | None, *, verbose: bool, dashboard: bool, num_cpus:
     if address:
         ray.init(address=address, log_to_driver=verbose, logging_level=level)
         return True
+    # A local Ray serves this process only: its GCS, raylet and dashboard listen on loopback, never on the
+    # machine's network address (Ray has no authentication).
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-             log_to_driver=verbose, logging_level=level)
+             _node_ip_address="127.0.0.1", log_to_driver=verbose, logging_level=level)
     return True
 
 

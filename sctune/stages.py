@@ -160,9 +160,16 @@ class StageProgress(_callback_base()):
         self.done += 1
         self._running.discard(trial.trial_id)
         last = trial.last_result or {}
-        if self.epochs is not None and int(last.get("epoch", 0)) < self.epochs and not last.get("diverged"):
+        if last.get("diverged"):
+            status = "failure"
+        elif self.epochs is not None and int(last.get("epoch", 0)) < self.epochs:
             self.pruned += 1
-            self._end_session(trial, "aborted")
+            status = "aborted"
+        else:
+            status = "success"
+        # Every session is closed here: a trial the scheduler stops at its last report (ASHA at max_t) never
+        # gets to write its own end. A no-op when the trial did write one (the first session end wins).
+        self._end_session(trial, status)
         self._print()
 
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -64,6 +64,19 @@ from tensorboard.plugins.hparams import summary_v2 as hp_summary
 from tensorboard.plugins.text.summary_v2 import text_pb
 from torch.utils.tensorboard import SummaryWriter
 
+from .train import (  # noqa: F401  (re-exported: one definition, in train.py)
+    HF_LR,
+    HF_LR_EMA,
+    LR,
+    MOMENTUM,
+    TEST_ACC,
+    TEST_LOSS,
+    THROUGHPUT,
+    TRAIN_LOSS,
+    VAL_ACC,
+    VAL_LOSS,
+)
+
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
@@ -71,18 +84,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TB_DIRNAME = "tensorboard"
-
-# Metric tags shared by every stage (train.py uses the same strings).
-TRAIN_LOSS = "train/loss"
-VAL_LOSS = "val/loss"
-VAL_ACC = "val/acc"
-TEST_LOSS = "test/loss"
-TEST_ACC = "test/acc"
-LR = "lr"
-MOMENTUM = "momentum"
-HF_LR = "curvature/lr_estimate"
-HF_LR_EMA = "curvature/lr_estimate_ema"
-THROUGHPUT = "perf/samples_per_s"
 
 # Range-test tags (log_range_test).
 RANGE_LOSS = "range_test/loss"

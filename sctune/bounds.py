@@ -45,6 +45,11 @@ VALLEY_FRAC = 2.0 / 3.0
 # The divergence point is where the loss has already risen to diverge_th x its best, past the usable range;
 # back off by 2x. (fastai's "lr_min / 10" targets a fixed LR; a one-cycle peak can sit closer to the edge.)
 DIVERGENCE_BACKOFF = 0.5
+# Accuracy range below which noise is judged against this absolute scale instead (accuracy units).
+NOISE_RANGE_FLOOR = 0.2
+# The plateau bridges dips of up to this many evaluation points below the near-peak zone (ragged
+# high-LR accuracy); a longer dip ends it.
+PLATEAU_MAX_GAP = 2
 # Ties in a smoothed curve (exact plateaus in synthetic data) resolve to the *last* maximal point: Smith's
 # max_lr is where accuracy peaks "before it falls".
 _TIE_EPS = 1e-12
@@ -199,16 +204,28 @@ def _peak_index(s: np.ndarray) -> int:
     return int(np.flatnonzero(s >= s.max() - _TIE_EPS)[-1])
 
 
-def _band(s: np.ndarray, peak: int, tolerance: float) -> tuple[int, int]:
-    """Contiguous index band around `peak` where s >= s[peak] - tolerance."""
+def _band(s: np.ndarray, peak: int, tolerance: float, *, max_gap: int = 0) -> tuple[int, int]:
+    """Index band around `peak` where s >= s[peak] - tolerance, bridging dips of <= `max_gap` points.
+
+    A range test's accuracy at high LR is ragged: one evaluation below the near-peak zone between two
+    inside it should not cut the plateau in two (``max_gap`` = 0 gives the strictly contiguous band).
+    """
     floor = s[peak] - tolerance
-    lo = peak
-    while lo > 0 and s[lo - 1] >= floor:
-        lo -= 1
-    hi = peak
-    while hi < len(s) - 1 and s[hi + 1] >= floor:
-        hi += 1
-    return lo, hi
+    inside = s >= floor
+
+    def walk(start: int, step: int) -> int:
+        edge, i, gap = start, start + step, 0
+        while 0 <= i < len(s):
+            if inside[i]:
+                edge, gap = i, 0
+            else:
+                gap += 1
+                if gap > max_gap:
+                    break
+            i += step
+        return edge
+
+    return walk(peak, -1), walk(peak, +1)
 
 
 def _robust_std(x: np.ndarray) -> float:
@@ -261,7 +278,7 @@ def super_convergence_verdict(lr: ArrayLike, acc_smoothed: ArrayLike, *, toleran
     if len(lr_k) == 0:
         raise ValueError("super_convergence_verdict needs at least one point with lr > 0 and finite accuracy, got 0")
     peak = _peak_index(s_k)
-    lo, hi = _band(s_k, peak, tolerance)
+    lo, hi = _band(s_k, peak, tolerance, max_gap=PLATEAU_MAX_GAP)
     low, high = float(lr_k[lo]), float(lr_k[hi])
     width = float(math.log10(high / low))
     possible = width >= threshold_decades
@@ -300,7 +317,7 @@ def smith_bounds(lr: ArrayLike, acc: ArrayLike, *, loss: ArrayLike | None = None
       accuracy never falls more than `sc_tolerance` below it (nothing learned, or already trained);
     - ``diverged_at_start``: the peak is at the first or second point and the accuracy then falls;
     - ``noisy``: robust std (1.4826 x median absolute deviation) of (raw - smoothed) accuracy > `noise_tol` x
-      (peak - minimum of the smoothed accuracy) - robust, so the few points of a steep early rise, which a
+      max(peak - minimum of the smoothed accuracy, 0.2) - robust, so the few points of a steep early rise, which a
       centered window cannot follow, do not count as noise -
       measured up to the end of the near-peak band (past it the curve "becomes ragged", which is Smith's
       sign that max_lr was passed, not measurement noise);
@@ -360,11 +377,13 @@ def smith_bounds(lr: ArrayLike, acc: ArrayLike, *, loss: ArrayLike | None = None
                           peak_acc=peak_acc)
     resid = acc_k[: hi + 1] - s[: hi + 1]
     noise = _robust_std(resid)
-    noise_ratio = noise / acc_range
+    # Relative to the curve's range, but never to less than NOISE_RANGE_FLOOR: a model that learns within
+    # the first evaluations (range 0.05) with +-0.02 scatter is a plateau, not noise.
+    noise_ratio = noise / max(acc_range, NOISE_RANGE_FLOOR)
     if noise_ratio > noise_tol:
         return _no_bounds(method, "noisy", divisor,
                           f"Accuracy is too noisy to place the peak: residual std {noise:.3g} is "
-                          f"{noise_ratio:.2f} of the accuracy range {acc_range:.3g} (noise_tol {noise_tol:g}). "
+                          f"{noise_ratio:.2f} of the accuracy range {max(acc_range, NOISE_RANGE_FLOOR):.3g} (noise_tol {noise_tol:g}). "
                           f"Raise eval_samples, widen the smoothing window, or repeat seeds and aggregate."
                           + _cut_note(cut, lr_all, n), peak_acc=peak_acc)
 

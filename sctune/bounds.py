@@ -204,14 +204,16 @@ def _peak_index(s: np.ndarray) -> int:
     return int(np.flatnonzero(s >= s.max() - _TIE_EPS)[-1])
 
 
-def _band(s: np.ndarray, peak: int, tolerance: float, *, max_gap: int = 0) -> tuple[int, int]:
+def _band(s: np.ndarray, peak: int, tolerance: float, *, max_gap: int = 0,
+          members: np.ndarray | None = None) -> tuple[int, int]:
     """Index band around `peak` where s >= s[peak] - tolerance, bridging dips of <= `max_gap` points.
 
     A range test's accuracy at high LR is ragged: one evaluation below the near-peak zone between two
     inside it should not cut the plateau in two (``max_gap`` = 0 gives the strictly contiguous band).
     """
     floor = s[peak] - tolerance
-    inside = s >= floor
+    inside = (s if members is None else members) >= floor
+    inside[peak] = True
 
     def walk(start: int, step: int) -> int:
         edge, i, gap = start, start + step, 0
@@ -259,12 +261,18 @@ def _early_cut_message(cut: int, n_total: int, lr_all: np.ndarray) -> str:
 
 # --------------------------------------------------------------------------------------------- Smith
 def super_convergence_verdict(lr: ArrayLike, acc_smoothed: ArrayLike, *, tolerance: float = 0.05,
-                              threshold_decades: float = 1.0) -> SuperConvergenceVerdict:
+                              threshold_decades: float = 1.0, acc_raw: ArrayLike | None = None
+                              ) -> SuperConvergenceVerdict:
     """Width of the band of LRs over which the smoothed accuracy stays within `tolerance` of its peak.
 
     Only points with lr > 0 and finite accuracy count (log10 of LR 0 is undefined). The band is the
     contiguous run of points around the peak with ``acc >= peak - tolerance``; ``possible`` when its width
     ``log10(high / low)`` is at least `threshold_decades` (default one decade, e.g. 0.3 -> 3.0).
+
+    With `acc_raw` (the unsmoothed points) membership is judged on the raw accuracy against the smoothed
+    peak: a centered window drags the first points of a steep early rise below the zone and would move the
+    plateau's low end to a higher LR than the data show. Dips of up to ``PLATEAU_MAX_GAP`` points are
+    bridged either way.
     """
     lr_a = _as_1d("lr", lr)
     s_a = _as_1d("acc_smoothed", acc_smoothed)
@@ -273,12 +281,19 @@ def super_convergence_verdict(lr: ArrayLike, acc_smoothed: ArrayLike, *, toleran
         raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
     if not (math.isfinite(threshold_decades) and threshold_decades > 0):
         raise ValueError(f"threshold_decades must be a finite number > 0, got {threshold_decades!r}")
+    raw_a = None
+    if acc_raw is not None:
+        raw_a = _as_1d("acc_raw", acc_raw)
+        _check_same_length("lr", lr_a, "acc_raw", raw_a)
     keep = np.isfinite(lr_a) & np.isfinite(s_a) & (lr_a > 0)
+    if raw_a is not None:
+        keep &= np.isfinite(raw_a)
     lr_k, s_k = lr_a[keep], s_a[keep]
+    members = raw_a[keep] if raw_a is not None else None
     if len(lr_k) == 0:
         raise ValueError("super_convergence_verdict needs at least one point with lr > 0 and finite accuracy, got 0")
     peak = _peak_index(s_k)
-    lo, hi = _band(s_k, peak, tolerance, max_gap=PLATEAU_MAX_GAP)
+    lo, hi = _band(s_k, peak, tolerance, max_gap=PLATEAU_MAX_GAP, members=members)
     low, high = float(lr_k[lo]), float(lr_k[hi])
     width = float(math.log10(high / low))
     possible = width >= threshold_decades
@@ -392,7 +407,8 @@ def smith_bounds(lr: ArrayLike, acc: ArrayLike, *, loss: ArrayLike | None = None
     fall = float(s[peak] - s[peak:].min())
     confidence = _points_confidence(n) * (1.0 - noise_ratio / noise_tol if noise_tol > 0 else 1.0) * (
         0.5 + 0.5 * min(1.0, fall / acc_range))
-    verdict = super_convergence_verdict(lr_k, s, tolerance=sc_tolerance, threshold_decades=sc_threshold_decades)
+    verdict = super_convergence_verdict(lr_k, s, tolerance=sc_tolerance, threshold_decades=sc_threshold_decades,
+                                        acc_raw=acc_k)
     if falls:
         shape = f"accuracy then falls to {s[peak:].min():.3f} by LR {lr_k[-1]:.3g}."
     else:

@@ -42,6 +42,58 @@ def search_figure(summary: pd.DataFrame, metric: str, path: Path) -> bool:
     return True
 
 
+def range_summary_figure(curves: pd.DataFrame, bounds: dict[str, Any], *, log_x: bool = False, title: str = ""):
+    """Experiment view of stage 1: one colour per weight decay (seeds as thin lines, their median bold),
+    median bounds per WD as vertical lines, the chosen bounds shaded, the verdict's plateau marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_loss) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    per_wd = bounds.get("per_weight_decay", {})
+    for i, (wd, g) in enumerate(curves.groupby("weight_decay", sort=True)):
+        color = colors[i % len(colors)]
+        entry = per_wd.get(f"{wd:g}", {})
+        label = f"wd={wd:g} [{entry.get('status', '?')}, {entry.get('n_ok', 0)}/{entry.get('n_total', 0)} ok]"
+        for _, run in g.groupby("seed"):
+            ev = run.dropna(subset=["acc"])
+            ax_acc.plot(ev["lr"], ev["acc"], color=color, lw=0.7, alpha=0.35)
+            ax_loss.plot(run["lr"], run["smooth_loss"], color=color, lw=0.7, alpha=0.35)
+        ev = g.dropna(subset=["acc"]).groupby("step").agg(lr=("lr", "median"), acc=("acc", "median"))
+        ax_acc.plot(ev["lr"], ev["acc"], color=color, lw=2.0, marker="o", ms=3, label=label)
+        sm = g.groupby("step").agg(lr=("lr", "median"), loss=("smooth_loss", "median"))
+        ax_loss.plot(sm["lr"], sm["loss"], color=color, lw=2.0)
+        for key, style in (("min_lr", "--"), ("max_lr", ":")):
+            if entry.get(key):
+                for ax in (ax_acc, ax_loss):
+                    ax.axvline(entry[key], color=color, ls=style, lw=1.2)
+    chosen = bounds.get("chosen")
+    if chosen:
+        for ax in (ax_acc, ax_loss):
+            ax.axvspan(chosen["min_lr_bound"], chosen["max_lr_bound"], color="gold", alpha=0.15,
+                       label="chosen bounds" if ax is ax_acc else None)
+    verdict = bounds.get("verdict") or {}
+    if verdict.get("plateau_low_lr") and verdict.get("plateau_high_lr"):
+        y = ax_acc.get_ylim()[0]
+        ax_acc.hlines(y, verdict["plateau_low_lr"], verdict["plateau_high_lr"], color="black", lw=5,
+                      label=f"near-peak plateau ({verdict.get('width_decades') or 0:.2f} decades)")
+    upper = curves["smooth_loss"].iloc[: max(1, len(curves) // 20)].max()
+    if pd.notna(upper):
+        ax_loss.set_ylim(0, 1.5 * upper)
+    if log_x:
+        ax_loss.set_xscale("log")
+    ax_acc.set_ylabel("held-out accuracy")
+    ax_loss.set_ylabel("smoothed training loss")
+    ax_loss.set_xlabel("learning rate (dashed: min_lr, dotted: max_lr per WD)")
+    ax_acc.legend(fontsize="small", loc="lower right")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or "LR range test")
+    return fig
+
+
 def _fmt_bounds_table(bounds: dict[str, Any]) -> str:
     rows = []
     for key, v in bounds.get("per_weight_decay", {}).items():

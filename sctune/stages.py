@@ -206,15 +206,75 @@ def _run_config(paths: ExperimentPaths, stage: str, callbacks: list, *, max_fail
 
 
 def _fit(tuner_factory, restore_path: Path, trainable, *, resume: bool):
-    """Fresh Tuner, or Tuner.restore when a previous run of this stage left state behind."""
+    """Fresh Tuner, or Tuner.restore when a previous run of this stage left state behind.
+
+    Tune's state is checked first (``_check_restorable``): a Tune that cannot read it logs a traceback
+    and silently runs the whole stage again. Corrupted state stops with a StageError saying what to do.
+    """
     from ray import tune
 
-    if resume and tune.Tuner.can_restore(str(restore_path)):
+    if resume and tune.Tuner.can_restore(str(restore_path)) and _check_restorable(restore_path):
         log.info("restoring %s", restore_path)
-        tuner = tune.Tuner.restore(str(restore_path), trainable=trainable, resume_errored=True)
+        try:
+            tuner = tune.Tuner.restore(str(restore_path), trainable=trainable, resume_errored=True)
+        except Exception as e:
+            raise StageError(_corrupted_tune_state(restore_path, f"{type(e).__name__}: {e}")) from None
     else:
         tuner = tuner_factory()
     return tuner.fit()
+
+
+def _corrupted_tune_state(stage_dir: Path, why: str) -> str:
+    return (f"Ray Tune's state of this stage in {stage_dir} cannot be restored ({why[:300]}). Move that folder "
+            f"aside and rerun with --resume to run this stage again from scratch (finished stages are kept), "
+            f"or start over with a new --name.")
+
+
+def _check_restorable(stage_dir: Path) -> bool:
+    """True if Tune's state in ``stage_dir`` (ray/<stage>) can be restored, False if there is none yet
+    (the driver stopped before Tune recorded anything: the stage starts fresh); StageError if it is
+    corrupted. Re-creates the newest checkpoint folder of an unfinished trial if it went missing, so the
+    trial resumes from its previous good checkpoint instead of failing (``trainables._load_state``)."""
+    states = sorted(stage_dir.glob("experiment_state-*.json"))
+    if not states:
+        log.warning("%s holds no Tune experiment state yet: this stage starts fresh", stage_dir)
+        return False
+    newest = states[-1]
+    session = newest.name[len("experiment_state-"):-len(".json")]
+    try:
+        import ray.cloudpickle as cloudpickle
+
+        trial_data = json.loads(newest.read_text())["trial_data"]
+        for f in stage_dir.glob(f"*-{session}.*"):  # the searcher's and variant generator's state: pickles
+            if f != newest:
+                cloudpickle.loads(f.read_bytes())
+    except Exception as e:
+        raise StageError(_corrupted_tune_state(stage_dir, f"{type(e).__name__}: {e}")) from None
+    _replace_missing_checkpoints(stage_dir, trial_data)
+    return True
+
+
+def _replace_missing_checkpoints(stage_dir: Path, trial_data: list) -> None:
+    import ray.cloudpickle as cloudpickle
+
+    for state, meta in trial_data:
+        try:
+            state = json.loads(state) if isinstance(state, str) else state
+            if state.get("status") == "TERMINATED":
+                continue  # finished trials are not restored
+            meta = json.loads(meta) if isinstance(meta, str) else meta
+            manager = cloudpickle.loads(bytes.fromhex(meta["checkpoint_manager"]["value"]))
+            latest = manager.latest_checkpoint_result
+            if latest is None:
+                continue
+            path = stage_dir / state["relative_logdir"] / Path(latest.checkpoint.path).name
+        except Exception as e:  # Tune's format changed: leave it to Tune
+            log.debug("cannot check the checkpoints of a trial in %s: %s", stage_dir, e)
+            continue
+        if not path.exists():
+            log.warning("trial %s: its latest checkpoint %s is missing; it resumes from its previous good "
+                        "checkpoint, or from the start if there is none", state.get("trial_id"), path)
+            path.mkdir(parents=True)
 
 
 def _resources(spec: SpaceSpec):
@@ -398,9 +458,12 @@ def _write_bounds(paths: ExperimentPaths, spec: SpaceSpec, per_wd, per_trial, an
     })
     write_json(paths.range_dir / "bounds.json", out)
     try:
-        fig = tb.range_test_figure(curve_by_label, bounds_by_label, log_x=spec.range_test.step_mode == "exp",
+        from .report import range_summary_figure
+
+        curves = pd.concat([df for df in curve_by_label.values()], ignore_index=True)
+        fig = range_summary_figure(curves, out, log_x=spec.range_test.step_mode == "exp",
                                    title=f"LR range test: {spec.base.task.dataset} / {spec.base.task.model}")
-        fig.savefig(paths.range_dir / "range_test.png", dpi=110, bbox_inches="tight")
+        fig.savefig(paths.range_dir / "range_test.png", dpi=110)
         import matplotlib.pyplot as plt
 
         plt.close(fig)
@@ -523,6 +586,7 @@ def run_final_stage(spec: SpaceSpec, paths: ExperimentPaths, params: dict[str, A
     seeds = [spec.search.seed + 1000 + i for i in range(spec.final.seeds)]  # unseen by the search
     trainable = tune.with_resources(
         tune.with_parameters(onecycle_trainable, base=base, tb_logdir=str(paths.tensorboard), stage="final",
+                             hparam_keys=tuple(params),
                              cpus=spec.search.cpus_per_trial),
         resources)
     progress = StageProgress("final", len(seeds), metric=TEST_ACC, mode="max", epochs=None, tb_logdir=paths.tensorboard,

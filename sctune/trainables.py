@@ -144,13 +144,38 @@ def range_test_trainable(config: dict[str, Any], *, train: dict[str, Any], range
     })
 
 
-def _load_state(checkpoint: tune.Checkpoint) -> dict[str, Any]:
-    with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+def load_checkpoint_state(directory: str | Path) -> dict[str, Any]:
+    """The training state in a trial checkpoint folder. ``weights_only=True``: tensors and plain Python
+    types only; a checkpoint holding any other pickled object is refused (``pickle.UnpicklingError``)."""
+    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+def _load_state(checkpoint: tune.Checkpoint) -> dict[str, Any] | None:
+    """The state of the checkpoint Tune hands back; if that one is unusable (missing, truncated, refused),
+    the newest other checkpoint of the same trial that is usable (Tune keeps two); None if there is none,
+    and the trial starts over."""
+    try:
+        with checkpoint.as_directory() as d:
+            return load_checkpoint_state(d)
+    except Exception as e:
+        log.warning("checkpoint %s is unusable (%s: %s)", checkpoint.path, type(e).__name__, e)
+    here = Path(checkpoint.path)
+    others = sorted((p for p in here.parent.glob("checkpoint_*") if p.name != here.name), reverse=True) \
+        if here.parent.is_dir() else []
+    for path in others:
+        try:
+            state = load_checkpoint_state(path)
+        except Exception as e:
+            log.warning("checkpoint %s is unusable too (%s: %s)", path, type(e).__name__, e)
+            continue
+        log.warning("continuing from the previous good checkpoint %s (epoch %d)", path, state["epoch"])
+        return state
+    log.warning("no usable checkpoint left: the trial starts over from epoch 0")
+    return None
 
 
 def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdir: str | None,
-                       stage: str = "search", cpus: float = 1.0) -> None:
+                       stage: str = "search", hparam_keys: tuple[str, ...] = (), cpus: float = 1.0) -> None:
     """Train ``base`` + ``config`` (the sampled parameters); ``stage`` is search or final."""
     _threads(cpus)
     params = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -162,8 +187,12 @@ def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdi
         log.info("resuming from the checkpoint of epoch %d", state["epoch"])
     trial_id = tune.get_context().get_trial_id() or "local"
     name = tb.run_name("final", seed=cfg.seed) if stage == "final" else tb.run_name("search", trial=trial_id)
-    hparams = {k: v for k, v in params.items() if isinstance(v, (int, float, str, bool))}
+    # the final fit trains the best searched values (in ``base``): list them as its hparams too
+    shown = {k: cfg.to_flat()[k] for k in hparam_keys} | params
+    hparams = {k: v for k, v in shown.items() if isinstance(v, (int, float, str, bool))}
     logger = tb.TrialLogger(tb_logdir, name, hparams=hparams | {"stage": stage}) if tb_logdir else None
+    if logger is not None and state is not None:
+        logger._seen_step(int(state["epoch"]))  # a resumed run's final metrics go to its last epoch, not step 0
     best = {"v": max((h[VAL_ACC] for h in state["history"]), default=-math.inf) if state else -math.inf}
     node_id = _node_id()  # once per trial; not a scalar, so it goes to Tune only, never to TensorBoard
 

@@ -70,7 +70,7 @@ class SuperConvergenceVerdict:
     message: str
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SuperConvergenceVerdict:
@@ -112,7 +112,7 @@ class LRBounds:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (nested verdict dict; NaN and inf become None)."""
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LRBounds:
@@ -122,11 +122,12 @@ class LRBounds:
         return cls(**data)
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """Strict-JSON form: NaN/inf -> None, numpy scalars -> Python, tuples -> lists (recursively)."""
     if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
+        return {k: jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (bool, np.bool_)):
         return bool(obj)
     if isinstance(obj, (int, np.integer)):
@@ -754,4 +755,4 @@ def aggregate_bounds(results: Sequence[LRBounds]) -> dict[str, Any]:
         "method": methods[0] if len(methods) == 1 else "mixed",
         "message": message,
     }
-    return _jsonable(out)
+    return jsonable(out)

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from . import tensorboard as tb
-from .bounds import LRBounds, aggregate_bounds, bounds_from_frame
+from .bounds import LRBounds, aggregate_bounds, bounds_from_frame, jsonable
 from .space import Anchors, SpaceSpec, recipe_point, resolve, rung_grace_period, to_optuna
 from .train import TEST_ACC, VAL_ACC
 
@@ -93,17 +93,7 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def clean(obj: Any) -> Any:
-    """NaN/inf -> None recursively, so JSON stays strict."""
-    if isinstance(obj, dict):
-        return {k: clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
+clean = jsonable  # NaN/inf -> None recursively, numpy scalars -> Python: strict JSON
 
 
 # -- progress ----------------------------------------------------------------------------------

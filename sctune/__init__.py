@@ -2,7 +2,7 @@
 
 The plain-PyTorch core (schedules, range test, bounds, curvature, data, models, training loop) is
 importable without Ray; ``sctune.search.run`` (and ``python -m sctune.search``) runs the three
-stages on Ray Tune.
+stages on Ray Tune (``import sctune.search`` imports Ray lazily, on the first run).
 """
 
 from .bounds import LRBounds, SuperConvergenceVerdict, aggregate_bounds, bounds_from_frame, smith_bounds
@@ -28,12 +28,6 @@ __all__ = [
     "RangeTestConfig", "RangeTestResult", "RegularizationConfig", "SpaceSpec", "SuperConvergenceVerdict",
     "TaskConfig", "TrainConfig", "aggregate_bounds", "bounds_from_frame", "build_model", "evaluate", "fit",
     "load_dataset", "load_space", "range_test", "register_dataset", "register_model", "run_range_test",
-    "smith_bounds", "search",
+    "smith_bounds",
 ]
 
-
-def search(space=None, **kwargs):
-    """Run the three stages on Ray Tune (see ``sctune.search.run``); imports Ray on first use."""
-    from .search import run
-
-    return run(space, **kwargs)

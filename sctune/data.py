@@ -245,7 +245,8 @@ class DeviceLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
         self.x = x.to(self.device)
-        if channels_last and self.x.dim() == 4:
+        self.channels_last = channels_last and self.x.dim() == 4
+        if self.channels_last:
             self.x = self.x.contiguous(memory_format=torch.channels_last)
         self.y = y.to(self.device)
         self.batch_size = min(batch_size, len(x)) if drop_last else batch_size
@@ -282,6 +283,8 @@ class DeviceLoader:
                 xb = random_crop(xb, padding=self.crop_padding, generator=g)
                 if self._flip_ok:
                     xb = random_flip(xb, generator=g)
+                if self.channels_last:  # the crop's gather returns NCHW; give the model NHWC batches
+                    xb = xb.contiguous(memory_format=torch.channels_last)
             yield xb, yb
 
 

@@ -127,10 +127,19 @@ def prepare(space: str | Path | SpaceSpec | None = None, *, name: str | None = N
 
         try:
             state = read_json(state_file)
-        except ValueError as e:
-            raise UsageError("--resume", f"{state_file} is corrupted ({e}); it cannot be resumed. "
-                             "Move it aside and rerun with --resume to restart from the stage outputs, "
-                             "or use a new --name.") from None
+            if not isinstance(state, dict) or not isinstance(state.get("done", []), list):
+                raise ValueError("not an sctune experiment state")
+        except (OSError, ValueError) as e:
+            if not resume:
+                raise UsageError("--name", f"experiment {name!r} already exists in {root_storage}, and its "
+                                 f"{state_file} is corrupted ({e}). Resume it with --resume --name {name} (the "
+                                 "state is rebuilt from the stage outputs), or pick a new --name.") from None
+            # Rebuilt from the outputs: a stage whose output is missing or unreadable runs again, and Tune
+            # restores its finished trials (nothing is retrained).
+            log.warning("%s is corrupted (%s): rebuilding the experiment state from the stage outputs",
+                        state_file, e)
+            state = {"done": [st for st, out in (("range", "range_test/bounds.json"), ("search", "summary.csv"),
+                                                 ("final", "best.json")) if (exp / out).exists()]}
         if not resume and stage == "all":
             raise UsageError("--name", f"experiment {name!r} already exists in {root_storage}. "
                              f"Resume it with --resume --name {name}, or pick a new --name.")
@@ -140,7 +149,7 @@ def prepare(space: str | Path | SpaceSpec | None = None, *, name: str | None = N
         spec = spec.with_search(num_samples=num_samples, max_concurrent=max_concurrent,
                                 cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, seed=seed)
     except SpaceError as e:
-        raise UsageError(f"--{e.path.replace('_', '-')}", e.rule) from None
+        raise UsageError(f"--{e.path.rsplit('.', 1)[-1].replace('_', '-')}", e.rule) from None
     if lr_bounds is not None:
         lo, hi = lr_bounds
         if not (0 < lo < hi):
@@ -265,14 +274,12 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
                                smoke=smoke, address=address, num_samples=num_samples,
                                max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial,
                                gpus_per_trial=gpus_per_trial, seed=seed, lr_bounds=lr_bounds, wd_prior=wd_prior)
-    import pandas as pd
-
     from .report import search_figure, write_report
     from .space import Anchors
     from .stages import (
         ExperimentPaths,
+        StageError,
         pick_best,
-        read_json,
         run_final_stage,
         run_range_stage,
         run_search_stage,
@@ -306,15 +313,19 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
     try:
         write_tb_config(spec, paths)
         bounds_file = paths.range_dir / "bounds.json"
+        saved_bounds = _read_output(bounds_file, _read_dict)
         # Stage 1
-        if "range" in want and not ("range" in state["done"] and bounds_file.exists()):
+        if "range" in want and not ("range" in state["done"] and saved_bounds is not None):
             results.bounds = run_range_stage(spec, paths, resume=resume, quiet=quiet, lr_bounds=lr_bounds,
                                              wd_prior=wd_prior)
-            state["done"].append("range")
+            _mark_done(state, "range")
             write_json(paths.state, state)
             results.stages_run.append("range")
-        elif bounds_file.exists():
-            results.bounds = read_json(bounds_file)
+        elif saved_bounds is not None:
+            results.bounds = saved_bounds
+        elif bounds_file.exists() and lr_bounds is None:
+            raise StageError(f"{bounds_file} is unreadable: rebuild it with --stage range --resume (Tune restores "
+                             "the finished range tests), or give --lr-bounds MIN_LR MAX_LR")
         if results.bounds is not None and not quiet:
             _print_bounds(results.bounds)
         anchors = None
@@ -325,30 +336,29 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
             anchors = Anchors(**results.bounds["chosen"])
         # Stage 2
         summary_file = exp / "summary.csv"
-        if "search" in want and not ("search" in state["done"] and summary_file.exists()):
+        saved_summary = _read_output(summary_file, _read_summary)
+        if "search" in want and not ("search" in state["done"] and saved_summary is not None):
             if anchors is None:
-                from .stages import StageError
-
                 raise StageError("no LR bounds to search within; give --lr-bounds MIN_LR MAX_LR")
             results.summary = run_search_stage(spec, paths, anchors, resume=resume, quiet=quiet)
-            state["done"].append("search")
+            _mark_done(state, "search")
             write_json(paths.state, state)
             results.stages_run.append("search")
             search_figure(results.summary, spec.search.metric, exp / "search.png")
-        elif summary_file.exists():
-            results.summary = pd.read_csv(summary_file)
+        elif saved_summary is not None:
+            results.summary = saved_summary
         # Stage 3
         if "final" in want and results.summary is not None:
             best_row = pick_best(results.summary, spec)
             plan = search_plan(spec, anchors) if anchors is not None else {"dists": {}, "constants": {}}
             keys = set(plan["dists"]) | set(plan["constants"])
             params = {k: _py(best_row[k]) for k in keys if k in best_row}
-            final = None
-            if "final" in state["done"] and (exp / "best.json").exists():
-                final = read_json(exp / "best.json").get("final")
+            saved_best = _read_output(exp / "best.json", _read_dict) if "final" in state["done"] else None
+            if saved_best is not None:
+                final = saved_best.get("final")
             else:
                 final = run_final_stage(spec, paths, params, resume=resume, quiet=quiet)
-                state["done"].append("final")
+                _mark_done(state, "final")
                 results.stages_run.append("final")
             metric = spec.search.metric
             results.best = {
@@ -357,6 +367,9 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
             }
             write_json(exp / "best.json", results.best)
             write_json(paths.state, state)
+    except StageError as e:
+        raise StageError(f"{e}\nFinished work is kept in {exp}; continue it with: python -m sctune.search --resume "
+                         f"--name {exp.name} --storage-path {exp.parent} [more options]") from None
     finally:
         if started:
             import ray
@@ -368,6 +381,50 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
 
 
 STAGE_ORDER = {"range": ("range",), "search": ("search",), "final": ("final",), "all": ("range", "search", "final")}
+
+
+def _mark_done(state: dict[str, Any], stage: str) -> None:
+    if stage not in state["done"]:  # a stage redone on --resume is listed once
+        state["done"].append(stage)
+
+
+def _read_output(path: Path, read) -> Any:
+    """A stage output read back; None if it is missing or unreadable (truncated, corrupted): the stage
+    then runs again, and on --resume Tune restores its finished trials, so nothing is retrained."""
+    if not path.exists():
+        return None
+    try:
+        return read(path)
+    except Exception as e:
+        log.warning("%s is unreadable (%s: %s); it is rebuilt if its stage runs", path, type(e).__name__, e)
+        return None
+
+
+def _read_dict(path: Path) -> dict[str, Any]:
+    from .stages import read_json
+
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_summary(path: Path) -> Any:
+    import csv
+    import io
+
+    import pandas as pd
+
+    text = path.read_text()
+    rows = list(csv.reader(io.StringIO(text)))
+    # pandas reads a truncated CSV without complaint (NaN-padded last row); the CSV's own shape does not lie
+    if not text.endswith("\n") or len(rows) < 2 or any(len(r) != len(rows[0]) for r in rows):
+        raise ValueError("truncated: its last row is incomplete")
+    df = pd.read_csv(io.StringIO(text))
+    need = ["trial_id", "status", "epochs_run"]
+    if any(c not in df for c in need) or df[need].isna().any().any():
+        raise ValueError(f"columns {need} are missing or incomplete")
+    return df
 
 
 def _py(v: Any) -> Any:
@@ -417,8 +474,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from .stages import StageError
-
     try:
         res = run(args.space, name=args.name, storage_path=args.storage_path, stage=args.stage, resume=args.resume,
                   smoke=args.smoke, address=args.address, num_samples=args.num_samples,
@@ -430,7 +485,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"sctune: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except StageError as e:
+    except Exception as e:
+        from .stages import StageError  # imported here: usage errors above report without loading torch
+
+        if not isinstance(e, StageError):
+            raise
         print(f"sctune: stopped: {e}", file=sys.stderr)
         return EXIT_STAGE
     _print_summary(res)

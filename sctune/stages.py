@@ -38,7 +38,7 @@ import pandas as pd
 from . import tensorboard as tb
 from .bounds import LRBounds, aggregate_bounds, bounds_from_frame, jsonable
 from .space import Anchors, SpaceSpec, recipe_point, resolve, rung_grace_period, to_optuna
-from .train import TEST_ACC, VAL_ACC
+from .train import TEST_ACC, VAL_ACC, VAL_ACC_BEST
 
 log = logging.getLogger(__name__)
 
@@ -532,8 +532,10 @@ def summarize_search(grid, spec: SpaceSpec, plan: dict[str, Any]) -> pd.DataFram
         else:
             status = "completed"
         params = {k: v for k, v in (res.config or {}).items() if k in plan["dists"]}
-        history = res.metrics_dataframe
-        best = float(history[metric].max()) if history is not None and metric in history else math.nan
+        # the trainable reports the best-so-far with every epoch (Tune's own loggers are off)
+        best = float(m.get(VAL_ACC_BEST, math.nan)) if metric == VAL_ACC else math.nan
+        if not math.isfinite(best) and res.metrics_dataframe is not None and metric in res.metrics_dataframe:
+            best = float(res.metrics_dataframe[metric].max())
         rows.append({"trial_id": m.get("trial_id") or res.path.rstrip("/").split("/")[-1], **params,
                      **plan["constants"], "status": status, "epochs_run": epochs,
                      f"final_{metric}": m.get(metric, math.nan), f"best_{metric}": best,

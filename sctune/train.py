@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 # Metric keys, shared with the trainables and TensorBoard.
 TRAIN_LOSS, VAL_LOSS, VAL_ACC, TEST_LOSS, TEST_ACC = "train/loss", "val/loss", "val/acc", "test/loss", "test/acc"
 LR, MOMENTUM, THROUGHPUT = "lr", "momentum", "perf/samples_per_s"
+GPU_MEM = "perf/gpu_mem_peak_mib"  # CUDA only: torch.cuda.max_memory_allocated of the run so far
 HF_LR, HF_LR_EMA = "curvature/lr_estimate", "curvature/lr_estimate_ema"
+VAL_ACC_BEST = "val/acc_best"  # best val/acc so far, reported by the trainables every epoch
 
 # An epoch whose mean training loss exceeds this many times chance level (ln C, the loss of a uniform
 # guess) has diverged even if it stayed finite: BatchNorm nets at absurd LRs reach losses ~1e17
@@ -238,6 +240,8 @@ def fit(cfg: TrainConfig, *, data: DatasetSplits | None = None, on_epoch: EpochC
     """
     dev = resolve_device(cfg.device) if device is None else torch.device(device)
     seed_everything(cfg.seed, deterministic=cfg.deterministic)
+    if dev.type == "cuda":  # GPU_MEM is this run's peak, also in a reused (reuse_actors) worker
+        torch.cuda.reset_peak_memory_stats(dev)
     data = load_dataset(cfg.task) if data is None else data
     model = build_model(cfg.task.model, num_classes=data.num_classes, input_shape=data.input_shape,
                         dropout=cfg.reg.dropout).to(dev)
@@ -300,6 +304,8 @@ def fit(cfg: TrainConfig, *, data: DatasetSplits | None = None, on_epoch: EpochC
             THROUGHPUT: steps * loader.batch_size / max(seconds, 1e-9),
             "diverged": float(diverged),
         }
+        if dev.type == "cuda":  # what one trial takes of a shared GPU (--gpus-per-trial packing)
+            metrics[GPU_MEM] = torch.cuda.max_memory_allocated(dev) / 2**20
         if curv is not None and curv.count:
             metrics[HF_LR] = curv.last
             metrics[HF_LR_EMA] = curv.ema

@@ -27,12 +27,11 @@ from . import tensorboard as tb
 from .config import RangeTestConfig, TaskConfig, TrainConfig
 from .data import DatasetSplits, load_dataset
 from .range_test import run_range_test
-from .train import TEST_ACC, VAL_ACC, fit
+from .train import TEST_ACC, VAL_ACC, VAL_ACC_BEST, fit
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
-BEST_SO_FAR = "val/acc_best"
 
 
 @functools.lru_cache(maxsize=2)
@@ -200,7 +199,7 @@ def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdi
         epoch = int(metrics["epoch"])
         if math.isfinite(metrics[VAL_ACC]):
             best["v"] = max(best["v"], metrics[VAL_ACC])
-        report = dict(metrics) | {BEST_SO_FAR: best["v"]}
+        report = dict(metrics) | {VAL_ACC_BEST: best["v"]}
         if logger is not None:
             logger.scalars({k: v for k, v in report.items() if k not in ("epoch", "diverged")}, epoch)
         with tempfile.TemporaryDirectory() as d:

@@ -5,6 +5,10 @@ import os
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+# OpenMP threads sleep instead of spinning while idle: on a busy runner, spinning threads fight the
+# other processes for the cores and made these tiny-op tests ~8x slower (201 s vs 27 s, 2 cores, load 9).
+# libgomp reads this when torch loads, hence before the import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 

@@ -96,6 +96,8 @@ def test_summary_has_one_row_per_trial_inside_the_resolved_space(run):
     completed = summary[summary["status"] == "completed"]
     assert len(completed) >= 1
     assert (completed["epochs_run"] == SPEC.base.epochs).all()
+    assert completed["best_val/acc"].notna().all()
+    assert (completed["best_val/acc"] >= completed["final_val/acc"] - 1e-12).all()
     assert (summary.loc[summary["status"] == "pruned", "epochs_run"] < SPEC.base.epochs).all()
     for name, d in dists.items():
         assert summary[name].between(d.low * (1 - 1e-9), d.high * (1 + 1e-9)).all(), name

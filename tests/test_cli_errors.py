@@ -1,0 +1,156 @@
+"""Bad input to ``python -m sctune.search``: exit code 2 within seconds, a message naming the file or
+option and the key path, no traceback, and Ray never started (no session under a private RAY_TMPDIR),
+nothing written to the storage path.
+
+All cases run once, concurrently, in a module fixture; each test checks one case's outcome.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from fault_util import REPO, cleanup_ray_tmp, cli_env, short_tmpdir
+
+DIGITS = "task: {dataset: digits, model: digits_cnn}\n"
+
+
+@dataclass
+class Case:
+    args: list[str]  # "{space}" is replaced by the case's space file, "{tmp}" by its temp dir
+    expect: list[str]  # all must appear in stderr ("{space}"/"{tmp}" replaced as above)
+    space: str | None = None  # YAML text of the space file, if the case has one
+    skip_if_gpu: bool = False
+    setup: str | None = None  # "file_in_way": {tmp}/blocker is a regular file
+
+
+def _space(body: str) -> str:
+    return DIGITS + body
+
+
+CASES: dict[str, Case] = {
+    # space files
+    "yaml_python_tag": Case(["{space}"], ["{space}", "python/object/apply:os.system", "line"],
+                            space='task: !!python/object/apply:os.system ["touch {tmp}/pwned"]\n'),
+    "yaml_syntax": Case(["{space}"], ["{space}", "invalid YAML", "line"], space="task: {dataset: digits\n"),
+    "unknown_section": Case(["{space}"], ["{space}", "searchh", "unknown section"],
+                            space=_space("searchh: {num_samples: 4}\n")),
+    "unknown_key": Case(["{space}"], ["{space}", "search.num_sample", "unknown key"],
+                        space=_space("search: {num_sample: 4}\n")),
+    "wrong_type_int": Case(["{space}"], ["{space}", "fixed.epochs", "integer"], space=_space("fixed: {epochs: ten}\n")),
+    "wrong_type_bound": Case(["{space}"], ["{space}", "space.max_lr.low", "finite number"],
+                             space=_space("space: {max_lr: {type: float, low: abc, high: 1.0}}\n")),
+    "low_ge_high": Case(["{space}"], ["{space}", "space.max_lr.low", "< high"],
+                        space=_space("space: {max_lr: {type: float, low: 1.0, high: 0.5}}\n")),
+    "log_low_le_0": Case(["{space}"], ["{space}", "space.weight_decay.low", "log"],
+                         space=_space("space: {weight_decay: {type: float, low: 0.0, high: 1.0e-3, log: true}}\n")),
+    "empty_choices": Case(["{space}"], ["{space}", "space.dropout.choices", "non-empty"],
+                          space=_space("space: {dropout: {choices: []}}\n")),
+    "unknown_dataset": Case(["{space}"], ["{space}", "task.dataset", "imagenet99"],
+                            space="task: {dataset: imagenet99, model: digits_cnn}\n"),
+    "unknown_model": Case(["{space}"], ["{space}", "task.model", "resnet9000"],
+                          space="task: {dataset: digits, model: resnet9000}\n"),
+    "negative_epochs": Case(["{space}"], ["{space}", "fixed.epochs", ">= 1"], space=_space("fixed: {epochs: -1}\n")),
+    "num_samples_0_file": Case(["{space}"], ["{space}", "search.num_samples", ">= 1"],
+                               space=_space("search: {num_samples: 0}\n")),
+    "momentum_overlap": Case(["{space}"], ["{space}", "space.min_momentum.high", "max_momentum"],
+                             space=_space("space:\n  min_momentum: {type: float, low: 0.8, high: 0.95}\n"
+                                          "  max_momentum: {type: float, low: 0.9, high: 0.97}\n")),
+    "range_end_below_start": Case(["{space}"], ["{space}", "range_test.end_lr", "start_lr"],
+                                  space=_space("range_test: {start_lr: 1.0, end_lr: 0.5}\n")),
+    "missing_space_file": Case(["{tmp}/nope.yaml"], ["{tmp}/nope.yaml", "file not found"]),
+    # options
+    "num_samples_0_cli": Case(["--num-samples", "0"], ["--num-samples", ">= 1"]),
+    "num_samples_not_int": Case(["--num-samples", "abc"], ["--num-samples", "invalid int"]),
+    "gpus_without_gpu": Case(["--gpus-per-trial", "1"], ["--gpus-per-trial", "no CUDA GPU"], skip_if_gpu=True),
+    "gpus_more_than_machine": Case(["--gpus-per-trial", "64"], ["--gpus-per-trial", "64"]),
+    "cpus_more_than_machine": Case(["--cpus-per-trial", str((os.cpu_count() or 1) + 1)],
+                                   ["--cpus-per-trial", "this machine has"]),
+    "storage_under_a_file": Case(["--storage-path", "{tmp}/blocker/results"],
+                                 ["--storage-path", "{tmp}/blocker", "not a directory"], setup="file_in_way"),
+    "lr_bounds_reversed": Case(["--lr-bounds", "1.0", "0.1"], ["--lr-bounds", "MIN_LR < MAX_LR"]),
+    "wd_prior_negative": Case(["--wd-prior", "-0.1"], ["--wd-prior", ">= 0"]),
+    "resume_without_name": Case(["--resume"], ["--resume", "--name"]),
+    "name_with_path": Case(["--name", "../escape"], ["--name", "plain folder name"]),
+    "stage_search_without_bounds": Case(["--stage", "search", "--name", "fresh"], ["--stage", "--lr-bounds"]),
+}
+
+
+@dataclass
+class Outcome:
+    rc: int
+    stderr: str
+    wall: float
+    tmp: Path
+    ray_started: bool
+    storage_written: bool
+    extra: dict = field(default_factory=dict)
+
+
+def _run_case(name: str, case: Case, root: Path) -> Outcome:
+    tmp = root / name
+    tmp.mkdir()
+    ray_tmp = short_tmpdir("sce")
+    fill = {"tmp": str(tmp), "space": str(tmp / "space.yaml")}
+    try:
+        if case.space is not None:
+            (tmp / "space.yaml").write_text(case.space.format(**fill) if "{tmp}" in case.space else case.space)
+        if case.setup == "file_in_way":
+            (tmp / "blocker").write_text("a regular file where a folder is expected\n")
+        args = [a.format(**fill) for a in case.args]
+        if "--storage-path" not in args:
+            args += ["--storage-path", str(tmp / "results")]
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, "-m", "sctune.search", *args], cwd=REPO, env=cli_env(ray_tmp),
+                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        wall = time.monotonic() - t0
+        return Outcome(p.returncode, p.stderr, wall, tmp, ray_started=(ray_tmp / "ray").exists(),
+                       storage_written=(tmp / "results").exists(),
+                       extra={"pwned": (tmp / "pwned").exists()})
+    finally:
+        cleanup_ray_tmp(ray_tmp)
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_errors")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(_run_case, name, case, root) for name, case in CASES.items()}
+        out = {name: f.result(timeout=300) for name, f in futures.items()}
+    yield out
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_refused_cleanly(outcomes, name):
+    case, o = CASES[name], outcomes[name]
+    if case.skip_if_gpu and _has_gpu():
+        pytest.skip("this machine has a GPU")
+    fill = {"tmp": str(o.tmp), "space": str(o.tmp / "space.yaml")}
+    assert o.rc == 2, f"rc {o.rc}: {o.stderr[-2000:]}"
+    for text in case.expect:
+        assert text.format(**fill) in o.stderr, f"{text.format(**fill)!r} not in: {o.stderr}"
+    assert "Traceback" not in o.stderr, o.stderr
+    assert o.wall < 20, f"took {o.wall:.1f}s"
+    assert not o.ray_started, "Ray was started for bad input"
+    assert not o.storage_written, "bad input left an experiment folder behind"
+    assert not o.extra["pwned"], "a Python tag in YAML was executed"
+
+
+def test_at_least_15_bad_inputs(outcomes):
+    assert len(CASES) >= 15
+    slowest = max(outcomes.items(), key=lambda kv: kv[1].wall)
+    print(f"{len(CASES)} bad inputs; slowest {slowest[0]} {slowest[1].wall:.1f}s")

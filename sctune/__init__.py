@@ -2,32 +2,41 @@
 
 The plain-PyTorch core (schedules, range test, bounds, curvature, data, models, training loop) is
 importable without Ray; ``sctune.search.run`` (and ``python -m sctune.search``) runs the three
-stages on Ray Tune (``import sctune.search`` imports Ray lazily, on the first run).
+stages on Ray Tune. Names below are imported on first use, so ``import sctune`` (and the CLI's
+input validation) stays fast and does not pay for torch until it is needed.
 """
 
-from .bounds import LRBounds, SuperConvergenceVerdict, aggregate_bounds, bounds_from_frame, smith_bounds
-from .config import (
-    ConfigError,
-    OneCycleConfig,
-    RangeTestConfig,
-    RegularizationConfig,
-    TaskConfig,
-    TrainConfig,
-)
-from .curvature import HessianFreeLR
-from .data import DatasetSplits, DeviceLoader, load_dataset, register_dataset
-from .models import build_model, register_model
-from .range_test import RangeTestResult, range_test, run_range_test
-from .space import SpaceSpec, load_space
-from .train import FitResult, evaluate, fit
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConfigError", "DatasetSplits", "DeviceLoader", "FitResult", "HessianFreeLR", "LRBounds", "OneCycleConfig",
-    "RangeTestConfig", "RangeTestResult", "RegularizationConfig", "SpaceSpec", "SuperConvergenceVerdict",
-    "TaskConfig", "TrainConfig", "aggregate_bounds", "bounds_from_frame", "build_model", "evaluate", "fit",
-    "load_dataset", "load_space", "range_test", "register_dataset", "register_model", "run_range_test",
-    "smith_bounds",
-]
+_EXPORTS = {
+    "bounds": ("LRBounds", "SuperConvergenceVerdict", "aggregate_bounds", "bounds_from_frame", "smith_bounds"),
+    "config": ("ConfigError", "OneCycleConfig", "RangeTestConfig", "RegularizationConfig", "TaskConfig",
+               "TrainConfig"),
+    "curvature": ("HessianFreeLR",),
+    "data": ("DatasetSplits", "DeviceLoader", "load_dataset", "register_dataset"),
+    "models": ("build_model", "register_model"),
+    "range_test": ("RangeTestResult", "range_test", "run_range_test"),
+    "space": ("SpaceSpec", "load_space"),
+    "train": ("FitResult", "evaluate", "fit"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sctune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 

@@ -114,46 +114,71 @@ class StageProgress(_callback_base()):
                  tb_logdir: Path | None, quiet: bool = False):
         self.stage, self.total, self.metric, self.mode, self.epochs = stage, total, metric, mode, epochs
         self.tb_logdir, self.quiet = tb_logdir, quiet
-        self.done = self.pruned = self.errored = 0
-        self._running: set[str] = set()
+        self.done = self.pruned = self.errored = self.running = 0
         self.best: float | None = None
         self._last_line = ""
         self._t0 = time.monotonic()
+
+    def setup(self, **info):
+        # Called at the start of every fit, a restored one too (Tune unpickles this callback with the
+        # tuner, old clock included): restart the clock; counts are rebuilt from the trials.
+        self._t0 = time.monotonic()
+        self._last_line = ""
+
+    def _pruned(self, trial) -> bool:
+        last = trial.last_result or {}
+        return (self.epochs is not None and not last.get("diverged")
+                and int(last.get("epoch", 0) or 0) < self.epochs)
+
+    def _recount(self, trials, finished=None, errored: bool = False) -> None:
+        """Counts from the trials' states (so a resumed stage counts what finished before the kill)."""
+        def state(t):
+            if t is finished:
+                return "ERROR" if errored else "TERMINATED"
+            return t.status
+
+        states = [(t, state(t)) for t in trials]
+        self.done = sum(st in ("TERMINATED", "ERROR") for _, st in states)
+        self.errored = sum(st == "ERROR" for _, st in states)
+        self.pruned = sum(st == "TERMINATED" and self._pruned(t) for t, st in states)
+        self.running = sum(st == "RUNNING" for t, st in states if t is not finished)
+        for t, st in states:
+            if st == "TERMINATED" and self.metric:
+                self._offer(t.last_result or {})
+
+    def _offer(self, result: dict) -> bool:
+        v = result.get(self.metric)
+        if isinstance(v, (int, float)) and math.isfinite(v) and not result.get("diverged"):
+            if self.best is None or (v > self.best if self.mode == "max" else v < self.best):
+                self.best = float(v)
+                return True
+        return False
 
     def _print(self) -> None:
         best = f" | best {self.metric} {self.best:.4f}" if self.best is not None and self.metric else ""
         extra = f" ({self.pruned} pruned, {self.errored} errored)" if self.stage == "search" else (
             f" ({self.errored} errored)" if self.errored else "")
-        line = (f"[{self.stage}] {self.done}/{self.total} done{extra} | {len(self._running)} running{best} "
+        line = (f"[{self.stage}] {self.done}/{self.total} done{extra} | {self.running} running{best} "
                 f"| {time.monotonic() - self._t0:.0f}s")
         if line != self._last_line and not self.quiet:
             print(line, file=sys.stderr, flush=True)
             self._last_line = line
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._running.add(trial.trial_id)
+        self._recount(trials)
+        self.running = max(self.running, 1)
         self._print()
 
-    def on_trial_restore(self, iteration, trials, trial, **info):
-        self._running.add(trial.trial_id)
-
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if not self.metric:
-            return
-        v = result.get(self.metric)
-        if isinstance(v, (int, float)) and math.isfinite(v) and not result.get("diverged"):
-            if self.best is None or (v > self.best if self.mode == "max" else v < self.best):
-                self.best = float(v)
-                self._print()
+        if self.metric and self._offer(result):
+            self._print()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.done += 1
-        self._running.discard(trial.trial_id)
+        self._recount(trials, finished=trial)
         last = trial.last_result or {}
         if last.get("diverged"):
             status = "failure"
-        elif self.epochs is not None and int(last.get("epoch", 0)) < self.epochs:
-            self.pruned += 1
+        elif self._pruned(trial):
             status = "aborted"
         else:
             status = "success"
@@ -163,9 +188,7 @@ class StageProgress(_callback_base()):
         self._print()
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.done += 1
-        self.errored += 1
-        self._running.discard(trial.trial_id)
+        self._recount(trials, finished=trial, errored=True)
         self._end_session(trial, "failure")
         self._print()
 

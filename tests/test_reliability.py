@@ -556,7 +556,7 @@ def test_worker_node_removed_mid_run_trials_resume_elsewhere(tmp_path, monkeypat
     from sctune.search import run
 
     # the nodes inherit this process's environment: sctune's Ray settings, a private RAY_TMPDIR, slow epochs
-    for k, v in {**_SCTUNE_ENV, "RAY_TMPDIR": str(ray_tmp), "SCTUNE_FAULT_INJECT": "search:delay=1"}.items():
+    for k, v in {**_SCTUNE_ENV, "RAY_TMPDIR": str(ray_tmp), "SCTUNE_FAULT_INJECT": "search:delay=2"}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     space = _space(tmp_path, "nodes", NODES)
@@ -572,13 +572,14 @@ def test_worker_node_removed_mid_run_trials_resume_elsewhere(tmp_path, monkeypat
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
                 dirs = [d for d in (exp / "ray" / "search").glob("onecycle_trainable_*") if d.is_dir()]
-                if len(dirs) >= 2 and all(any(d.glob("checkpoint_*")) for d in dirs[:2]):
+                # as soon as two trials (one per worker) hold a checkpoint, while they still have epochs to go
+                if sum(any(d.glob("checkpoint_*")) for d in dirs) >= 2:
                     removed["node_id"] = workers[0].node_id
                     removed["at"] = {d.name.split("_")[2]: sorted(p.name for p in d.glob("checkpoint_*"))
                                      for d in dirs}
                     cluster.remove_node(workers[0], allow_graceful=False)
                     return
-                time.sleep(0.2)
+                time.sleep(0.05)
 
         remover = threading.Thread(target=remove_a_worker, daemon=True)
         remover.start()

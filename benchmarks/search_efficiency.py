@@ -1,0 +1,538 @@
+"""Benchmark 1: search efficiency. sctune vs what users would do instead, at equal compute.
+
+Arms (same task, same data split, same training loop ``sctune.train.fit``; repeat r seeds everything):
+
+* ``sctune``: stage 1 exactly as sctune runs it (the space file's range tests: every weight decay x
+  ``repeats`` seeds through ``sctune.range_test.run_range_test``), bounds and WD prior from
+  ``sctune.stages.summarize_range_tests``, then stage 2's plan from ``sctune.stages.search_plan``
+  (``space.resolve`` / ``recipe_point`` / ``rung_grace_period``): Optuna multivariate TPE seeded with
+  Smith's recipe as the first point + ASHA with the schedule-aware first rung.
+* ``random``: the same stage 1 (its cost is charged too), then random search over the same resolved
+  joint space, no recipe point, no pruning.
+* ``conventional``: what a Ray Tune user writes without sctune: OptunaSearch (multivariate TPE, same
+  seed/startup) + ASHA (grace_period 1, the Ray default; reduction factor as in the space file) over a
+  wide space: LR log-uniform 1e-4..10 with the step (piecewise-constant) schedule, WD log 1e-5..1e-2,
+  dropout 0..0.5, SGD momentum 0.9.
+* ``fastai``: fastai's recipe: one exponential LR finder (1e-7 -> 10, 100 iterations, stop when the
+  loss exceeds 4x its best: sctune's range test with step_mode exp, AdamW, momentum 0.9), fastai's
+  ``valley`` suggestion (ported line for line, see ``fastai_valley``; ``sctune.bounds.suggest_valley``
+  is recorded next to it), then one ``fit_one_cycle`` run
+  with fastai's defaults: AdamW (decoupled WD 0.01), pct_start 0.25, div 25, final_div 1e5,
+  moms 0.95-0.85-0.95, cosine annealing (torch ``OneCycleLR``, two phases).
+
+What ran where: everything runs in-process, sequentially (one trial at a time), not through Ray.
+The algorithms are the ones sctune hands to Ray: optuna's ``TPESampler`` driven by ask/tell exactly
+as Ray's ``OptunaSearch`` drives it (pruned trials are told COMPLETE with their last metric, as
+``OptunaSearch.on_trial_complete`` does) and Ray's own ``ASHAScheduler`` object fed each epoch's
+result (``on_trial_add`` / ``on_trial_result`` / ``on_trial_complete``). Differences from a real
+sctune run: concurrency 1 instead of ``max_concurrent`` 2 (TPE sees every result before the next
+ask, ASHA never waits), and no Ray actor/checkpoint overhead (benchmark 3 measures that separately).
+
+Compute = trial-epochs actually run (pruned and diverged trials count what they ran) + range-test
+iterations / steps per epoch. 1 FTE = one full training run of the task (``fixed.epochs``).
+Accuracy = *test* accuracy of the incumbent: the completed trial with the best final validation
+accuracy so far (test data is never used for selection).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from unittest import mock
+
+from benchmarks.common import (
+    REPO,
+    envelope,
+    loadavg,
+    log,
+    out_dir,
+    parser,
+    stats,
+    write_result,
+)
+
+NAME = "search_efficiency"
+ARMS = ("sctune", "random", "conventional", "fastai")
+TARGET_GAP = 0.003  # "within 0.3 points of the best accuracy any method found"
+
+FULL = {
+    "tasks": {
+        "mnist1d": {"space": "search_spaces/mnist1d.yaml", "budget_fte": 32},
+        "digits": {"space": "search_spaces/digits.yaml", "budget_fte": 32},
+    },
+    "repeats": 3,
+}
+QUICK = {
+    "tasks": {"digits": {"space": "search_spaces/digits.yaml", "budget_fte": 6, "smoke": True}},
+    "repeats": 1,
+}
+CONVENTIONAL_SPACE = {"lr": (1e-4, 10.0, True), "weight_decay": (1e-5, 1e-2, True), "dropout": (0.0, 0.5, False)}
+FASTAI = {"start_lr": 1e-7, "end_lr": 10.0, "num_iter": 100, "diverge_th": 4.0, "wd": 0.01, "pct_start": 0.25,
+          "div": 25.0, "final_div": 1e5, "moms": (0.95, 0.85, 0.95), "fallback_lr": 1e-3}
+
+
+# -- worker side --------------------------------------------------------------------------------
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _spec(task: dict[str, Any], rep: int):
+    from sctune.space import load_space
+
+    spec = load_space(REPO / task["space"], smoke=bool(task.get("smoke")))
+    spec = spec.with_search(seed=rep)
+    return spec.__class__(spec.path, spec.base.with_flat(seed=rep), spec.range_test, spec.search, spec.final,
+                          spec.space, spec.raw)
+
+
+@functools.lru_cache(maxsize=4)
+def _data(task_cfg):
+    from sctune.data import load_dataset
+
+    return load_dataset(task_cfg)
+
+
+def _steps_per_epoch(spec, data) -> int:
+    return max(1, len(data.y_train) // min(spec.base.batch_size, len(data.y_train)))
+
+
+def job_range(task: dict[str, Any], rep: int) -> dict[str, Any]:
+    """sctune's stage 1, in-process: every (weight decay, seed) range test, then the stage's summary."""
+    import pandas as pd
+
+    from sctune.range_test import run_range_test
+    from sctune.stages import ExperimentPaths, StageError, summarize_range_tests
+
+    _init_worker()
+    spec = _spec(task, rep)
+    data = _data(spec.base.task)
+    rt = spec.range_test
+    seeds = [spec.search.seed + i for i in range(rt.repeats)]
+    t0 = time.perf_counter()
+    frames, per_trial, iters = [], [], 0
+    for wd in rt.weight_decays:
+        for seed in seeds:
+            res = run_range_test(spec.base, rt, weight_decay=wd, seed=seed, data=data)
+            frames.append(res.frame.astype(float).assign(weight_decay=float(wd), seed=seed))
+            per_trial.append({"weight_decay": float(wd), "seed": seed, "stop_reason": res.stop_reason})
+            iters += len(res.frame)
+    wall = time.perf_counter() - t0
+    curves = pd.concat(frames, ignore_index=True)
+    curves = curves[["weight_decay", "seed", *[c for c in curves.columns if c not in ("weight_decay", "seed")]]]
+    error, bounds = None, None
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            bounds = summarize_range_tests(spec, ExperimentPaths(Path(d)), curves, per_trial)
+        except StageError as e:
+            error = str(e)
+    spe = _steps_per_epoch(spec, data)
+    return {"iters": iters, "cost_epochs": iters / spe, "steps_per_epoch": spe, "wall_s": wall,
+            "n_tests": len(per_trial), "error": error,
+            "chosen": None if bounds is None else bounds["chosen"],
+            "verdict": None if bounds is None else bounds["verdict"], "loadavg": loadavg()}
+
+
+def _search(spec, data, *, dists, constants: dict, base_over: dict, sampler, recipe: dict | None,
+            asha: dict | None, spent0: float, budget_epochs: float) -> list[dict[str, Any]]:
+    """Ask/tell loop as Ray's OptunaSearch runs it, ASHA via Ray's scheduler object, one trial at a time."""
+    import optuna
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from sctune.config import TrainConfig
+    from sctune.space import to_optuna
+    from sctune.train import TEST_ACC, VAL_ACC, fit
+
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    if recipe is not None:
+        study.enqueue_trial(recipe)
+    scheduler = None
+    if asha is not None:
+        scheduler = ASHAScheduler(time_attr="epoch", metric=VAL_ACC, mode="max", max_t=spec.base.epochs,
+                                  grace_period=asha["grace_period"], reduction_factor=asha["reduction_factor"])
+    distributions = to_optuna(dists)
+    base = spec.base.to_flat() | base_over | constants
+    events: list[dict[str, Any]] = []
+    spent = spent0
+    while spent < budget_epochs - 1e-9:
+        ot = study.ask(distributions)
+        params = dict(ot.params)
+        cfg = TrainConfig.from_flat(base | params)
+        trial = SimpleNamespace(trial_id=f"t{ot.number}")
+        if scheduler is not None:
+            scheduler.on_trial_add(None, trial)
+        last: dict[str, float] = {}
+
+        def on_epoch(metrics, state_fn, trial=trial, last=last, max_t=cfg.epochs) -> bool:
+            last.update(metrics)
+            if scheduler is None or int(metrics["epoch"]) >= max_t:
+                return False
+            return scheduler.on_trial_result(None, trial, metrics) == TrialScheduler.STOP
+
+        t0 = time.perf_counter()
+        res = fit(cfg, data=data, on_epoch=on_epoch, test_at_end=True)
+        wall = time.perf_counter() - t0
+        if scheduler is not None:
+            scheduler.on_trial_complete(None, trial, last)
+        val = last.get(VAL_ACC)
+        study.tell(ot, val)  # Ray's OptunaSearch: COMPLETE with the last reported value, pruned or not
+        spent += res.epochs_run
+        status = "diverged" if res.diverged else ("completed" if res.epochs_run == cfg.epochs else "pruned")
+        events.append({"trial": ot.number, "params": params, "epochs_run": res.epochs_run, "status": status,
+                       "val_acc": val, "test_acc": last.get(TEST_ACC) if status == "completed" else None,
+                       "cost_epochs": spent, "wall_s": wall})
+    return events
+
+
+def job_search(task: dict[str, Any], rep: int, arm: str, range_result: dict[str, Any] | None) -> dict[str, Any]:
+    import optuna
+
+    from sctune.space import Anchors, Dist
+    from sctune.stages import search_plan
+
+    _init_worker()
+    spec = _spec(task, rep)
+    data = _data(spec.base.task)
+    budget = task["budget_fte"] * spec.base.epochs
+    s = spec.search
+    n_startup = max(2, min(10, s.num_samples // 3))  # sctune's stage 2 formula
+    t0 = time.perf_counter()
+    info: dict[str, Any] = {}
+    if arm in ("sctune", "random"):
+        if range_result is None or range_result["chosen"] is None:
+            return {"arm": arm, "rep": rep, "error": "stage 1 gave no usable bounds", "events": [],
+                    "spent0": range_result["cost_epochs"] if range_result else 0.0, "loadavg": loadavg()}
+        plan = search_plan(spec, Anchors(**range_result["chosen"]))
+        spent0 = range_result["cost_epochs"]
+        info = {"recipe": plan["recipe"], "grace_period": plan["grace_period"], "constants": plan["constants"],
+                "space": {k: d.to_dict() for k, d in plan["dists"].items()}}
+        if arm == "sctune":
+            sampler = optuna.samplers.TPESampler(seed=s.seed, multivariate=True, n_startup_trials=n_startup)
+            events = _search(spec, data, dists=plan["dists"], constants=plan["constants"], base_over={},
+                             sampler=sampler, recipe=plan["recipe"],
+                             asha=None if s.scheduler != "asha" else
+                             {"grace_period": plan["grace_period"], "reduction_factor": s.reduction_factor},
+                             spent0=spent0, budget_epochs=budget)
+        else:
+            sampler = optuna.samplers.RandomSampler(seed=s.seed)
+            events = _search(spec, data, dists=plan["dists"], constants=plan["constants"], base_over={},
+                             sampler=sampler, recipe=None, asha=None, spent0=spent0, budget_epochs=budget)
+    elif arm == "conventional":
+        dists = {k: Dist(k, "float", low=lo, high=hi, log=lg) for k, (lo, hi, lg) in CONVENTIONAL_SPACE.items()}
+        sampler = optuna.samplers.TPESampler(seed=s.seed, multivariate=True, n_startup_trials=n_startup)
+        spent0 = 0.0
+        info = {"space": {k: d.to_dict() for k, d in dists.items()}, "grace_period": 1,
+                "schedule": "piecewise", "milestones_frac": list(spec.base.baseline.milestones_frac)}
+        events = _search(spec, data, dists=dists, constants={}, base_over={"schedule": "piecewise", "momentum": 0.9},
+                         sampler=sampler, recipe=None,
+                         asha={"grace_period": 1, "reduction_factor": s.reduction_factor},
+                         spent0=spent0, budget_epochs=budget)
+    else:
+        raise ValueError(arm)
+    return {"arm": arm, "rep": rep, "spent0": spent0, "events": events, "info": info,
+            "wall_s": time.perf_counter() - t0, "loadavg": loadavg(), "n_startup_trials": n_startup}
+
+
+def _fastai_schedule(optimizer, cfg, *, steps_per_epoch: int):
+    """fit_one_cycle's schedule: cosine, two phases, pct_start 0.25, div 25, final_div 1e5, moms .95-.85-.95."""
+    from torch.optim.lr_scheduler import OneCycleLR
+
+    return OneCycleLR(optimizer, max_lr=cfg.onecycle.max_lr, total_steps=cfg.epochs * steps_per_epoch,
+                      pct_start=FASTAI["pct_start"], anneal_strategy="cos", three_phase=False,
+                      div_factor=FASTAI["div"], final_div_factor=FASTAI["final_div"], cycle_momentum=True,
+                      base_momentum=FASTAI["moms"][1], max_momentum=FASTAI["moms"][0])
+
+
+def fastai_valley(lrs, losses) -> tuple[float, int]:
+    """fastai's ``valley`` suggestion (fastai/callback/schedule.py), ported line for line: the longest
+    strictly decreasing subsequence of the smoothed loss; its start is taken as end - length; the LR
+    half-way (1/3 + 1/6 of the points) into it. ``lr_find`` calls it on points [num_it//10 : -5]."""
+    n = len(losses)
+    max_start = max_end = 0
+    lds = [1] * n
+    for i in range(1, n):
+        for j in range(0, i):
+            if losses[i] < losses[j] and lds[i] < lds[j] + 1:
+                lds[i] = lds[j] + 1
+            if lds[max_end] < lds[i]:
+                max_end = i
+                max_start = max_end - lds[max_end]
+    sections = (max_end - max_start) / 3
+    idx = max_start + int(sections) + int(sections / 2)
+    return float(lrs[idx]), idx
+
+
+def job_fastai(task: dict[str, Any], rep: int) -> dict[str, Any]:
+    from sctune.bounds import suggest_valley
+    from sctune.config import RangeTestConfig
+    from sctune.range_test import run_range_test
+    from sctune.train import TEST_ACC, VAL_ACC, fit
+
+    _init_worker()
+    spec = _spec(task, rep)
+    data = _data(spec.base.task)
+    cfg = spec.base.with_flat(optimizer="adamw", weight_decay=FASTAI["wd"], schedule="onecycle", dropout=0.0)
+    # fastai's Recorder smooths with beta 0.98 (debiased) = sctune's smooth_f 0.02; stop at 4x the best.
+    rt = RangeTestConfig(start_lr=FASTAI["start_lr"], end_lr=FASTAI["end_lr"], num_iter=FASTAI["num_iter"],
+                         step_mode="exp", smooth_f=0.02, diverge_th=FASTAI["diverge_th"],
+                         eval_every=FASTAI["num_iter"], eval_samples=256, bn_recalibrate=False, method="valley",
+                         weight_decays=(FASTAI["wd"],), repeats=1)
+    t0 = time.perf_counter()
+    res = run_range_test(cfg, rt, weight_decay=FASTAI["wd"], seed=rep, data=data, momentum=0.9)
+    f = res.frame
+    lrs, smooth = f["lr"].to_numpy(), f["smooth_loss"].to_numpy()
+    lo, hi = FASTAI["num_iter"] // 10, len(f) - 5
+    if hi - lo >= 3:
+        lr, _ = fastai_valley(lrs[lo:hi], smooth[lo:hi])
+    else:
+        lr = FASTAI["fallback_lr"]
+    sb = suggest_valley(lrs, f["loss"].to_numpy())  # sctune's own valley, recorded for comparison
+    sb_half = suggest_valley(lrs, f["loss"].to_numpy(), frac=0.5)
+    with mock.patch("sctune.train.build_schedule", _fastai_schedule):
+        fitres = fit(cfg.with_flat(max_lr=float(lr)), data=data, test_at_end=True)
+    spe = _steps_per_epoch(spec, data)
+    cost = len(f) / spe + fitres.epochs_run
+    final = fitres.final
+    status = "diverged" if fitres.diverged else "completed"
+    return {"arm": "fastai", "rep": rep, "spent0": len(f) / spe,
+            "info": {"finder_iters": len(f), "finder_stop": res.stop_reason, "lr_max": lr,
+                     "sctune_suggest_valley": sb.max_lr, "sctune_suggest_valley_frac_0.5": sb_half.max_lr},
+            "events": [{"trial": 0, "params": {"max_lr": lr}, "epochs_run": fitres.epochs_run, "status": status,
+                        "val_acc": final.get(VAL_ACC), "test_acc": final.get(TEST_ACC) if status == "completed"
+                        else None, "cost_epochs": cost, "wall_s": time.perf_counter() - t0}],
+            "wall_s": time.perf_counter() - t0, "loadavg": loadavg()}
+
+
+# -- analysis -----------------------------------------------------------------------------------
+
+def incumbent_curve(events: list[dict[str, Any]]) -> list[tuple[float, float, float]]:
+    """(cost_epochs, incumbent val acc, incumbent test acc) each time the incumbent changes."""
+    best_val, out = -math.inf, []
+    for e in events:
+        if e["status"] == "completed" and e["val_acc"] is not None and e["val_acc"] > best_val:
+            best_val = e["val_acc"]
+            out.append((e["cost_epochs"], e["val_acc"], e["test_acc"]))
+    return out
+
+
+def acc_at(curve: list[tuple[float, float, float]], cost_epochs: float) -> float | None:
+    acc = None
+    for c, _, t in curve:
+        if c <= cost_epochs + 1e-9:
+            acc = t
+    return acc
+
+
+def cost_to(curve: list[tuple[float, float, float]], target: float) -> float | None:
+    for c, _, t in curve:
+        if t is not None and t >= target - 1e-12:
+            return c
+    return None
+
+
+def analyse(task_name: str, task: dict[str, Any], epochs: int, runs: dict[str, list[dict]],
+            grid_fte: list[float]) -> dict[str, Any]:
+    budget = task["budget_fte"]
+    curves = {arm: [incumbent_curve(r["events"]) for r in rs] for arm, rs in runs.items()}
+    final_acc = {arm: [acc_at(c, budget * epochs) for c in cs] for arm, cs in curves.items()}
+    medians = {arm: stats(v)["median"] for arm, v in final_acc.items()}
+    best_any = max((m for m in medians.values() if m is not None), default=None)
+    target = None if best_any is None else best_any - TARGET_GAP
+    out: dict[str, Any] = {"budget_fte": budget, "epochs_per_fte": epochs, "target_def":
+                           "max over methods of the median (over repeats) test acc at the full budget, minus 0.3 points",
+                           "best_any_median": best_any, "target": target, "methods": {}}
+    for arm, cs in curves.items():
+        at = {f"{g:g}": stats([acc_at(c, g * epochs) for c in cs]) for g in grid_fte}
+        to_target = [None if target is None else cost_to(c, target) for c in cs]
+        rs = runs[arm]
+        n_trials = [len(r["events"]) for r in rs]
+        pruned = [sum(e["status"] == "pruned" for e in r["events"]) for r in rs]
+        diverged = [sum(e["status"] == "diverged" for e in r["events"]) for r in rs]
+        out["methods"][arm] = {
+            "test_acc_at_budget": stats(final_acc[arm]),
+            "test_acc_at_fte": at,
+            "fte_to_target": stats([None if x is None else x / epochs for x in to_target]),
+            # the same minus the method's own stage-1 cost: what the search itself needed after its bounds
+            "search_fte_to_target": stats([None if x is None else (x - r.get("spent0", 0.0)) / epochs
+                                           for x, r in zip(to_target, rs, strict=True)]),
+            "reached_target": sum(x is not None for x in to_target),
+            "first_result_fte": stats([c[0][0] / epochs if c else None for c in cs]),
+            "stage1_fte": stats([r.get("spent0", 0.0) / epochs for r in rs]),
+            "trials": stats(n_trials), "pruned": stats(pruned), "diverged": stats(diverged),
+            "wall_s": stats([r.get("wall_s") for r in rs]),
+            "curves_fte": [[(c / epochs, v, t) for c, v, t in cur] for cur in cs],
+        }
+    return out
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(results)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 4.4), squeeze=False)
+    colors = {"sctune": "C0", "random": "C2", "conventional": "C3", "fastai": "C1"}
+    for ax, name in zip(axes[0], tasks, strict=True):
+        r = results[name]
+        budget = r["budget_fte"]
+        xs = [x / 4 for x in range(0, int(budget * 4) + 1)]
+        for arm, m in r["methods"].items():
+            per_rep = []
+            for cur in m["curves_fte"]:
+                ys = []
+                for x in xs:
+                    y = None
+                    for c, _, t in cur:
+                        if c <= x + 1e-9:
+                            y = t
+                    ys.append(y)
+                per_rep.append(ys)
+            import numpy as np
+
+            arr = np.array([[np.nan if y is None else 100 * y for y in ys] for ys in per_rep], dtype=float)
+            with np.errstate(all="ignore"):
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    med = np.nanmedian(arr, axis=0)
+                    lo, hi = np.nanmin(arr, axis=0), np.nanmax(arr, axis=0)
+            ax.step(xs, med, where="post", color=colors.get(arm), label=f"{arm} (median of {len(per_rep)})")
+            ax.fill_between(xs, lo, hi, step="post", color=colors.get(arm), alpha=0.15)
+        if r.get("target") is not None:
+            ax.axhline(100 * r["target"], color="k", ls=":", lw=1, label="target (best median - 0.3)")
+        ax.set_xlabel("compute (full-training equivalents, range tests included)")
+        ax.set_ylabel("test accuracy of incumbent (%)")
+        ax.set_title(f"{name}: accuracy vs compute")
+        vals = [v for m in r["methods"].values() for cur in m["curves_fte"] for _, _, v in cur if v is not None]
+        if vals:
+            top = 100 * max(vals)
+            ax.set_ylim(max(top - 12, 100 * min(vals) - 1), top + 0.8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- driver -------------------------------------------------------------------------------------
+
+def _analyse_all(tasks: dict[str, Any], runs: dict[str, Any], stage1: dict[str, Any]) -> dict[str, Any]:
+    from sctune.space import load_space
+
+    results: dict[str, Any] = {}
+    for tname, task in tasks.items():
+        epochs = load_space(REPO / task["space"], smoke=bool(task.get("smoke"))).base.epochs
+        budget = task["budget_fte"]
+        grid = sorted({g for g in (1, 2, 4, 8, 16, 24, 32, 40) if g <= budget} | {budget})
+        results[tname] = analyse(tname, task, epochs, runs[tname], grid)
+        results[tname]["stage1"] = stage1[tname]
+        results[tname]["runs"] = runs[tname]
+    return results
+
+
+def reanalyse(path: Path) -> int:
+    """Analysis and plot again from the raw runs a previous invocation stored (no training)."""
+    import json
+
+    payload = json.loads(path.read_text())
+    tasks = payload["settings"]["tasks"]
+    runs = {t: r["runs"] for t, r in payload["results"].items()}
+    stage1 = {t: r["stage1"] for t, r in payload["results"].items()}
+    payload["results"] = _analyse_all(tasks, runs, stage1)
+    png = path.with_suffix(".png")
+    plot(payload["results"], png)
+    write_result(path.parent, path.stem, payload)
+    log(f"re-analysed {path} and {png}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, help="repeats per arm (default: 3, quick: 1)")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes (1 thread each)")
+    p.add_argument("--tasks", nargs="*", help="subset of tasks (mnist1d digits)")
+    p.add_argument("--budget-fte", type=float, help="override every task's compute budget (FTE)")
+    p.add_argument("--reanalyse", type=Path, help="recompute the analysis and plot of an existing result file")
+    args = p.parse_args(argv)
+    if args.reanalyse:
+        return reanalyse(args.reanalyse)
+    conf = QUICK if args.quick else FULL
+    repeats = args.repeats or conf["repeats"]
+    tasks = {k: dict(v) for k, v in conf["tasks"].items() if not args.tasks or k in args.tasks}
+    if args.budget_fte:
+        for t in tasks.values():
+            t["budget_fte"] = args.budget_fte
+    out = out_dir(args)
+    t_start = time.perf_counter()
+    settings = {"tasks": tasks, "repeats": repeats, "workers": args.workers, "arms": ARMS,
+                "conventional_space": CONVENTIONAL_SPACE, "fastai": FASTAI, "target_gap": TARGET_GAP,
+                "execution": "in-process, one trial at a time; optuna TPE (multivariate) ask/tell as Ray's "
+                             "OptunaSearch; Ray's ASHAScheduler object for pruning; sctune stage-1 logic "
+                             "(run_range_test + summarize_range_tests + search_plan)"}
+    payload = envelope(NAME, args, settings)
+    runs: dict[str, dict[str, list]] = {t: {a: [None] * repeats for a in ARMS} for t in tasks}
+    stage1: dict[str, list] = {t: [None] * repeats for t in tasks}
+    ctx = __import__("multiprocessing").get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx) as pool:
+        futs: dict[Any, tuple] = {}
+
+        def submit(fn: Callable, *a, key: tuple) -> None:
+            futs[pool.submit(fn, *a)] = key
+
+        for rep in range(repeats):
+            for tname, task in tasks.items():
+                submit(job_range, task, rep, key=(tname, rep, "range"))
+                submit(job_search, task, rep, "conventional", None, key=(tname, rep, "conventional"))
+                submit(job_fastai, task, rep, key=(tname, rep, "fastai"))
+        while futs:
+            done = next(as_completed(list(futs)))
+            tname, rep, what = futs.pop(done)
+            res = done.result()
+            if what == "range":
+                stage1[tname][rep] = res
+                log(f"{tname} rep {rep}: stage 1 {res['n_tests']} range tests, {res['cost_epochs']:.1f} epochs, "
+                    f"chosen {res['chosen']} (load {loadavg()})")
+                for arm in ("sctune", "random"):
+                    submit(job_search, tasks[tname], rep, arm, res, key=(tname, rep, arm))
+            else:
+                runs[tname][what][rep] = res
+                best = max((e["test_acc"] or 0 for e in res["events"]), default=0)
+                log(f"{tname} rep {rep}: {what} done, {len(res['events'])} trials, best test {best:.4f} "
+                    f"(load {loadavg()})")
+    results = _analyse_all(tasks, runs, stage1)
+    payload["results"] = results
+    payload["wall_s"] = time.perf_counter() - t_start
+    payload["loadavg_at_end"] = loadavg()
+    png = out / f"{NAME}.png"
+    out.mkdir(parents=True, exist_ok=True)
+    plot(results, png)
+    payload["plot"] = str(png.relative_to(REPO)) if png.is_relative_to(REPO) else str(png)
+    path = write_result(out, NAME, payload)
+    log(f"wrote {path} and {png}")
+    for tname, r in results.items():
+        for arm, m in r["methods"].items():
+            a = m["test_acc_at_budget"]
+            f = m["fte_to_target"]
+            log(f"{tname:8s} {arm:12s} acc@{r['budget_fte']:g}FTE median {a['median']} "
+                f"FTE-to-target median {f['median']} reached {m['reached_target']}/{a['n'] + a['missing']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

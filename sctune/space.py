@@ -299,16 +299,22 @@ class Anchors:
 def resolve(spec: SpaceSpec, anchors: Anchors) -> tuple[dict[str, Dist], dict[str, Any]]:
     """Absolute ranges for stage 2, plus parameters that collapsed to a constant.
 
-    A range scaled by a zero anchor (e.g. wd_prior = 0: no weight decay was best) collapses to 0.
+    A weight-decay range scaled by a zero prior (no weight decay let the LR go highest) is scaled by
+    the smallest positive weight decay the range tests tried instead, so weight decay stays in the
+    search - at and below the smallest tested value - rather than silently dropping out. Any other
+    range scaled by a zero anchor collapses to 0.
     """
     out: dict[str, Dist] = {}
     constants: dict[str, Any] = {}
     a = anchors.to_dict()
+    positive_wds = [w for w in spec.range_test.weight_decays if w > 0]
     for name, d in spec.space.items():
         if d.scale is None:
             out[name] = d
             continue
         factor = a[d.scale]
+        if factor <= 0 and d.scale == "wd_prior" and positive_wds:
+            factor = min(positive_wds)
         if factor <= 0:
             constants[name] = 0.0
             continue

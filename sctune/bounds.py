@@ -1,9 +1,10 @@
 """LR bounds from an LR range test: pure functions of a curve (METHOD.md sections 2 and 4).
 
 Smith's rule (1506.01186 section 3.3, 1708.07120 section 3): run the LR up linearly from ~0, record held-out
-accuracy, take ``max_lr`` at the peak of the accuracy before it falls, and ``min_lr = max_lr / 3..4``.
-If the accuracy stays near its peak for a wide band of LRs (ResNet-56/CIFAR-10: up to LR 3.0), super-convergence
-is likely; :func:`super_convergence_verdict` reports that band and its width in decades.
+accuracy, take ``max_lr`` at the top of the band where accuracy stays high - the largest LR before it falls
+away for good or the loss diverges - and ``min_lr = max_lr / 3..4``. If accuracy stays high far past the LR
+at which the model learned (ResNet-56/CIFAR-10: up to LR 3.0), super-convergence is likely;
+:func:`super_convergence_verdict` reports that band, relative to the curve itself.
 
 The loss-based suggestions (:func:`suggest_steepest`, :func:`suggest_valley`, :func:`suggest_divergence`) are
 the LR-finder conventions of fastai and pytorch-lr-finder, offered for runs without held-out accuracy.
@@ -45,28 +46,40 @@ VALLEY_FRAC = 2.0 / 3.0
 # The divergence point is where the loss has already risen to diverge_th x its best, past the usable range;
 # back off by 2x. (fastai's "lr_min / 10" targets a fixed LR; a one-cycle peak can sit closer to the edge.)
 DIVERGENCE_BACKOFF = 0.5
-# Accuracy range below which noise is judged against this absolute scale instead (accuracy units).
-NOISE_RANGE_FLOOR = 0.2
-# The plateau bridges dips of up to this many evaluation points below the near-peak zone (ragged
-# high-LR accuracy); a longer dip ends it.
-PLATEAU_MAX_GAP = 2
-# Ties in a smoothed curve (exact plateaus in synthetic data) resolve to the *last* maximal point: Smith's
-# max_lr is where accuracy peaks "before it falls".
+# The high band: held-out accuracy counts as "still high" while its running median stays within this fraction
+# of the learned range (best running median - untrained accuracy) below its best. On the authors' ResNet-56
+# tests (shared reference curves) high-LR accuracy swings by 0.1-0.2 around ~0.75 after learning from 0.1:
+# single points fall 15-30% of the learned range, the running median stays within ~10%.
+HIGH_FRAC = 0.2
+# Running-median window as a share of the evaluated points (odd, 3..25): 5 of 51, 21 of 201, 25 of 1001.
+MEDIAN_WINDOW_FRAC = 0.1
+# The model is "still learning" when its accuracy first reaches the high band in the last quarter of the ramp.
+LEARNING_TAIL_FRAC = 0.25
+# Super-convergence verdict: the band must reach >= 3x the LR at which the model learned (a cycle between
+# Smith's max_lr/3 and max_lr then lies wholly inside it) and cover most (>= 60%) of the sweep past that LR:
+# MNIST-1D's BatchNorm CNN, where one-cycle does not beat the baseline at 8x fewer iterations (BENCHMARKS.md),
+# collapses at 30-50% of a 0->3 sweep; every curve of the authors' stays high to the end (100%).
+SC_MIN_HEADROOM = 3.0
+SC_MIN_COVERAGE = 0.6
+# Ties in a running median resolve to the *last* maximal point.
 _TIE_EPS = 1e-12
 
 
 # --------------------------------------------------------------------------------------------- results
 @dataclass(frozen=True)
 class SuperConvergenceVerdict:
-    """Whether the range test shows Smith's super-convergence signature (accuracy high over a wide LR band)."""
+    """Whether the range test shows Smith's super-convergence signature: accuracy high far past learning."""
 
-    possible: bool
-    plateau_low_lr: float  # lowest LR (> 0) of the contiguous band around the peak within `tolerance`
-    plateau_high_lr: float
-    width_decades: float  # log10(plateau_high_lr / plateau_low_lr)
-    threshold_decades: float  # `possible` = width_decades >= threshold_decades
-    tolerance: float  # absolute accuracy drop from the peak still counted as "near the peak"
-    reaches_end: bool  # the band extends to the last finite tested LR: accuracy never degraded
+    possible: bool | None  # None: undetermined, the model was still learning when the ramp ended
+    learn_lr: float  # first LR whose running-median accuracy is in the high band: learning is done
+    top_lr: float  # last LR in the high band, before accuracy falls away for good (or the loss diverges)
+    end_lr: float  # last LR tested: the ramp's end, or the divergence point
+    headroom: float  # top_lr / learn_lr
+    coverage: float  # share of the LRs tested past learn_lr over which accuracy stays high
+    high_level: float  # the accuracy floor of the band
+    reaches_end: bool  # the band reaches the last tested LR
+    diverged: bool  # the loss diverged (end_lr is the divergence point)
+    still_learning: bool
     message: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,6 +106,8 @@ class LRBounds:
     peak_acc: float | None
     verdict: SuperConvergenceVerdict | None
     message: str
+    lower_bound: bool = False  # max_lr is only a lower bound: accuracy never fell (or still learning)
+    still_learning: bool = False  # the model had not finished learning when the ramp ended
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -205,32 +220,6 @@ def _peak_index(s: np.ndarray) -> int:
     return int(np.flatnonzero(s >= s.max() - _TIE_EPS)[-1])
 
 
-def _band(s: np.ndarray, peak: int, tolerance: float, *, max_gap: int = 0,
-          members: np.ndarray | None = None) -> tuple[int, int]:
-    """Index band around `peak` where s >= s[peak] - tolerance, bridging dips of <= `max_gap` points.
-
-    A range test's accuracy at high LR is ragged: one evaluation below the near-peak zone between two
-    inside it should not cut the plateau in two (``max_gap`` = 0 gives the strictly contiguous band).
-    """
-    floor = s[peak] - tolerance
-    inside = (s if members is None else members) >= floor
-    inside[peak] = True
-
-    def walk(start: int, step: int) -> int:
-        edge, i, gap = start, start + step, 0
-        while 0 <= i < len(s):
-            if inside[i]:
-                edge, gap = i, 0
-            else:
-                gap += 1
-                if gap > max_gap:
-                    break
-            i += step
-        return edge
-
-    return walk(peak, -1), walk(peak, +1)
-
-
 def _robust_std(x: np.ndarray) -> float:
     """1.4826 x the median absolute deviation: the std of Gaussian noise, blind to a few outliers."""
     if len(x) == 0:
@@ -261,93 +250,132 @@ def _early_cut_message(cut: int, n_total: int, lr_all: np.ndarray) -> str:
 
 
 # --------------------------------------------------------------------------------------------- Smith
-def super_convergence_verdict(lr: ArrayLike, acc_smoothed: ArrayLike, *, tolerance: float = 0.05,
-                              threshold_decades: float = 1.0, acc_raw: ArrayLike | None = None
-                              ) -> SuperConvergenceVerdict:
-    """Width of the band of LRs over which the smoothed accuracy stays within `tolerance` of its peak.
+def _auto_window(n: int) -> int:
+    """Running-median window: ~1/10 of the evaluated points, odd, clipped to 3..25."""
+    w = int(round(n * MEDIAN_WINDOW_FRAC))
+    w += 1 - w % 2
+    return int(min(max(w, 3), 25))
 
-    Only points with lr > 0 and finite accuracy count (log10 of LR 0 is undefined). The band is the
-    contiguous run of points around the peak with ``acc >= peak - tolerance``; ``possible`` when its width
-    ``log10(high / low)`` is at least `threshold_decades` (default one decade, e.g. 0.3 -> 3.0).
 
-    With `acc_raw` (the unsmoothed points) membership is judged on the raw accuracy against the smoothed
-    peak: a centered window drags the first points of a steep early rise below the zone and would move the
-    plateau's low end to a higher LR than the data show. Dips of up to ``PLATEAU_MAX_GAP`` points are
-    bridged either way.
+def running_median(values: ArrayLike, *, window: int) -> np.ndarray:
+    """Centered rolling median (pandas), ``min_periods=1``.
+
+    A median, not a mean: a ragged high-LR curve swings by 0.1-0.2 between neighbouring evaluations
+    (the authors' ResNet-56 tests), and one low point must neither end the high band nor one spike
+    make a peak. On a monotone stretch the centered median is the middle value, so the rise of the
+    learning phase is not shifted.
+    """
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise ValueError(f"window must be an integer >= 1, got {window!r}")
+    arr = _as_1d("values", values)
+    return pd.Series(arr).rolling(int(window), center=True, min_periods=1).median().to_numpy()
+
+
+def _verdict_message(possible: bool | None, *, learn: float, top: float, end: float, level: float,
+                     headroom: float, coverage: float, reaches_end: bool, diverged: bool,
+                     min_headroom: float, min_coverage: float) -> str:
+    """The one wording of the super-convergence verdict (per curve and, with the median, per weight decay)."""
+    if possible is None:
+        return (f"Super-convergence undetermined: the model was still learning when the ramp ended (accuracy "
+                f"first reached its high band at LR {learn:.3g} of {end:.3g}), so the range test says nothing "
+                f"about larger LRs. Lengthen num_iter so learning ends in the first half of the ramp.")
+    band = f"held-out accuracy stays high (>= {level:.3f}) from LR {learn:.3g}, where the model has learned, to {top:.3g}"
+    if reaches_end:
+        band += " (the end of the ramp)" if not diverged else " (where the loss diverged)"
+    figures = (f"{headroom:.1f}x the learning LR, {coverage:.0%} of the sweep past it; likely needs >= "
+               f"{min_headroom:g}x and >= {min_coverage:.0%}")
+    if possible:
+        return (f"Super-convergence likely: {band}: {figures}. Large LRs regularize: reduce weight decay and "
+                f"dropout to keep the balance.")
+    return f"Super-convergence unlikely: {band}, then it falls away: {figures}."
+
+
+def super_convergence_verdict(lr: ArrayLike, level: ArrayLike, *, high_level: float,
+                              end_lr: float | None = None, diverged: bool = False, still_learning: bool = False,
+                              min_headroom: float = SC_MIN_HEADROOM,
+                              min_coverage: float = SC_MIN_COVERAGE) -> SuperConvergenceVerdict:
+    """Smith's signature: accuracy that stays high while the LR goes far past where the model learned.
+
+    Judged on the high end of the curve, relative to the curve itself (METHOD.md section 2): ``learn_lr``
+    is the first LR whose running-median accuracy (`level`) reaches `high_level`, ``top_lr`` the last.
+    Super-convergence is ``possible`` when the band reaches at least `min_headroom` x ``learn_lr``
+    (default 3: a cycle between max_lr/3 and max_lr - Smith's CLR bounds - then lies wholly inside it) and
+    covers at least `min_coverage` of the LRs tested past ``learn_lr``, i.e. accuracy did not fall away
+    soon after learning. Coverage is measured in LR, not log LR, whatever the ramp: Smith's signature is
+    accuracy that stays high up to the large LRs at the top of the sweep (3.0 for SGD on CIFAR), so set
+    end_lr of an exponential ramp to what counts as a very large LR for the optimizer. ``None`` (undetermined)
+    when the model was still learning at the end of the ramp. `end_lr` is the last LR tested (the
+    divergence point if the loss diverged), default the last of `lr`.
     """
     lr_a = _as_1d("lr", lr)
-    s_a = _as_1d("acc_smoothed", acc_smoothed)
-    _check_same_length("lr", lr_a, "acc_smoothed", s_a)
-    if not (math.isfinite(tolerance) and tolerance >= 0):
-        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
-    if not (math.isfinite(threshold_decades) and threshold_decades > 0):
-        raise ValueError(f"threshold_decades must be a finite number > 0, got {threshold_decades!r}")
-    raw_a = None
-    if acc_raw is not None:
-        raw_a = _as_1d("acc_raw", acc_raw)
-        _check_same_length("lr", lr_a, "acc_raw", raw_a)
-    keep = np.isfinite(lr_a) & np.isfinite(s_a) & (lr_a > 0)
-    if raw_a is not None:
-        keep &= np.isfinite(raw_a)
-    lr_k, s_k = lr_a[keep], s_a[keep]
-    members = raw_a[keep] if raw_a is not None else None
-    if len(lr_k) == 0:
-        raise ValueError("super_convergence_verdict needs at least one point with lr > 0 and finite accuracy, got 0")
-    peak = _peak_index(s_k)
-    lo, hi = _band(s_k, peak, tolerance, max_gap=PLATEAU_MAX_GAP, members=members)
-    low, high = float(lr_k[lo]), float(lr_k[hi])
-    width = float(math.log10(high / low))
-    possible = width >= threshold_decades
-    reaches_end = hi == len(s_k) - 1
-    if possible:
-        message = (f"Super-convergence likely: accuracy stays within {tolerance:g} of its peak from LR {low:.3g} "
-                   f"to {high:.3g} ({width:.2f} decades >= {float(threshold_decades)!r}).")
-    else:
-        message = (f"Super-convergence unlikely: accuracy stays within {tolerance:g} of its peak only from LR "
-                   f"{low:.3g} to {high:.3g} ({width:.2f} decades < {float(threshold_decades)!r}).")
-    if reaches_end:
-        message += " The band reaches the last tested LR: raise end_lr to see where accuracy falls."
-    return SuperConvergenceVerdict(possible=possible, plateau_low_lr=low, plateau_high_lr=high,
-                                   width_decades=width, threshold_decades=float(threshold_decades),
-                                   tolerance=float(tolerance), reaches_end=reaches_end, message=message)
+    lv = _as_1d("level", level)
+    _check_same_length("lr", lr_a, "level", lv)
+    for name, value in (("min_headroom", min_headroom), ("min_coverage", min_coverage)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    high = np.flatnonzero(np.isfinite(lv) & (lv >= high_level) & (lr_a > 0))
+    if len(high) == 0:
+        raise ValueError(f"super_convergence_verdict needs a point with lr > 0 and level >= {high_level:g}, got none")
+    first, last = int(high[0]), int(high[-1])
+    learn, top = float(lr_a[first]), float(lr_a[last])
+    end = float(lr_a[-1]) if end_lr is None else float(end_lr)
+    span = end - learn
+    coverage = (top - learn) / span if span > 0 else 0.0
+    headroom = top / learn
+    reaches_end = last == len(lr_a) - 1
+    possible = None if still_learning else bool(headroom >= min_headroom and coverage >= min_coverage)
+    message = _verdict_message(possible, learn=learn, top=top, end=end, level=high_level, headroom=headroom,
+                               coverage=coverage, reaches_end=reaches_end, diverged=diverged,
+                               min_headroom=min_headroom, min_coverage=min_coverage)
+    return SuperConvergenceVerdict(possible=possible, learn_lr=learn, top_lr=top, end_lr=end,
+                                   headroom=float(headroom), coverage=coverage, high_level=float(high_level),
+                                   reaches_end=reaches_end, diverged=bool(diverged),
+                                   still_learning=bool(still_learning), message=message)
 
 
 def smith_bounds(lr: ArrayLike, acc: ArrayLike, *, loss: ArrayLike | None = None, divisor: float = 4.0,
-                 window: int = 5, min_points: int = 8, flat_tol: float = 0.02, noise_tol: float = 0.25,
-                 sc_tolerance: float = 0.05, sc_threshold_decades: float = 1.0) -> LRBounds:
-    """Smith's rule: ``max_lr`` at the peak of the smoothed held-out accuracy, ``min_lr = max_lr / divisor``.
+                 window: int | None = None, min_points: int = 8, flat_tol: float = 0.02, noise_tol: float = 0.25,
+                 high_frac: float = HIGH_FRAC, sc_min_headroom: float = SC_MIN_HEADROOM,
+                 sc_min_coverage: float = SC_MIN_COVERAGE, diverged: bool = False,
+                 backoff: float = DIVERGENCE_BACKOFF,
+                 ramp_end_lr: float | None = None) -> LRBounds:
+    """Smith's rule: ``max_lr`` = the top of the band where held-out accuracy stays high, ``min_lr = max_lr / divisor``.
 
-    A centered window of `window` points can move the peak of an asymmetric curve by up to ``window // 2``
-    points toward its gentler side (a kink rising steeply and falling slowly reads slightly late); noise-free
-    curves with ``window=1`` give the raw argmax.
+    The curve is read through its running median (`window` evaluations; default ~1/10 of them, 3..25), so
+    the ragged swings of high-LR accuracy neither end the band nor make a peak. The *high band* is where
+    that median is within `high_frac` of the learned range (peak - untrained accuracy) below its peak;
+    ``max_lr`` is its last LR: the largest LR before accuracy falls away for good (1506.01186 section 3.3,
+    1708.07120 figure 2: the authors trained at 0.1-3 on curves that stay ragged-high up to 3). Not the
+    argmax of the plateau's noise.
 
-    `acc` may be NaN on steps where accuracy was not evaluated; those points are dropped. If `loss` is given
-    the curve is cut at its first non-finite value (divergence) and only the points before it are used.
+    - Accuracy still high at the end of the ramp: ``max_lr`` = the last LR, ``lower_bound`` True (stage 2
+      may search above it).
+    - The loss diverged (first non-finite `loss`, or `diverged`: the range test stopped at divergence, so
+      its last row is the divergence point) while accuracy was still high: back off to `backoff` x the
+      divergence LR. A loss that diverges before the ramp's end (`ramp_end_lr`, the LR the test was set to
+      reach) counts against super-convergence like accuracy that falls.
+    - The high band begins only in the last quarter of the sweep: the model was still learning when the
+      ramp ended. Bounds are given (a lower bound), ``still_learning`` is set, the verdict is undetermined
+      and the message says to lengthen the ramp. This is not noise.
 
-    Status, first match wins:
+    Status, first match wins: ``diverged_at_start`` (non-finite loss in the first 10% of rows),
+    ``too_few_points`` (< `min_points` evaluations), ``flat`` (the best running median is less than
+    `flat_tol` above the untrained accuracy, the first evaluation), ``diverged_at_start`` (nothing gained
+    over the start and accuracy falls from there), ``noisy`` (robust std of raw - running median > `noise_tol` x learned range: no level can be
+    read), else ``ok``.
 
-    - ``diverged_at_start``: the loss went non-finite within the first 10% of the rows (checked first: the
-      few points left would otherwise read as "too few", and more iterations would not help);
-    - ``too_few_points``: fewer than `min_points` evaluated points;
-    - ``flat``: smoothed accuracy range < `flat_tol`, or the peak is at the first or second point and the
-      accuracy never falls more than `sc_tolerance` below it (nothing learned, or already trained);
-    - ``diverged_at_start``: the peak is at the first or second point and the accuracy then falls;
-    - ``noisy``: robust std (1.4826 x median absolute deviation) of (raw - smoothed) accuracy > `noise_tol` x
-      max(peak - minimum of the smoothed accuracy, 0.2) - robust, so the few points of a steep early rise, which a
-      centered window cannot follow, do not count as noise -
-      measured up to the end of the near-peak band (past it the curve "becomes ragged", which is Smith's
-      sign that max_lr was passed, not measurement noise);
-    - ``ok``.
-
-    Confidence (``ok`` only, else 0) is the product of three factors in [0, 1]:
-    ``(1 - exp(-n / 20))`` for the number of points, ``(1 - noise_ratio / noise_tol)`` for the noise, and
-    ``0.5 + 0.5 * fall / range`` for how clearly accuracy falls after the peak (0.5 when it never falls:
-    max_lr is then only a lower bound).
+    Confidence (``ok`` only) = ``(1 - exp(-n / 20))`` (points) x ``(1 - noise_ratio / noise_tol)`` (noise) x
+    1.0 if the top is located (accuracy falls or the loss diverges after it), 0.6 if only a lower bound,
+    halved again when still learning.
     """
-    _check_common(divisor, window, min_points)
-    for name, value in (("flat_tol", flat_tol), ("noise_tol", noise_tol), ("sc_tolerance", sc_tolerance)):
+    _check_common(divisor, window if window is not None else 3, min_points)
+    for name, value in (("flat_tol", flat_tol), ("noise_tol", noise_tol)):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not (math.isfinite(high_frac) and 0 < high_frac < 1):
+        raise ValueError(f"high_frac must be in (0, 1), got {high_frac!r}")
+    if not (math.isfinite(backoff) and 0 < backoff <= 1):
+        raise ValueError(f"backoff must be in (0, 1], got {backoff!r}")
     lr_all = _as_1d("lr", lr)
     acc_all = _as_1d("acc", acc)
     _check_same_length("lr", lr_all, "acc", acc_all)
@@ -367,60 +395,84 @@ def smith_bounds(lr: ArrayLike, acc: ArrayLike, *, loss: ArrayLike | None = None
 
     if cut is not None and cut < EARLY_CUT_FRAC * n_total:
         return _no_bounds(method, "diverged_at_start", divisor, _early_cut_message(cut, n_total, lr_all))
+    # Where the loss diverged: the last LR before it went non-finite, or the range test's last row when the
+    # test stopped at divergence (its smoothed loss ran away there).
+    before = lr_all[:end][np.isfinite(lr_all[:end])]
+    lr_div = float(before[-1]) if (cut is not None or diverged) and len(before) else None
     if n < min_points:
-        return _no_bounds(method, "too_few_points", divisor,
-                          f"Only {n} evaluated accuracy points (need >= {min_points}): use more num_iter or a "
-                          f"smaller eval_every." + _cut_note(cut, lr_all, n))
+        why = (f"the loss diverged at LR {lr_div:.3g} after only {n} evaluated accuracy points (need >= "
+               f"{min_points}): evaluate more often (smaller eval_every) or end the ramp near {lr_div:.3g}."
+               if lr_div is not None else
+               f"only {n} evaluated accuracy points (need >= {min_points}): use more num_iter or a smaller "
+               f"eval_every.")
+        return _no_bounds(method, "too_few_points", divisor, why[0].upper() + why[1:] + _cut_note(cut, lr_all, n))
 
-    s = smooth(acc_k, window=window)
-    peak = _peak_index(s)
-    peak_acc = float(s[peak])
-    acc_range = float(s.max() - s.min())
-    _, hi = _band(s, peak, sc_tolerance)
-    falls = hi < n - 1
-
-    if acc_range < flat_tol or (peak <= 1 and not falls):
+    w = _auto_window(n) if window is None else int(window)
+    level = running_median(acc_k, window=w)
+    base = float(acc_k[0])  # the untrained model's accuracy (the range test evaluates it at row 0)
+    top_level = float(level.max())
+    learned = top_level - base
+    if learned < flat_tol:
+        start = max(base, float(level[0]))
+        if start - float(level.min()) >= max(flat_tol, 0.05):
+            return _no_bounds(method, "diverged_at_start", divisor,
+                              f"Accuracy is highest at the start of the sweep ({start:.3f}) and then falls to "
+                              f"{level.min():.3f}: the ramp starts too high, or the model was trained already. "
+                              f"Lower start_lr (Smith starts at 0) and end_lr." + _cut_note(cut, lr_all, n),
+                              peak_acc=start)
         return _no_bounds(method, "flat", divisor,
-                          f"Smoothed accuracy hardly changes over the sweep (range {acc_range:.3g}, flat_tol "
-                          f"{flat_tol:g}; peak {peak_acc:.3f} at LR {lr_k[peak]:.3g}): nothing was learned or the "
-                          f"model is already trained. Raise end_lr or num_iter, or check the model and labels."
-                          + _cut_note(cut, lr_all, n), peak_acc=peak_acc)
-    if peak <= 1:
-        return _no_bounds(method, "diverged_at_start", divisor,
-                          f"Smoothed accuracy peaks at the start of the sweep (LR {lr_k[peak]:.3g}, acc "
-                          f"{peak_acc:.3f}) and then falls to {s[peak:].min():.3f}: the ramp starts too high. "
-                          f"Lower start_lr (Smith starts at 0) and end_lr." + _cut_note(cut, lr_all, n),
-                          peak_acc=peak_acc)
-    resid = acc_k[: hi + 1] - s[: hi + 1]
-    noise = _robust_std(resid)
-    # Relative to the curve's range, but never to less than NOISE_RANGE_FLOOR: a model that learns within
-    # the first evaluations (range 0.05) with +-0.02 scatter is a plateau, not noise.
-    noise_ratio = noise / max(acc_range, NOISE_RANGE_FLOOR)
+                          f"Held-out accuracy hardly changes over the sweep (from {base:.3f} to a best running "
+                          f"median of {top_level:.3f}, flat_tol {flat_tol:g}): nothing was learned or the model "
+                          f"is already trained. Raise end_lr or num_iter, or check the model and labels."
+                          + _cut_note(cut, lr_all, n), peak_acc=top_level)
+    high_level = top_level - high_frac * learned
+    high = np.flatnonzero(level >= high_level)
+    first, last = int(high[0]), int(high[-1])
+    falls = last < n - 1
+    noise = _robust_std(acc_k - level)
+    noise_ratio = noise / learned
     if noise_ratio > noise_tol:
         return _no_bounds(method, "noisy", divisor,
-                          f"Accuracy is too noisy to place the peak: residual std {noise:.3g} is "
-                          f"{noise_ratio:.2f} of the accuracy range {max(acc_range, NOISE_RANGE_FLOOR):.3g} (noise_tol {noise_tol:g}). "
-                          f"Raise eval_samples, widen the smoothing window, or repeat seeds and aggregate."
-                          + _cut_note(cut, lr_all, n), peak_acc=peak_acc)
+                          f"Held-out accuracy is too noisy to read a level: its scatter around the running median "
+                          f"(robust std {noise:.3g}) is {noise_ratio:.2f} of what the model learned ({learned:.3g}; "
+                          f"noise_tol {noise_tol:g}). Raise eval_samples, or repeat seeds and aggregate."
+                          + _cut_note(cut, lr_all, n), peak_acc=top_level)
 
-    max_lr = float(lr_k[peak])
+    still_learning = first > (1.0 - LEARNING_TAIL_FRAC) * (n - 1)
+    top = float(lr_k[last])
+    max_lr = top
+    lower_bound = not falls and lr_div is None
+    if lr_div is not None and not falls:
+        max_lr = min(top, backoff * lr_div)
+    verdict = super_convergence_verdict(lr_k, level, high_level=high_level,
+                                        end_lr=max(ramp_end_lr or 0.0, float(lr_k[-1])),
+                                        diverged=lr_div is not None, still_learning=still_learning,
+                                        min_headroom=sc_min_headroom, min_coverage=sc_min_coverage)
     min_lr = max_lr / divisor
-    fall = float(s[peak] - s[peak:].min())
-    confidence = _points_confidence(n) * (1.0 - noise_ratio / noise_tol if noise_tol > 0 else 1.0) * (
-        0.5 + 0.5 * min(1.0, fall / acc_range))
-    verdict = super_convergence_verdict(lr_k, s, tolerance=sc_tolerance, threshold_decades=sc_threshold_decades,
-                                        acc_raw=acc_k)
-    if falls:
-        shape = f"accuracy then falls to {s[peak:].min():.3f} by LR {lr_k[-1]:.3g}."
+    located = 1.0 if (falls or lr_div is not None) else 0.6
+    confidence = (_points_confidence(n) * (1.0 - noise_ratio / noise_tol if noise_tol > 0 else 1.0) * located
+                  * (0.5 if still_learning else 1.0))
+
+    head = (f"max_lr {max_lr:.3g}, min_lr {min_lr:.3g} (= max_lr/{divisor:g}): held-out accuracy (running median "
+            f"of {w}) stays high, >= {high_level:.3f} ({high_frac:.0%} of the learned range {base:.3f}->"
+            f"{top_level:.3f} below its best), from LR {lr_k[first]:.3g} to {top:.3g}")
+    if still_learning:
+        tail = (f"; the model was still learning when the ramp ended (the high band starts at point {first + 1} of "
+                f"{n}), so max_lr is only a lower bound: lengthen num_iter (x{max(2, math.ceil(2 * first / n))}) "
+                f"so learning ends in the first half of the ramp, or lower end_lr.")
+    elif falls:
+        tail = f", then falls away (to {level[last + 1:].min():.3f} by LR {lr_k[-1]:.3g})."
+    elif lr_div is not None:
+        tail = f" and the loss diverged at LR {lr_div:.3g}: max_lr backs off to {backoff:g} x that."
     else:
-        shape = (f"accuracy stays within {sc_tolerance:g} of the peak up to the last LR {lr_k[-1]:.3g}, so max_lr "
-                 f"is a lower bound: raise end_lr to see where it falls.")
-    message = (f"max_lr {max_lr:.3g} at the smoothed-accuracy peak {peak_acc:.3f} (min_lr {min_lr:.3g} = "
-               f"max_lr/{divisor:g}); {shape} {verdict.message}" + _cut_note(cut, lr_all, n))
-    logger.debug("smith_bounds: n=%d peak=%d noise_ratio=%.3f fall=%.3f confidence=%.3f",
-                 n, peak, noise_ratio, fall, confidence)
+        tail = (" and is still high at the last LR: max_lr is a lower bound (raise end_lr to see where accuracy "
+                "falls; stage 2 searches above it).")
+    message = head + tail + " " + verdict.message + _cut_note(cut, lr_all, n)
+    logger.debug("smith_bounds: n=%d window=%d band=%d..%d noise_ratio=%.3f confidence=%.3f",
+                 n, w, first, last, noise_ratio, confidence)
     return LRBounds(min_lr=min_lr, max_lr=max_lr, status="ok", confidence=float(np.clip(confidence, 0.0, 1.0)),
-                    method=method, divisor=float(divisor), peak_acc=peak_acc, verdict=verdict, message=message)
+                    method=method, divisor=float(divisor), peak_acc=top_level, verdict=verdict, message=message,
+                    lower_bound=lower_bound or still_learning, still_learning=still_learning)
 
 
 # --------------------------------------------------------------------------------------------- loss methods
@@ -667,6 +719,17 @@ def suggest_divergence(lr: ArrayLike, loss: ArrayLike, *, divisor: float = 4.0, 
 
 
 # --------------------------------------------------------------------------------------------- frames
+def bounds_kwargs(cfg: Any, *, method: str | None = None, diverged: bool = False) -> dict[str, Any]:
+    """The finder's keyword arguments from a ``RangeTestConfig`` (`cfg`) and whether the test diverged."""
+    method = method or cfg.method
+    kw: dict[str, Any] = {"divisor": cfg.divisor}
+    if method == "smith":
+        kw |= {"high_frac": cfg.high_frac, "sc_min_headroom": cfg.sc_min_headroom,
+               "sc_min_coverage": cfg.sc_min_coverage, "diverged": diverged,
+               "ramp_end_lr": cfg.end_lr}
+    return kw
+
+
 def bounds_from_frame(df: pd.DataFrame, *, method: str = "smith", **kw: Any) -> LRBounds:
     """Bounds from a range-test frame (columns step, lr, loss, smooth_loss, acc, val_loss).
 
@@ -703,14 +766,24 @@ def _median_or_none(values: list[float]) -> float | None:
     return float(np.median(values)) if values else None
 
 
-def aggregate_bounds(results: Sequence[LRBounds]) -> dict[str, Any]:
-    """Combine range tests repeated over seeds (METHOD.md section 2: "repeat and aggregate").
+def _verdict_vote(verdicts: list[SuperConvergenceVerdict]) -> bool | None:
+    """Majority over the seeds' verdicts; undetermined (None) when most seeds were still learning."""
+    decided = [v.possible for v in verdicts if v.possible is not None]
+    if not verdicts or len(decided) * 2 <= len(verdicts):
+        return None
+    return sum(decided) * 2 > len(decided)
 
-    Medians of the ``ok`` results' bounds (robust to one bad seed), their spread (min, max, median and
-    relative IQR = (q75 - q25) / median), ``n_ok``/``n_total``, the fraction of ok verdicts that say
-    super-convergence is possible, and ``status``: "ok" if at least one result is ok, else the most common
-    status (ties: the order of ``STATUSES``). ``confidence`` is the mean over *all* results (a failed seed
-    counts as 0, so it also says how reproducible the test was). The dict is JSON-serialisable.
+
+def aggregate_bounds(results: Sequence[LRBounds]) -> dict[str, Any]:
+    """Combine the range tests of one weight decay over seeds (METHOD.md section 2: "repeat and aggregate").
+
+    The weight decay counts (``status`` "ok") only when most of its seeds are usable (``n_ok > n_total / 2``);
+    with fewer it is "inconsistent" if any seed was usable, else the most common failure (ties: the order of
+    ``STATUSES``). Bounds are the medians of the usable seeds (robust to one odd seed), with their spread
+    (min, max, median, relative IQR). ``lower_bound`` and ``still_learning`` hold when they hold for most
+    usable seeds; ``verdict`` is the seeds' majority (None when most were still learning) with the message
+    of the seed nearest the median max_lr. ``confidence`` is the mean over *all* seeds (a failed seed counts
+    as 0, so it also says how reproducible the test was). The dict is JSON-serialisable.
     """
     results = list(results)
     if not results:
@@ -720,39 +793,69 @@ def aggregate_bounds(results: Sequence[LRBounds]) -> dict[str, Any]:
             raise ValueError(f"results[{i}] must be an LRBounds, got {type(r).__name__}")
     ok = [r for r in results if r.ok]
     counts = Counter(r.status for r in results)
-    if ok:
+    if len(ok) * 2 > len(results):
         status = "ok"
+    elif ok:
+        status = "inconsistent"
     else:
         status = max(STATUSES, key=lambda st: (counts.get(st, 0), -STATUSES.index(st)))
-    verdicts = [r.verdict for r in ok if r.verdict is not None]
     methods = sorted({r.method for r in results})
     max_spread = _spread([r.max_lr for r in ok])
     min_spread = _spread([r.min_lr for r in ok])
-    possible_frac = (sum(v.possible for v in verdicts) / len(verdicts)) if verdicts else None
-    if ok:
+    verdicts = [r.verdict for r in ok if r.verdict is not None]
+    possible = _verdict_vote(verdicts)
+    decided = [v.possible for v in verdicts if v.possible is not None]
+    verdict = None
+    if verdicts:
+        median = max_spread["median"]
+        rep = min((r for r in ok if r.verdict is not None), key=lambda r: abs(r.max_lr - median))
+        verdict = {"possible": possible, "message": rep.verdict.message,
+                   "possible_frac": (sum(decided) / len(decided)) if decided else None,
+                   "learn_lr": _median_or_none([v.learn_lr for v in verdicts]),
+                   "top_lr": _median_or_none([v.top_lr for v in verdicts]),
+                   "end_lr": _median_or_none([v.end_lr for v in verdicts]),
+                   "headroom": _median_or_none([v.headroom for v in verdicts]),
+                   "coverage": _median_or_none([v.coverage for v in verdicts])}
+    if status == "ok":
         message = (f"{len(ok)}/{len(results)} range tests usable: median max_lr {max_spread['median']:.3g} "
                    f"(range {max_spread['min']:.3g}..{max_spread['max']:.3g}), median min_lr "
                    f"{min_spread['median']:.3g}.")
-        if possible_frac is not None:
-            message += f" Super-convergence possible in {possible_frac:.0%} of them."
+    elif ok:
+        message = (f"Only {len(ok)} of {len(results)} range tests usable ({dict(counts)}): not enough to trust "
+                   f"this weight decay's bounds. " + next(r for r in results if not r.ok).message)
     else:
         message = f"No usable range test out of {len(results)} (mostly {status}): " + results[
             [r.status for r in results].index(status)].message
     out = {
         "status": status,
-        "min_lr": min_spread["median"],
-        "max_lr": max_spread["median"],
+        "min_lr": min_spread["median"] if status == "ok" else None,
+        "max_lr": max_spread["median"] if status == "ok" else None,
+        "lower_bound": sum(r.lower_bound for r in ok) * 2 > len(ok) if ok else False,
+        "still_learning": sum(r.still_learning for r in ok) * 2 > len(ok) if ok else False,
         "n_ok": len(ok),
         "n_total": len(results),
         "spread": {"max_lr": max_spread, "min_lr": min_spread},
         "confidence": float(np.mean([r.confidence for r in results])),  # non-ok results count as 0
         "peak_acc": _median_or_none([r.peak_acc for r in ok if r.peak_acc is not None]),
-        "possible_frac": possible_frac,
-        "width_decades": _median_or_none([v.width_decades for v in verdicts]),
-        "plateau_low_lr": _median_or_none([v.plateau_low_lr for v in verdicts]),
-        "plateau_high_lr": _median_or_none([v.plateau_high_lr for v in verdicts]),
+        "verdict": verdict,
         "statuses": dict(counts),
         "method": methods[0] if len(methods) == 1 else "mixed",
         "message": message,
     }
     return jsonable(out)
+
+
+# The weight decays whose peak accuracy is within this of the best are tied; confidence then decides.
+PEAK_ACC_TIE = 0.01
+
+
+def choose_weight_decay(per_wd: dict[str, Any]) -> dict[str, Any] | None:
+    """The weight-decay prior: the usable WD whose held-out accuracy peaked highest (1803.09820 compares WDs by
+    how well the model does across the sweep), ties within ``PEAK_ACC_TIE`` broken by confidence and then by
+    the larger max_lr. Not the largest max_lr alone: on a ragged curve that is the noisiest reading."""
+    usable = [v for v in per_wd.values() if v["status"] == "ok"]
+    if not usable:
+        return None
+    best_peak = max(v["peak_acc"] or 0.0 for v in usable)
+    tied = [v for v in usable if (v["peak_acc"] or 0.0) >= best_peak - PEAK_ACC_TIE]
+    return max(tied, key=lambda v: (v["confidence"], v["max_lr"]))

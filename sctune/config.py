@@ -298,8 +298,9 @@ class RangeTestConfig(_Config):
     method: str = "smith"  # smith | steepest | valley | divergence
     weight_decays: tuple[float, ...] = (1e-3, 1e-4, 1e-5, 0.0)  # Smith's WD comparison (1803.09820)
     repeats: int = 3  # seeds per WD: range tests are noisy, aggregate with the median
-    sc_tolerance: float = 0.05  # accuracy within this of its peak counts as "still high"
-    sc_threshold_decades: float = 1.0  # plateau this wide (log10 LR) -> super-convergence likely
+    high_frac: float = 0.2  # accuracy within this share of its learned range below the best is "still high"
+    sc_min_headroom: float = 3.0  # super-convergence: the high band reaches >= this x the LR where it learned
+    sc_min_coverage: float = 0.6  # ...and covers >= this share of the sweep past that LR (bounds.py)
 
     def __post_init__(self):
         _require(self.step_mode in ("linear", "exp"), "step_mode",
@@ -323,3 +324,6 @@ class RangeTestConfig(_Config):
         _require(all(w >= 0 for w in self.weight_decays), "weight_decays",
                  f"each must be >= 0, got {self.weight_decays}")
         _require(self.repeats >= 1, "repeats", f"must be >= 1, got {self.repeats}")
+        _require(0 < self.high_frac < 1, "high_frac", f"must be in (0, 1), got {self.high_frac}")
+        _require(self.sc_min_headroom >= 1, "sc_min_headroom", f"must be >= 1, got {self.sc_min_headroom}")
+        _require(0 <= self.sc_min_coverage <= 1, "sc_min_coverage", f"must be in [0, 1], got {self.sc_min_coverage}")

@@ -2,7 +2,7 @@
 
 One short pre-training run in which the LR rises linearly (Smith's default) or exponentially from
 ``start_lr`` to ``end_lr`` over ``num_iter`` steps. Per step it records the LR, the raw and
-smoothed training loss; every ``eval_every`` steps the accuracy (and loss) on a fixed held-out set,
+smoothed training loss; for the untrained model (row 0) and every ``eval_every`` steps the accuracy (and loss) on a fixed held-out set,
 the quantity Smith reads the bounds from. It stops at divergence (non-finite loss, or smoothed loss
 above ``diverge_th`` x the best and above the starting loss). Model, optimizer and RNG state are
 restored exactly afterwards, so a range test can run on the model about to be trained.
@@ -14,8 +14,10 @@ restored exactly afterwards, so a range test can run on the model about to be tr
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -55,6 +57,18 @@ class RangeTestResult:
     stop_reason: str  # "completed" | "diverged: <why>"
     weight_decay: float | None = None
     seed: int | None = None
+    train_seconds: float = math.nan  # wall time in training steps (forward, backward, update)
+    eval_seconds: float = math.nan  # wall time in held-out evaluations (with BatchNorm recalibration)
+    full_training_steps: int | None = None  # steps of one full training of the task (epochs x batches)
+
+    @property
+    def cost_fte(self) -> float:
+        """What this range test cost in full-training equivalents, measured: its steps over a full
+        training's, scaled up by the measured share of evaluation time (a full training's own per-epoch
+        evaluations are not counted, so the figure errs high)."""
+        if not self.full_training_steps or not (self.train_seconds > 0):
+            return math.nan
+        return len(self.frame) / self.full_training_steps * (1.0 + self.eval_seconds / self.train_seconds)
 
     @property
     def diverged(self) -> bool:
@@ -71,13 +85,14 @@ class RangeTestResult:
 
     def bounds(self, *, method: str | None = None, divisor: float | None = None):
         """LR bounds from this curve (see ``sctune.bounds``)."""
-        from .bounds import bounds_from_frame
+        from .bounds import bounds_from_frame, bounds_kwargs
 
         cfg = self.config
-        kw = {"divisor": cfg.divisor if divisor is None else divisor}
-        if (method or cfg.method) == "smith":
-            kw.update(sc_tolerance=cfg.sc_tolerance, sc_threshold_decades=cfg.sc_threshold_decades)
-        return bounds_from_frame(self.frame, method=method or cfg.method, **kw)
+        method = method or cfg.method
+        kw = bounds_kwargs(cfg, method=method, diverged=self.diverged)
+        if divisor is not None:
+            kw["divisor"] = divisor
+        return bounds_from_frame(self.frame, method=method, **kw)
 
 
 def range_test(model: nn.Module, optimizer: Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
@@ -104,6 +119,15 @@ def range_test(model: nn.Module, optimizer: Optimizer, batches: Iterable[tuple[t
         def metric(m: nn.Module) -> tuple[float, float]:
             recalibrate_bn(m, recalibrate_x)
             return user_metric(m)
+    timed_metric = metric
+    eval_s = [0.0]
+
+    def metric(m: nn.Module) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        try:
+            return timed_metric(m)
+        finally:
+            eval_s[0] += time.perf_counter() - t0
     criterion = criterion or nn.CrossEntropyLoss()
     saved = None
     if restore:
@@ -125,7 +149,11 @@ def range_test(model: nn.Module, optimizer: Optimizer, batches: Iterable[tuple[t
         state["avg"] = cfg.smooth_f * loss + (1 - cfg.smooth_f) * state["avg"]
         smooth = state["avg"] / (1 - (1 - cfg.smooth_f) ** (i + 1))
         acc = val_loss = math.nan
-        if (i + 1) % cfg.eval_every == 0 or i + 1 == cfg.num_iter:
+        if i == 0:
+            # The untrained model's accuracy: where the learned range is measured from. Evaluated before the
+            # first update (row 0 is the step at start_lr, Smith's LR 0), as the authors' curves start at chance.
+            val_loss, acc = state.pop("untrained")
+        elif (i + 1) % cfg.eval_every == 0 or i + 1 == cfg.num_iter:
             val_loss, acc = metric(model)
         rows.append((i, info.lr, loss, smooth, acc, val_loss))
         state["best"] = min(state["best"], smooth)
@@ -139,6 +167,9 @@ def range_test(model: nn.Module, optimizer: Optimizer, batches: Iterable[tuple[t
         return False
 
     try:
+        state["untrained"] = metric(model)
+        eval_before = eval_s[0]  # evaluations after this one happen inside the timed loop
+        t_start = time.perf_counter()
         run_steps(model, optimizer, batches, criterion=criterion, scheduler=scheduler, num_steps=cfg.num_iter,
                   on_step=on_step, amp_dtype=amp_dtype)
     finally:
@@ -148,10 +179,12 @@ def range_test(model: nn.Module, optimizer: Optimizer, batches: Iterable[tuple[t
             optimizer.load_state_dict(opt_state)
             set_rng_state(rng)
             model.train(training)
+    loop_s = time.perf_counter() - t_start
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     if state["reason"] != "completed":
         log.info("range test stopped early after %d of %d steps (%s)", len(frame), cfg.num_iter, state["reason"])
-    return RangeTestResult(frame=frame, config=cfg, stop_reason=state["reason"])
+    return RangeTestResult(frame=frame, config=cfg, stop_reason=state["reason"],
+                           train_seconds=max(loop_s - (eval_s[0] - eval_before), 0.0), eval_seconds=eval_s[0])
 
 
 def run_range_test(train_cfg: TrainConfig, rt_cfg: RangeTestConfig, *, weight_decay: float, seed: int,
@@ -178,5 +211,5 @@ def run_range_test(train_cfg: TrainConfig, rt_cfg: RangeTestConfig, *, weight_de
     recal = data.x_train[torch.linspace(0, len(data.x_train) - 1, min(rt_cfg.recal_samples, len(data.x_train))).long()]
     result = range_test(model, optimizer, loader, cfg=rt_cfg, criterion=criterion, val=val,
                         amp_dtype=amp_dtype_for(train_cfg, dev), restore=False, recalibrate_x=recal.to(dev))
-    return RangeTestResult(frame=result.frame, config=rt_cfg, stop_reason=result.stop_reason,
-                           weight_decay=weight_decay, seed=seed)
+    return dataclasses.replace(result, weight_decay=weight_decay, seed=seed,
+                               full_training_steps=train_cfg.epochs * len(loader))

@@ -75,10 +75,10 @@ def range_summary_figure(curves: pd.DataFrame, bounds: dict[str, Any], *, log_x:
             ax.axvspan(chosen["min_lr_bound"], chosen["max_lr_bound"], color="gold", alpha=0.15,
                        label="chosen bounds" if ax is ax_acc else None)
     verdict = bounds.get("verdict") or {}
-    if verdict.get("plateau_low_lr") and verdict.get("plateau_high_lr"):
+    if verdict.get("learn_lr") and verdict.get("top_lr"):
         y = ax_acc.get_ylim()[0]
-        ax_acc.hlines(y, verdict["plateau_low_lr"], verdict["plateau_high_lr"], color="black", lw=5,
-                      label=f"near-peak plateau ({verdict.get('width_decades') or 0:.2f} decades)")
+        ax_acc.hlines(y, verdict["learn_lr"], verdict["top_lr"], color="black", lw=5,
+                      label=f"high band ({verdict.get('headroom') or 0:.1f}x the learning LR)")
     upper = curves["smooth_loss"].iloc[: max(1, len(curves) // 20)].max()
     if pd.notna(upper):
         ax_loss.set_ylim(0, 1.5 * upper)
@@ -100,9 +100,17 @@ def _fmt_bounds_table(bounds: dict[str, Any]) -> str:
         spread = (v.get("spread") or {}).get("max_lr") or {}
         rows.append({"weight decay": key, "status": v.get("status"), "ok seeds": f"{v.get('n_ok')}/{v.get('n_total')}",
                      "max_lr (median)": v.get("max_lr"), "max_lr range": _range(spread),
-                     "min_lr (median)": v.get("min_lr"), "peak acc": v.get("peak_acc"),
-                     "plateau (decades)": v.get("width_decades")})
+                     "min_lr (median)": v.get("min_lr"), "lower bound": v.get("lower_bound"),
+                     "peak acc": v.get("peak_acc"), "confidence": v.get("confidence"),
+                     "super-convergence": _verdict_word((v.get("verdict") or {}).get("possible"),
+                                                        v.get("verdict") is not None)})
     return pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4g") if rows else "(no range tests)"
+
+
+def _verdict_word(possible: bool | None, measured: bool) -> str:
+    if not measured:
+        return "-"
+    return {True: "likely", False: "unlikely", None: "undetermined"}[possible]
 
 
 def _range(spread: dict[str, Any]) -> str:
@@ -119,12 +127,16 @@ def write_report(root: Path, *, spec_path: str, bounds: dict[str, Any] | None, s
     if bounds is not None:
         chosen = bounds.get("chosen") or {}
         verdict = bounds.get("verdict") or {}
-        lines += ["## Stage 1: LR range tests", "", verdict.get("message", ""), "",
-                  _fmt_bounds_table(bounds), ""]
+        lines += ["## Stage 1: LR range tests", "", verdict.get("message", ""), ""]
+        if bounds.get("cost_fte") is not None:
+            lines += [f"Cost: **{bounds['cost_fte']:.2f} FTE** (full-training equivalents, measured: range-test "
+                      "steps and evaluation time against one full training).", ""]
+        lines += [_fmt_bounds_table(bounds), ""]
         if chosen:
             lines += [f"Chosen ({bounds.get('source')}): max_lr bound **{chosen['max_lr_bound']:.4g}**, "
-                      f"min_lr bound **{chosen['min_lr_bound']:.4g}**, weight-decay prior **{chosen['wd_prior']:g}**.",
-                      ""]
+                      f"min_lr bound **{chosen['min_lr_bound']:.4g}**, weight-decay prior **{chosen['wd_prior']:g}**."
+                      + (" The max_lr bound is a lower bound: accuracy was still high where the ramp ended."
+                         if verdict.get("lower_bound") else ""), ""]
         if (root / "range_test" / "range_test.png").exists():
             lines += ["![range test](range_test/range_test.png)", ""]
     if summary is not None and not summary.empty:

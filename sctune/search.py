@@ -437,8 +437,13 @@ def _print_bounds(bounds: dict[str, Any]) -> None:
     if chosen:
         print(f"[range] LR bounds: min {chosen['min_lr_bound']:.4g}, max {chosen['max_lr_bound']:.4g}; "
               f"weight-decay prior {chosen['wd_prior']:g} ({bounds.get('source')})", file=sys.stderr)
+    if (bounds.get("verdict") or {}).get("lower_bound"):
+        print("[range] max_lr is a lower bound: accuracy was still high at the end of the ramp, so the search "
+              "also tries LRs above it", file=sys.stderr)
     if verdict:
         print(f"[range] {verdict}", file=sys.stderr)
+    if bounds.get("cost_fte") is not None:
+        print(f"[range] cost: {bounds['cost_fte']:.2f} FTE (full-training equivalents, measured)", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:

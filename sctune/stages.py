@@ -36,7 +36,14 @@ import numpy as np
 import pandas as pd
 
 from . import tensorboard as tb
-from .bounds import LRBounds, aggregate_bounds, bounds_from_frame, jsonable
+from .bounds import (
+    LRBounds,
+    aggregate_bounds,
+    bounds_from_frame,
+    bounds_kwargs,
+    choose_weight_decay,
+    jsonable,
+)
 from .space import Anchors, SpaceSpec, recipe_point, resolve, rung_grace_period, to_optuna
 from .train import TEST_ACC, VAL_ACC, VAL_ACC_BEST
 
@@ -370,7 +377,8 @@ def run_range_stage(spec: SpaceSpec, paths: ExperimentPaths, *, resume: bool = F
         wd, seed = float(res.config["weight_decay"]), int(res.config["seed"])
         frames.append(df.assign(weight_decay=wd, seed=seed))
         per_trial.append({"weight_decay": wd, "seed": seed, "stop_reason": res.metrics.get("stop_reason"),
-                          "node_id": res.metrics.get("node_id")})
+                          "node_id": res.metrics.get("node_id"), "steps": res.metrics.get("steps"),
+                          "cost_fte": res.metrics.get("cost_fte")})
     if not frames:
         raise StageError("every range test failed; see the errors in "
                          f"{paths.ray_stage('range')} (rerun with --verbose for Ray's logs)")
@@ -382,12 +390,16 @@ def run_range_stage(spec: SpaceSpec, paths: ExperimentPaths, *, resume: bool = F
     return summarize_range_tests(spec, paths, curves, per_trial, lr_bounds=lr_bounds, wd_prior=wd_prior)
 
 
-def _bounds_for(spec: SpaceSpec, df: pd.DataFrame) -> LRBounds:
-    rt = spec.range_test
-    kw: dict[str, Any] = {"divisor": rt.divisor}
-    if rt.method == "smith":
-        kw |= {"sc_tolerance": rt.sc_tolerance, "sc_threshold_decades": rt.sc_threshold_decades}
-    return bounds_from_frame(df, method=rt.method, **kw)
+def _bounds_for(spec: SpaceSpec, df: pd.DataFrame, *, diverged: bool = False) -> LRBounds:
+    return bounds_from_frame(df, method=spec.range_test.method,
+                             **bounds_kwargs(spec.range_test, diverged=diverged))
+
+
+def range_cost_fte(spec: SpaceSpec, per_trial: list[dict]) -> float | None:
+    """Stage 1's cost in full-training equivalents: the sum of the range tests' measured costs."""
+    costs = [row.get("cost_fte") for row in per_trial]
+    measured = [c for c in costs if isinstance(c, (int, float)) and math.isfinite(c)]
+    return float(sum(measured)) if measured else None
 
 
 def summarize_range_tests(spec: SpaceSpec, paths: ExperimentPaths, curves: pd.DataFrame, per_trial: list[dict],
@@ -397,8 +409,10 @@ def summarize_range_tests(spec: SpaceSpec, paths: ExperimentPaths, curves: pd.Da
     per_wd: dict[str, Any] = {}
     bounds_by_label: dict[str, LRBounds] = {}
     curve_by_label: dict[str, pd.DataFrame] = {}
+    diverged = {(row.get("weight_decay"), row.get("seed")): str(row.get("stop_reason") or "").startswith("diverged")
+                for row in per_trial}
     for (wd, seed), df in curves.groupby(["weight_decay", "seed"], sort=True):
-        b = _bounds_for(spec, df.reset_index(drop=True))
+        b = _bounds_for(spec, df.reset_index(drop=True), diverged=diverged.get((wd, seed), False))
         label = f"wd={wd:g} seed={int(seed)}"
         bounds_by_label[label], curve_by_label[label] = b, df
         for row in per_trial:
@@ -407,17 +421,13 @@ def summarize_range_tests(spec: SpaceSpec, paths: ExperimentPaths, curves: pd.Da
     for wd in sorted(curves["weight_decay"].unique(), reverse=True):
         results = [b for lbl, b in bounds_by_label.items() if lbl.startswith(f"wd={wd:g} ")]
         per_wd[f"{wd:g}"] = {"weight_decay": float(wd), **aggregate_bounds(results)}
-    usable = {k: v for k, v in per_wd.items() if v["status"] == "ok"}
-    chosen: dict[str, Any] | None = None
-    if usable:
-        # Smith (1803.09820): the WD that lets the LR go highest with stable accuracy; ties -> wider plateau.
-        key = max(usable, key=lambda k: (usable[k]["max_lr"], usable[k].get("width_decades") or 0.0))
-        chosen = usable[key]
+    chosen = choose_weight_decay(per_wd)
     override = lr_bounds is not None
+    cost = range_cost_fte(spec, per_trial)
     if chosen is None and not override:
         statuses = {k: v["status"] for k, v in per_wd.items()}
         msgs = "; ".join(f"wd={k}: {v['message']}" for k, v in per_wd.items())
-        _write_bounds(paths, spec, per_wd, per_trial, None, None, curve_by_label, bounds_by_label)
+        _write_bounds(paths, spec, per_wd, per_trial, None, None, curve_by_label, bounds_by_label, cost_fte=cost)
         raise StageError(
             f"no range test yielded usable LR bounds ({statuses}). {msgs} "
             "Adjust range_test (start_lr/end_lr/num_iter) in the space file, or proceed with your own bounds: "
@@ -431,38 +441,22 @@ def summarize_range_tests(spec: SpaceSpec, paths: ExperimentPaths, curves: pd.Da
         prior = wd_prior if wd_prior is not None else chosen["weight_decay"]
         anchors = Anchors(max_lr_bound=chosen["max_lr"], min_lr_bound=chosen["min_lr"], wd_prior=prior)
         source = "range test"
-    verdict = _verdict(chosen, spec)
-    return _write_bounds(paths, spec, per_wd, per_trial, anchors, verdict, curve_by_label, bounds_by_label,
-                         source=source)
-
-
-def _verdict(chosen: dict[str, Any] | None, spec: SpaceSpec) -> dict[str, Any]:
-    rt = spec.range_test
-    if chosen is None:
-        return {"possible": None, "message": "no usable range test: no verdict"}
-    width = chosen.get("width_decades")
-    frac = chosen.get("possible_frac")
-    possible = bool(width is not None and width >= rt.sc_threshold_decades)
-    lo, hi = chosen.get("plateau_low_lr"), chosen.get("plateau_high_lr")
-    if possible:
-        msg = (f"Super-convergence is possible: accuracy stays within {rt.sc_tolerance:g} of its peak from LR "
-               f"{lo:.3g} to {hi:.3g} ({width:.2f} decades >= {rt.sc_threshold_decades:g}; median over seeds, "
-               f"wd={chosen['weight_decay']:g}). Large LRs regularize: the search reduces weight decay and dropout.")
-    elif width is not None:
-        msg = (f"Super-convergence unlikely: accuracy stays near its peak only from LR {lo:.3g} to {hi:.3g} "
-               f"({width:.2f} decades < {rt.sc_threshold_decades:g}).")
+    if chosen is None or chosen.get("verdict") is None:
+        verdict = {"possible": None, "message": "no usable range test: no verdict"}
     else:
-        msg = "no plateau measured"
-    return {"possible": possible, "width_decades": width, "plateau_low_lr": lo, "plateau_high_lr": hi,
-            "threshold_decades": rt.sc_threshold_decades, "tolerance": rt.sc_tolerance,
-            "possible_fraction_of_seeds": frac, "weight_decay": chosen["weight_decay"], "message": msg}
+        verdict = {**chosen["verdict"], "weight_decay": chosen["weight_decay"],
+                   "lower_bound": chosen["lower_bound"], "still_learning": chosen["still_learning"]}
+    return _write_bounds(paths, spec, per_wd, per_trial, anchors, verdict, curve_by_label, bounds_by_label,
+                         source=source, cost_fte=cost)
 
 
 def _write_bounds(paths: ExperimentPaths, spec: SpaceSpec, per_wd, per_trial, anchors: Anchors | None,
-                  verdict, curve_by_label, bounds_by_label, *, source: str = "range test") -> dict[str, Any]:
+                  verdict, curve_by_label, bounds_by_label, *, source: str = "range test",
+                  cost_fte: float | None = None) -> dict[str, Any]:
     out = clean({
         "status": "ok" if anchors is not None else "no_usable_bounds",
         "source": source,
+        "cost_fte": cost_fte,
         "chosen": anchors.to_dict() if anchors is not None else None,
         "verdict": verdict,
         "per_weight_decay": per_wd,

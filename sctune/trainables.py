@@ -137,6 +137,7 @@ def range_test_trainable(config: dict[str, Any], *, train: dict[str, Any], range
         "min_lr": bounds.min_lr if bounds.min_lr is not None else math.nan,
         "stop_reason": result.stop_reason,
         "steps": len(frame),
+        "cost_fte": result.cost_fte,  # measured: steps and eval time against one full training
         "node_id": _node_id(),
         # the per-step curve travels with the result so the driver needs no shared filesystem
         "curve": {c: [None if not math.isfinite(v) else float(v) for v in frame[c]] for c in frame.columns},

@@ -12,6 +12,7 @@ from torch import nn
 from sctune.config import RangeTestConfig, TaskConfig, TrainConfig
 from sctune.data import load_dataset, make_synthetic
 from sctune.range_test import COLUMNS, RangeTestResult, range_test, run_range_test
+from sctune.train import evaluate
 
 
 def _model(seed=0) -> nn.Module:
@@ -177,9 +178,12 @@ def test_accuracy_every_eval_every_and_last():
     x, y, xv, yv = _task()
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    untrained = evaluate(model, xv, yv)
     res = range_test(model, opt, _batches(x, y), cfg=_cfg(num_iter=23, eval_every=5), val=(xv, yv))
     evaluated = res.frame.dropna(subset=["acc"])["step"].tolist()
-    assert evaluated == [4, 9, 14, 19, 22]
+    assert evaluated == [0, 4, 9, 14, 19, 22]  # row 0: the untrained model, where the learned range starts
+    assert (res.frame["val_loss"].iloc[0], res.frame["acc"].iloc[0]) == pytest.approx(untrained)
+    assert res.train_seconds > 0 and res.eval_seconds > 0
     assert res.evaluated["step"].tolist() == evaluated
     assert res.frame["val_loss"].notna().tolist() == res.frame["acc"].notna().tolist()
     acc = res.evaluated["acc"]
@@ -198,9 +202,9 @@ def test_custom_metric_and_cadence():
         return 0.25, 0.75
 
     res = range_test(model, opt, _batches(x, y), cfg=_cfg(num_iter=12, eval_every=4), metric=metric)
-    assert len(seen) == 3 and all(m is model for m in seen)
-    assert res.evaluated["step"].tolist() == [3, 7, 11]
-    assert res.evaluated["acc"].tolist() == [0.75] * 3 and res.evaluated["val_loss"].tolist() == [0.25] * 3
+    assert len(seen) == 4 and all(m is model for m in seen)
+    assert res.evaluated["step"].tolist() == [0, 3, 7, 11]
+    assert res.evaluated["acc"].tolist() == [0.75] * 4 and res.evaluated["val_loss"].tolist() == [0.25] * 4
 
 
 def test_needs_val_or_metric():
@@ -220,7 +224,7 @@ def test_exp_mode():
     expected = 1e-4 * (1e3 ** (np.arange(13) / 12))
     assert np.allclose(lrs, expected, rtol=1e-12, atol=0)
     assert lrs[6] == pytest.approx(math.sqrt(1e-4 * 1e-1), rel=1e-12)
-    assert res.evaluated["step"].tolist() == [12]
+    assert res.evaluated["step"].tolist() == [0, 12]
 
 
 # -- divergence ---------------------------------------------------------------------------------
@@ -329,7 +333,7 @@ def test_run_range_test_digits_300_iters(digits):
     assert isinstance(res, RangeTestResult)
     assert res.stop_reason == "completed" and len(res.frame) == 300
     assert res.weight_decay == 1e-4 and res.seed == 0
-    assert res.evaluated["step"].tolist() == list(range(24, 300, 25))
+    assert res.evaluated["step"].tolist() == [0, *range(24, 300, 25)]
     assert res.frame["lr"].iloc[-1] == pytest.approx(1.0)
     assert res.evaluated["acc"].max() > 0.8  # the model learns during the sweep
 

@@ -276,7 +276,7 @@ def one_thread():
 
 
 def test_diverging_range_test_is_cut_and_bounds_use_finite_points(one_thread):
-    from sctune.bounds import bounds_from_frame
+    from sctune.bounds import bounds_from_frame, bounds_kwargs
     from sctune.config import RangeTestConfig, TaskConfig, TrainConfig
     from sctune.range_test import run_range_test
 
@@ -293,8 +293,8 @@ def test_diverging_range_test_is_cut_and_bounds_use_finite_points(one_thread):
     tail = pd.DataFrame({"step": [len(res.frame), len(res.frame) + 1], "lr": [cut_lr * 2, cut_lr * 4],
                          "loss": [math.inf, math.nan], "smooth_loss": [math.nan] * 2, "acc": [0.99, 0.99],
                          "val_loss": [math.nan] * 2})
-    b2 = bounds_from_frame(pd.concat([res.frame, tail], ignore_index=True), method="smith", divisor=rt.divisor,
-                           sc_tolerance=rt.sc_tolerance, sc_threshold_decades=rt.sc_threshold_decades)
+    b2 = bounds_from_frame(pd.concat([res.frame, tail], ignore_index=True), method="smith",
+                           **bounds_kwargs(rt, diverged=True))
     assert (b2.status, b2.max_lr, b2.min_lr) == (b.status, b.max_lr, b.min_lr)
     assert json.dumps(b2.to_dict(), allow_nan=False)  # strict JSON: no NaN leaks into bounds.json
 

@@ -21,11 +21,13 @@ def _run(code: str) -> tuple[dict, str]:
     return ns, out.getvalue()
 
 
-def test_readme_example_prints_ok_bounds_and_accuracy():
+def test_readme_example_prints_what_the_readme_shows():
     ns, out = _run(BLOCKS[0])
-    assert re.search(r"range test: ok, min_lr [\d.]+, max_lr [\d.]+", out), out
-    bounds = ns["bounds"]
-    assert bounds.ok and bounds.min_lr == bounds.max_lr / 4
+    shown = re.search(r"prints \(digits.*?\n\n```\n(.*?)```", README, flags=re.S).group(1).splitlines()
+    printed = out.splitlines()
+    # the range test is seeded and deterministic on the CPU: its bounds and verdict print exactly as shown
+    assert printed[:2] == shown[:2], out
+    assert ns["bounds"].ok and ns["bounds"].verdict.possible is True
     acc = float(re.search(r"test acc ([\d.]+)", out).group(1))
     assert acc > 0.9  # digits with one cycle inside the tested bounds
 

@@ -24,6 +24,11 @@ class ConfigError(ValueError):
         self.rule = message
         super().__init__(f"{path}: {message}" if path else message)
 
+    def __reduce__(self):
+        # Rebuilt from its own arguments: pickling (Ray sends a worker's exception to the driver) and
+        # copy.copy would otherwise call __init__ with the message alone and fail.
+        return type(self), (self.path, self.rule), self.__dict__
+
 
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key

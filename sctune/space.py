@@ -45,6 +45,9 @@ class SpaceError(ConfigError):
         super().__init__(path, message)
         self.args = (f"{file}: {path}: {message}" if path else f"{file}: {message}",)
 
+    def __reduce__(self):
+        return type(self), (self.file, self.path, self.rule), self.__dict__
+
     def __str__(self) -> str:
         return self.args[0]
 

@@ -261,14 +261,14 @@ def _check_space_consistency(file: str, base: TrainConfig, space: dict[str, Dist
 
 
 def _check_names(file: str, base: TrainConfig) -> None:
-    from .data import dataset_names
-    from .models import model_names
+    """The task's dataset and model resolve here, in the driver: ``task.modules`` import, ``module:attr``
+    references import and name a callable, other names are registered (see ``sctune.tasks``)."""
+    from .tasks import check_task
 
-    if base.task.dataset not in dataset_names():
-        raise SpaceError(file, "task.dataset", f"unknown dataset {base.task.dataset!r} (known: {', '.join(dataset_names())})")
-    m = base.task.model
-    if not m.startswith("torchvision:") and m not in model_names():
-        raise SpaceError(file, "task.model", f"unknown model {m!r} (known: {', '.join(model_names())})")
+    try:
+        check_task(base.task)
+    except ConfigError as e:
+        raise SpaceError(file, e.path, e.rule) from None
 
 
 def load_space(path: str | Path, *, smoke: bool = False) -> SpaceSpec:

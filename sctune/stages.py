@@ -38,6 +38,7 @@ import pandas as pd
 from . import tensorboard as tb
 from .bounds import LRBounds, aggregate_bounds, bounds_from_frame, jsonable
 from .space import Anchors, SpaceSpec, recipe_point, resolve, rung_grace_period, to_optuna
+from .tasks import registrations
 from .train import TEST_ACC, VAL_ACC, VAL_ACC_BEST
 
 log = logging.getLogger(__name__)
@@ -346,7 +347,8 @@ def run_range_stage(spec: SpaceSpec, paths: ExperimentPaths, *, resume: bool = F
     seeds = [spec.search.seed + i for i in range(rt.repeats)]
     trainable = tune.with_resources(
         tune.with_parameters(range_test_trainable, train=spec.base.to_flat(), range_test=rt.to_dict(),
-                             tb_logdir=str(paths.tensorboard), cpus=spec.search.cpus_per_trial),
+                             tb_logdir=str(paths.tensorboard), cpus=spec.search.cpus_per_trial,
+                             user_task=registrations(spec.base.task)),
         resources)
     total = len(rt.weight_decays) * len(seeds)
     progress = StageProgress("range", total, metric="", mode="max", epochs=None, tb_logdir=None, quiet=quiet)
@@ -510,7 +512,7 @@ def run_search_stage(spec: SpaceSpec, paths: ExperimentPaths, anchors: Anchors, 
     base = spec.base.to_flat() | plan["constants"]
     trainable = tune.with_resources(
         tune.with_parameters(onecycle_trainable, base=base, tb_logdir=str(paths.tensorboard), stage="search",
-                             cpus=s.cpus_per_trial),
+                             cpus=s.cpus_per_trial, user_task=registrations(spec.base.task)),
         resources)
     write_tb_config(spec, paths, anchors)
     progress = StageProgress("search", s.num_samples, metric=s.metric, mode=s.mode, epochs=spec.base.epochs,
@@ -602,7 +604,7 @@ def run_final_stage(spec: SpaceSpec, paths: ExperimentPaths, params: dict[str, A
     trainable = tune.with_resources(
         tune.with_parameters(onecycle_trainable, base=base, tb_logdir=str(paths.tensorboard), stage="final",
                              hparam_keys=tuple(params),
-                             cpus=spec.search.cpus_per_trial),
+                             cpus=spec.search.cpus_per_trial, user_task=registrations(spec.base.task)),
         resources)
     progress = StageProgress("final", len(seeds), metric=TEST_ACC, mode="max", epochs=None, tb_logdir=paths.tensorboard,
                              quiet=quiet)

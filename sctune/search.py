@@ -62,6 +62,8 @@ def _quiet_ray_env(verbose: bool) -> None:
     # "auto" period is 10 s or more). Writing the state of a few hundred trials takes milliseconds.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     if not verbose:
+        # a failed trial's traceback stays in its error.txt; the progress output names the reason in one line
+        os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000")
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
         os.environ.setdefault("PYTHONWARNINGS", "ignore")

@@ -243,15 +243,18 @@ def _check_task_on_workers(spec: SpaceSpec, regs: dict[str, Any]) -> None:
     ref = probe.remote(spec.base.task, regs)
     try:
         ray.get(ref, timeout=TASK_PROBE_TIMEOUT_S)
-    except ConfigError as e:
-        cause = getattr(e, "cause", None) or e
-        raise SpaceError(spec.path, getattr(cause, "path", "task"),
-                         f"{getattr(cause, 'rule', cause)} (in a Ray worker; the driver resolved it: make the module "
-                         "importable on every node, e.g. ray job submit --working-dir with the module in it)") from None
     except GetTimeoutError:
         ray.cancel(ref, force=True)
         log.warning("could not check the task in a Ray worker within %.0fs; starting the trials anyway",
                     TASK_PROBE_TIMEOUT_S)
+    except Exception as e:  # ConfigError from the worker; or the driver's registrations could not be unpickled there
+        from .stages import error_line
+
+        cause = getattr(e, "cause", None) or e
+        path = cause.path if isinstance(cause, ConfigError) else "task"
+        why = cause.rule if isinstance(cause, ConfigError) else f"cannot be loaded: {error_line(cause)}"
+        raise SpaceError(spec.path, path, f"{why} (in a Ray worker; the driver resolved it: make the module importable "
+                                          "on every node, e.g. ray job submit --working-dir with the module in it)") from None
 
 
 def _cluster_address(address: str | None) -> str | None:

@@ -9,6 +9,7 @@ sctune, and with a Ray the user started first), a failing network, and a module 
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -114,8 +115,10 @@ def test_python_api_with_ray_started_by_the_user(tmp_path):
 
 FLAKY = '''\
 from my_task import TabularNet
+from sctune import register_model
 
 
+@register_model("picky_net")
 def picky_net(num_classes, input_shape, dropout):
     if dropout > 0:
         raise ValueError(f"picky_net takes no dropout, got {dropout:.3f}")
@@ -124,12 +127,13 @@ def picky_net(num_classes, input_shape, dropout):
 
 
 def test_a_failing_network_is_named_in_one_line(tmp_path):
-    """Range tests (dropout 0) pass, every search trial (dropout > 0) fails in the user's builder: one line
-    per reason in the progress output, the same line in summary.csv, no Ray traceback, exit 3."""
+    """The model is registered by a module listed under task.modules, which every worker imports. Range tests
+    (dropout 0) pass, every search trial (dropout > 0) fails in the user's builder: one line per reason in
+    the progress output, the same line in summary.csv, no Ray traceback, exit 3."""
     project = write_project(tmp_path)
     (project / "picky.py").write_text(FLAKY)
     (project / "picky.yaml").write_text(
-        "task: {dataset: my_task:breast_cancer, model: picky:picky_net}\n"
+        "task: {dataset: my_task:breast_cancer, model: picky_net, modules: [picky]}\n"
         "fixed: {epochs: 2, batch_size: 32}\n"
         "range_test: {end_lr: 3.0, num_iter: 60, eval_every: 3, weight_decays: [0.0001], repeats: 1}\n"
         "search: {num_samples: 2}\n"
@@ -143,6 +147,8 @@ def test_a_failing_network_is_named_in_one_line(tmp_path):
     assert "Traceback" not in p.stderr and "RayTaskError" not in p.stderr, p.stderr[-4000:]
     assert "[search] 2/2 done (0 pruned, 2 errored)" in p.stderr, p.stderr
     assert "no search trial completed" in p.stderr
+    bounds = json.loads((storage / "picky" / "range_test" / "bounds.json").read_text())
+    assert bounds["status"] == "ok" and all("error" not in t for t in bounds["trials"]), bounds["trials"]
     summary = pd.read_csv(storage / "picky" / "summary.csv")
     assert (summary["status"] == "error").all() and len(summary) == 2
     assert summary["error"].str.match(r"^ValueError: picky_net takes no dropout, got 0\.\d+$").all(), summary["error"]

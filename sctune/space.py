@@ -2,7 +2,8 @@
 
 A file has these sections (all but ``task`` optional)::
 
-    task:        TaskConfig fields (dataset, model, data_root, train_subset, ...)
+    task:        TaskConfig fields (dataset, model, modules, data_root, train_subset, ...); dataset and model
+                 are built-in or registered names, or module:attribute references (see ``sctune.tasks``)
     fixed:       flat TrainConfig fields applied to every trial (epochs, batch_size, optimizer, ...)
     range_test:  RangeTestConfig fields (end_lr, num_iter, weight_decays, repeats, ...)
     search:      SearchConfig fields (metric, num_samples, max_concurrent, ASHA settings, seed, ...)

@@ -118,6 +118,7 @@ def error_line(err: Any) -> str | None:
         text = f"{name}: {first}" if first else name
     return text if len(text) <= 300 else text[:297] + "..."
 
+
 def _callback_base():
     from ray.tune import Callback
 

@@ -108,7 +108,7 @@ def test_python_api_with_ray_started_by_the_user(tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     check_three_stages(project / "sctune_results" / "cancer-api", smoke_spec(project), dataset="cancer",
                        model="tabular_net")
-    check_clean_output(p.stderr)
+    check_clean_output(p.stderr, users_ray=True)
 
 
 # -- failures -------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
@@ -23,6 +24,14 @@ class ConfigError(ValueError):
         self.path = path
         self.rule = message
         super().__init__(f"{path}: {message}" if path else message)
+
+    def __reduce__(self):
+        # Rebuilt from its own arguments: pickling (Ray sends a worker's exception to the driver) and
+        # copy.copy would otherwise call __init__ with the message alone and fail.
+        return type(self), (self.path, self.rule), self.__dict__
+
+
+_MODULE_NAME = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*$")
 
 
 def _join(prefix: str, key: str) -> str:
@@ -129,8 +138,12 @@ class TaskConfig(_Config):
     val_frac: float = 0.15  # held out of the training split for range-test accuracy and trial metrics
     augment: bool | None = None  # None = the dataset's default (crop+flip for CIFAR)
     data_seed: int = 0  # fixes the train/val split across every trial
+    modules: tuple[str, ...] = ()  # imported first in the driver and every worker (their register_* calls run)
 
     def __post_init__(self):
+        for i, m in enumerate(self.modules):
+            _require(isinstance(m, str) and bool(_MODULE_NAME.match(m)), f"modules[{i}]",
+                     f"must be a module name like my_pkg.tasks, got {m!r}")
         _require(0.0 < self.val_frac < 0.9, "val_frac", f"must be in (0, 0.9), got {self.val_frac}")
         _require(self.train_subset is None or self.train_subset > 0, "train_subset",
                  f"must be a positive integer, got {self.train_subset}")

@@ -8,7 +8,8 @@ Built-ins:
   * ``synthetic`` / ``synthetic_cifar``: learnable Gaussian-prototype data of a chosen shape, for
     GPU checks and benchmarks where CIFAR cannot be downloaded.
 
-``register_dataset`` adds a user's own dataset under a new name.
+``register_dataset`` adds a user's own dataset under a new name; ``task.dataset: module:function`` names
+one without registering it, and ``task.modules`` are imported first (see ``sctune.tasks``).
 
 The ``DeviceLoader`` keeps the whole training set as one tensor on the device and augments whole
 batches with tensor ops (random crop with padding, horizontal flip), so no per-image Python or PIL
@@ -86,11 +87,24 @@ def _stratified_val_split(y: torch.Tensor, val_frac: float, seed: int) -> tuple[
     return np.sort(tr), np.sort(va)
 
 
+def dataset_fn(name: str) -> DatasetFn:
+    """The loader a dataset name stands for: registered, or ``module:function`` (imported here)."""
+    from .tasks import is_reference, resolve_reference
+
+    if name in _DATASETS:
+        return _DATASETS[name]
+    if is_reference(name):
+        return resolve_reference(name, "task.dataset")
+    raise ConfigError("task.dataset", f"unknown dataset {name!r} (known: {', '.join(dataset_names())}; or "
+                                      "module:function, or register it in a module listed under task.modules)")
+
+
 def load_dataset(task: TaskConfig) -> DatasetSplits:
     """Load ``task.dataset`` and split train/val with ``task.data_seed`` (same split in every trial)."""
-    if task.dataset not in _DATASETS:
-        raise ConfigError("task.dataset", f"unknown dataset {task.dataset!r} (known: {', '.join(dataset_names())})")
-    x, y, x_test, y_test, num_classes, augment = _DATASETS[task.dataset](task)
+    from .tasks import import_modules
+
+    import_modules(task)
+    x, y, x_test, y_test, num_classes, augment = dataset_fn(task.dataset)(task)
     x, y = x.float(), y.long()
     tr, va = _stratified_val_split(y, task.val_frac, task.data_seed)
     if task.train_subset is not None:

@@ -6,7 +6,8 @@ Built-ins: ``digits_cnn`` (small CNN for 8x8 digits), ``mnist1d_cnn`` (1-D CNN f
 classification model as ``torchvision:<name>`` (e.g. ``torchvision:resnet18``), built untrained.
 Every builder takes ``dropout`` so regularization can be searched jointly with weight decay.
 
-``register_model`` adds a user's own model under a new name.
+``register_model`` adds a user's own model under a new name; ``task.model: module:builder`` (a function or
+an ``nn.Module`` class taking ``num_classes, input_shape, dropout``) names one without registering it.
 """
 
 from __future__ import annotations
@@ -40,12 +41,22 @@ def model_names() -> list[str]:
     return sorted(_MODELS) + ["torchvision:<name>"]
 
 
+def model_fn(name: str) -> ModelFn:
+    """The builder a model name stands for: registered, or ``module:builder`` (imported here)."""
+    from .tasks import is_reference, resolve_reference
+
+    if name in _MODELS:
+        return _MODELS[name]
+    if is_reference(name):
+        return resolve_reference(name, "task.model")
+    raise ConfigError("task.model", f"unknown model {name!r} (known: {', '.join(model_names())}; or "
+                                    "module:builder, or register it in a module listed under task.modules)")
+
+
 def build_model(name: str, *, num_classes: int, input_shape: tuple[int, ...], dropout: float = 0.0) -> nn.Module:
     if name.startswith("torchvision:"):
         return _torchvision_model(name.split(":", 1)[1], num_classes, input_shape, dropout)
-    if name not in _MODELS:
-        raise ConfigError("task.model", f"unknown model {name!r} (known: {', '.join(model_names())})")
-    return _MODELS[name](num_classes, tuple(input_shape), dropout)
+    return model_fn(name)(num_classes, tuple(input_shape), dropout)
 
 
 def _torchvision_model(name: str, num_classes: int, input_shape: tuple[int, ...], dropout: float) -> nn.Module:

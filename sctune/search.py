@@ -62,6 +62,8 @@ def _quiet_ray_env(verbose: bool) -> None:
     # "auto" period is 10 s or more). Writing the state of a few hundred trials takes milliseconds.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     if not verbose:
+        # a failed trial's traceback stays in its error.txt; the progress output names the reason in one line
+        os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000")
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
@@ -176,21 +178,83 @@ def prepare(space: str | Path | SpaceSpec | None = None, *, name: str | None = N
     return spec, exp, state | {"name": name}
 
 
-def _start_ray(address: str | None, *, verbose: bool, dashboard: bool, num_cpus: int | None = None) -> bool:
-    """Connect to ``address`` or start a local Ray on loopback. Returns True if we started it."""
+def _start_ray(address: str | None, *, verbose: bool, dashboard: bool, num_cpus: int | None = None,
+               runtime_env: dict[str, Any] | None = None) -> bool:
+    """Connect to ``address`` or start a local Ray on loopback. Returns True if we started it.
+
+    ``runtime_env`` (the user's modules as ``py_modules``) applies to every worker of this driver."""
     import ray
 
     if ray.is_initialized():
         return False
     level = logging.INFO if verbose else logging.ERROR
     if address:
-        ray.init(address=address, log_to_driver=verbose, logging_level=level)
+        ray.init(address=address, log_to_driver=verbose, logging_level=level, runtime_env=runtime_env)
         return True
     # A local Ray serves this process only: its GCS, raylet and dashboard listen on loopback, never on the
     # machine's network address (Ray has no authentication).
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", log_to_driver=verbose, logging_level=level)
+             _node_ip_address="127.0.0.1", log_to_driver=verbose, logging_level=level, runtime_env=runtime_env)
     return True
+
+
+def _job_runtime_env() -> dict[str, Any]:
+    """The runtime environment of the Ray job this driver runs in (``ray job submit``), else {}."""
+    import json
+
+    try:
+        return json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return {}
+
+
+def _user_runtime_env(spec: SpaceSpec, regs: dict[str, Any], address: str | None) -> dict[str, Any] | None:
+    """``{"py_modules": [...]}`` for the user's code the workers could not import by themselves."""
+    from .tasks import py_modules_to_ship
+
+    job_env = _job_runtime_env()
+    ship = py_modules_to_ship(spec.base.task, regs, local=address is None,
+                              job_working_dir="working_dir" in job_env)
+    if not ship:
+        return None
+    if "py_modules" in job_env:  # Ray refuses to merge a second py_modules into the job's
+        log.warning("not shipping %s: the job's runtime environment sets py_modules already; add them there",
+                    ", ".join(ship))
+        return None
+    log.info("shipping to Ray's workers (runtime_env py_modules): %s", ", ".join(ship))
+    return {"py_modules": ship}
+
+
+TASK_PROBE_TIMEOUT_S = 120.0
+
+
+def _check_task_on_workers(spec: SpaceSpec, regs: dict[str, Any]) -> None:
+    """One Ray task resolves the dataset and model the way a trial will, before any trial is queued: a task
+    the workers cannot import (a module only the driver can see) is refused with exit 2, not 12 failed trials."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+
+    from .tasks import check_in_worker, is_reference
+
+    task = spec.base.task
+    if not (task.modules or is_reference(task.dataset) or is_reference(task.model) or any(regs.values())):
+        return  # sctune's own datasets and models: nothing of the user's to find
+    probe = ray.remote(num_cpus=0, max_retries=0)(check_in_worker)
+    ref = probe.remote(spec.base.task, regs)
+    try:
+        ray.get(ref, timeout=TASK_PROBE_TIMEOUT_S)
+    except GetTimeoutError:
+        ray.cancel(ref, force=True)
+        log.warning("could not check the task in a Ray worker within %.0fs; starting the trials anyway",
+                    TASK_PROBE_TIMEOUT_S)
+    except Exception as e:  # ConfigError from the worker; or the driver's registrations could not be unpickled there
+        from .stages import error_line
+
+        cause = getattr(e, "cause", None) or e
+        path = cause.path if isinstance(cause, ConfigError) else "task"
+        why = cause.rule if isinstance(cause, ConfigError) else f"cannot be loaded: {error_line(cause)}"
+        raise SpaceError(spec.path, path, f"{why} (in a Ray worker; the driver resolved it: make the module importable "
+                                          "on every node, e.g. ray job submit --working-dir with the module in it)") from None
 
 
 def _cluster_address(address: str | None) -> str | None:
@@ -287,13 +351,21 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
         write_json,
         write_tb_config,
     )
+    from .tasks import check_shippable, registrations
 
+    regs = registrations(spec.base.task)  # the driver's own registrations travel with every trial
+    try:
+        check_shippable(spec.base.task, regs)
+    except ConfigError as e:
+        raise SpaceError(spec.path, e.path, e.rule) from None
     autoscale = _read_cluster_yaml(cluster_yaml)  # a bad --cluster-yaml fails before Ray starts
-    started = _start_ray(address, verbose=verbose, dashboard=dashboard, num_cpus=num_cpus)
+    started = _start_ray(address, verbose=verbose, dashboard=dashboard, num_cpus=num_cpus,
+                         runtime_env=_user_runtime_env(spec, regs, address))
     try:
         # Before any trial is queued and before the experiment folder exists: a refused request
         # leaves nothing behind, so the same command can be rerun with a fixed option.
         _preflight(spec, cluster_yaml=cluster_yaml, autoscale=autoscale)
+        _check_task_on_workers(spec, regs)
     except BaseException:
         if started:
             import ray
@@ -446,13 +518,32 @@ def _print_bounds(bounds: dict[str, Any]) -> None:
         print(f"[range] cost: {bounds['cost_fte']:.2f} FTE (full-training equivalents, measured)", file=sys.stderr)
 
 
+TASK_HELP = """\
+your own data and model (the space file's task: section):
+  task: {dataset: my_pkg.data:load_cells, model: my_pkg.nets:Net}
+      module:attribute, imported from the folder you run in (or PYTHONPATH):
+      load_cells(task) -> x_train, y_train, x_test, y_test, num_classes, augment
+      Net(num_classes, input_shape, dropout) -> torch.nn.Module (a class or a function)
+  task: {dataset: cells, model: cellnet, modules: [my_pkg.tasks]}
+      names registered by my_pkg.tasks (register_dataset / register_model), which
+      sctune imports in the driver and in every Ray worker
+  built-in: datasets digits, mnist1d, cifar10, cifar100, synthetic, synthetic_cifar;
+      models digits_cnn, mnist1d_cnn, mlp, resnet20/56/110, torchvision:<name>
+  Everything is resolved before Ray starts (exit 2 naming task.dataset etc. if not).
+  On a cluster: ray job submit --working-dir YOUR_PROJECT -- python -m sctune.search space.yaml
+  (the folder with your module travels to every node; see docs/cluster.md)."""
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m sctune.search",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Super-convergence search: LR range tests, then a joint one-cycle + regularization search "
-                    "(Optuna + ASHA) on Ray Tune, then a final fit. Results land in STORAGE/NAME/.")
+                    "(Optuna + ASHA) on Ray Tune, then a final fit. Results land in STORAGE/NAME/.",
+        epilog=TASK_HELP)
     p.add_argument("space", nargs="?", default=None,
-                   help=f"search-space YAML (default: {DEFAULT_SPACE.relative_to(DEFAULT_SPACE_DIR.parent)})")
+                   help=f"search-space YAML (default: {DEFAULT_SPACE.relative_to(DEFAULT_SPACE_DIR.parent)}); "
+                        "its task: names the dataset and model (see below)")
     p.add_argument("--name", help="experiment folder name (default: <space>-<timestamp>)")
     p.add_argument("--storage-path", default=DEFAULT_STORAGE, help="where experiments live (default: %(default)s)")
     p.add_argument("--num-samples", type=int, help="search trials (overrides search.num_samples)")

@@ -2,7 +2,8 @@
 
 A file has these sections (all but ``task`` optional)::
 
-    task:        TaskConfig fields (dataset, model, data_root, train_subset, ...)
+    task:        TaskConfig fields (dataset, model, modules, data_root, train_subset, ...); dataset and model
+                 are built-in or registered names, or module:attribute references (see ``sctune.tasks``)
     fixed:       flat TrainConfig fields applied to every trial (epochs, batch_size, optimizer, ...)
     range_test:  RangeTestConfig fields (end_lr, num_iter, weight_decays, repeats, ...)
     search:      SearchConfig fields (metric, num_samples, max_concurrent, ASHA settings, seed, ...)
@@ -44,6 +45,9 @@ class SpaceError(ConfigError):
         self.file = str(file)
         super().__init__(path, message)
         self.args = (f"{file}: {path}: {message}" if path else f"{file}: {message}",)
+
+    def __reduce__(self):
+        return type(self), (self.file, self.path, self.rule), self.__dict__
 
     def __str__(self) -> str:
         return self.args[0]
@@ -258,14 +262,14 @@ def _check_space_consistency(file: str, base: TrainConfig, space: dict[str, Dist
 
 
 def _check_names(file: str, base: TrainConfig) -> None:
-    from .data import dataset_names
-    from .models import model_names
+    """The task's dataset and model resolve here, in the driver: ``task.modules`` import, ``module:attr``
+    references import and name a callable, other names are registered (see ``sctune.tasks``)."""
+    from .tasks import check_task
 
-    if base.task.dataset not in dataset_names():
-        raise SpaceError(file, "task.dataset", f"unknown dataset {base.task.dataset!r} (known: {', '.join(dataset_names())})")
-    m = base.task.model
-    if not m.startswith("torchvision:") and m not in model_names():
-        raise SpaceError(file, "task.model", f"unknown model {m!r} (known: {', '.join(model_names())})")
+    try:
+        check_task(base.task)
+    except ConfigError as e:
+        raise SpaceError(file, e.path, e.rule) from None
 
 
 def load_space(path: str | Path, *, smoke: bool = False) -> SpaceSpec:

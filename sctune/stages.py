@@ -45,6 +45,7 @@ from .bounds import (
     jsonable,
 )
 from .space import Anchors, SpaceSpec, recipe_point, resolve, rung_grace_period, to_optuna
+from .tasks import registrations
 from .train import TEST_ACC, VAL_ACC, VAL_ACC_BEST
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,26 @@ clean = jsonable  # NaN/inf -> None recursively, numpy scalars -> Python: strict
 
 # -- progress ----------------------------------------------------------------------------------
 
+def error_line(err: Any) -> str | None:
+    """Why a trial failed, in one line: the exception raised in the trial (``ConfigError: task.dataset: ...``),
+    not Ray's wrapping of it (``RayTaskError(...)`` with the worker's traceback). None for no error."""
+    if err is None:
+        return None
+    for _ in range(5):  # RayTaskError / TuneError -> the exception the trial raised
+        cause = getattr(err, "cause", None)
+        if cause is None or cause is err:
+            break
+        err = cause
+    if isinstance(err, str):  # Tune's text trace: its last line names the exception
+        lines = [ln.strip() for ln in err.strip().splitlines() if ln.strip()]
+        text = lines[-1] if lines else "unknown error"
+    else:
+        name = type(err).__name__
+        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
+        text = f"{name}: {first}" if first else name
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _callback_base():
     from ray.tune import Callback
 
@@ -124,6 +145,7 @@ class StageProgress(_callback_base()):
         self.done = self.pruned = self.errored = self.running = 0
         self.best: float | None = None
         self._last_line = ""
+        self._errors_shown: set[str] = set()
         self._t0 = time.monotonic()
 
     def setup(self, **info):
@@ -137,11 +159,13 @@ class StageProgress(_callback_base()):
         return (self.epochs is not None and not last.get("diverged")
                 and int(last.get("epoch", 0) or 0) < self.epochs)
 
-    def _recount(self, trials, finished=None, errored: bool = False) -> None:
+    def _recount(self, trials, finished=None, errored: bool = False, started=None) -> None:
         """Counts from the trials' states (so a resumed stage counts what finished before the kill)."""
         def state(t):
             if t is finished:
                 return "ERROR" if errored else "TERMINATED"
+            if t is started:  # Tune calls on_trial_start just before it marks the trial RUNNING
+                return "RUNNING"
             return t.status
 
         states = [(t, state(t)) for t in trials]
@@ -172,8 +196,7 @@ class StageProgress(_callback_base()):
             self._last_line = line
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._recount(trials)
-        self.running = max(self.running, 1)
+        self._recount(trials, started=trial)
         self._print()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -197,7 +220,19 @@ class StageProgress(_callback_base()):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._recount(trials, finished=trial, errored=True)
         self._end_session(trial, "failure")
+        self._print_error(trial)
         self._print()
+
+    def _print_error(self, trial) -> None:
+        """The failure's reason, one line, the first time it is seen (12 identical range-test failures: one line)."""
+        try:
+            line = error_line(trial.get_pickled_error() or trial.get_error())
+        except Exception as e:  # the error file could not be read back: say that much
+            line = f"(its error could not be read: {type(e).__name__}: {e})"
+        line = line or "unknown error"
+        if line not in self._errors_shown and not self.quiet:
+            self._errors_shown.add(line)
+            print(f"[{self.stage}] trial {trial.trial_id} failed: {line}", file=sys.stderr, flush=True)
 
     def _end_session(self, trial, status: str) -> None:
         if self.tb_logdir is None or self.stage not in ("search", "final"):
@@ -225,6 +260,33 @@ def _run_config(paths: ExperimentPaths, stage: str, callbacks: list, *, max_fail
     )
 
 
+class _NoResultFilesFilter(logging.Filter):
+    """Drops Tune's "Failed to fetch metrics ... both result.json and progress.csv were not found" warning
+    (one line per trial). sctune turns Tune's own result files off (``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS``:
+    it writes TensorBoard itself and reads results from the ResultGrid), so the files are missing by design.
+    Any other failure to fetch metrics is still shown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if not msg.startswith("Failed to fetch metrics"):
+            return True
+        items = [ln for ln in msg.splitlines()[1:] if ln.startswith("- ")]
+        return not items or not all("FileNotFoundError" in ln and "were not found" in ln for ln in items)
+
+
+class _NoIncompleteTrialsFilter(logging.Filter):
+    """Drops Tune's "Trials did not complete: [...]" error when trial errors are not printed
+    (``TUNE_PRINT_ALL_TRIAL_ERRORS=0``): StageProgress has printed each failed trial's reason already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage().startswith("Trials did not complete")
+                    and os.environ.get("TUNE_PRINT_ALL_TRIAL_ERRORS") == "0")
+
+
+_RESULT_FILES_FILTER = _NoResultFilesFilter()
+_INCOMPLETE_FILTER = _NoIncompleteTrialsFilter()
+
+
 def _fit(tuner_factory, restore_path: Path, trainable, *, resume: bool):
     """Fresh Tuner, or Tuner.restore when a previous run of this stage left state behind.
 
@@ -241,6 +303,12 @@ def _fit(tuner_factory, restore_path: Path, trainable, *, resume: bool):
             raise StageError(_corrupted_tune_state(restore_path, f"{type(e).__name__}: {e}")) from None
     else:
         tuner = tuner_factory()
+    logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    if os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS") == "1" and _RESULT_FILES_FILTER not in logger.filters:
+        logger.addFilter(_RESULT_FILES_FILTER)
+    tune_logger = logging.getLogger("ray.tune.tune")
+    if _INCOMPLETE_FILTER not in tune_logger.filters:
+        tune_logger.addFilter(_INCOMPLETE_FILTER)
     return tuner.fit()
 
 
@@ -353,7 +421,8 @@ def run_range_stage(spec: SpaceSpec, paths: ExperimentPaths, *, resume: bool = F
     seeds = [spec.search.seed + i for i in range(rt.repeats)]
     trainable = tune.with_resources(
         tune.with_parameters(range_test_trainable, train=spec.base.to_flat(), range_test=rt.to_dict(),
-                             tb_logdir=str(paths.tensorboard), cpus=spec.search.cpus_per_trial),
+                             tb_logdir=str(paths.tensorboard), cpus=spec.search.cpus_per_trial,
+                             user_task=registrations(spec.base.task)),
         resources)
     total = len(rt.weight_decays) * len(seeds)
     progress = StageProgress("range", total, metric="", mode="max", epochs=None, tb_logdir=None, quiet=quiet)
@@ -371,7 +440,7 @@ def run_range_stage(spec: SpaceSpec, paths: ExperimentPaths, *, resume: bool = F
     for res in grid:
         if res.error is not None or not res.metrics or "curve" not in res.metrics:
             per_trial.append({"weight_decay": res.config.get("weight_decay"), "seed": res.config.get("seed"),
-                              "status": "error", "error": str(res.error)[:500]})
+                              "status": "error", "error": error_line(res.error)})
             continue
         df = pd.DataFrame(res.metrics["curve"]).astype(float)
         wd, seed = float(res.config["weight_decay"]), int(res.config["seed"])
@@ -380,7 +449,8 @@ def run_range_stage(spec: SpaceSpec, paths: ExperimentPaths, *, resume: bool = F
                           "node_id": res.metrics.get("node_id"), "steps": res.metrics.get("steps"),
                           "cost_fte": res.metrics.get("cost_fte")})
     if not frames:
-        raise StageError("every range test failed; see the errors in "
+        reasons = "; ".join(dict.fromkeys(t["error"] or "unknown error" for t in per_trial))
+        raise StageError(f"every range test failed ({reasons}); see the errors in "
                          f"{paths.ray_stage('range')} (rerun with --verbose for Ray's logs)")
     curves = pd.concat(frames, ignore_index=True)
     curves = curves[["weight_decay", "seed", *[c for c in curves.columns if c not in ("weight_decay", "seed")]]]
@@ -504,7 +574,7 @@ def run_search_stage(spec: SpaceSpec, paths: ExperimentPaths, anchors: Anchors, 
     base = spec.base.to_flat() | plan["constants"]
     trainable = tune.with_resources(
         tune.with_parameters(onecycle_trainable, base=base, tb_logdir=str(paths.tensorboard), stage="search",
-                             cpus=s.cpus_per_trial),
+                             cpus=s.cpus_per_trial, user_task=registrations(spec.base.task)),
         resources)
     write_tb_config(spec, paths, anchors)
     progress = StageProgress("search", s.num_samples, metric=s.metric, mode=s.mode, epochs=spec.base.epochs,
@@ -558,7 +628,8 @@ def summarize_search(grid, spec: SpaceSpec, plan: dict[str, Any]) -> pd.DataFram
                      f"final_{metric}": m.get(metric, math.nan), f"best_{metric}": best,
                      "final_val/loss": m.get("val/loss", math.nan), "final_train/loss": m.get("train/loss", math.nan),
                      "is_recipe": all(_close(params.get(k), v) for k, v in plan["recipe"].items()),
-                     "node_id": m.get("node_id")})  # the Ray node of the trial's last result
+                     "node_id": m.get("node_id"),  # the Ray node of the trial's last result
+                     "error": error_line(res.error) or ""})
     df = pd.DataFrame(rows)
     if len(df):
         df = df.sort_values(f"final_{metric}", ascending=spec.search.mode == "min", na_position="last",
@@ -596,7 +667,7 @@ def run_final_stage(spec: SpaceSpec, paths: ExperimentPaths, params: dict[str, A
     trainable = tune.with_resources(
         tune.with_parameters(onecycle_trainable, base=base, tb_logdir=str(paths.tensorboard), stage="final",
                              hparam_keys=tuple(params),
-                             cpus=spec.search.cpus_per_trial),
+                             cpus=spec.search.cpus_per_trial, user_task=registrations(spec.base.task)),
         resources)
     progress = StageProgress("final", len(seeds), metric=TEST_ACC, mode="max", epochs=None, tb_logdir=paths.tensorboard,
                              quiet=quiet)
@@ -614,7 +685,7 @@ def run_final_stage(spec: SpaceSpec, paths: ExperimentPaths, params: dict[str, A
         m = res.metrics or {}
         runs.append({"seed": res.config.get("seed"), "test/acc": m.get(TEST_ACC), "test/loss": m.get("test/loss"),
                      "val/acc": m.get(VAL_ACC), "epochs": m.get("epoch"), "diverged": bool(m.get("diverged", 0)),
-                     "error": None if res.error is None else str(res.error)[:300], "node_id": m.get("node_id")})
+                     "error": error_line(res.error), "node_id": m.get("node_id")})
     accs = [r["test/acc"] for r in runs if r["test/acc"] is not None and not r["diverged"]]
     return clean({"runs": runs, "test_acc_mean": float(np.mean(accs)) if accs else None,
                   "test_acc_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else (0.0 if accs else None),

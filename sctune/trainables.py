@@ -27,6 +27,7 @@ from . import tensorboard as tb
 from .config import RangeTestConfig, TaskConfig, TrainConfig
 from .data import DatasetSplits, load_dataset
 from .range_test import run_range_test
+from .tasks import install
 from .train import TEST_ACC, VAL_ACC, VAL_ACC_BEST, fit
 
 log = logging.getLogger(__name__)
@@ -114,9 +115,11 @@ def _inject_fault(stage: str, epoch: int, trial_id: str) -> None:
 
 
 def range_test_trainable(config: dict[str, Any], *, train: dict[str, Any], range_test: dict[str, Any],
-                         tb_logdir: str | None, cpus: float = 1.0) -> None:
+                         tb_logdir: str | None, cpus: float = 1.0, user_task: dict | None = None) -> None:
+    """``user_task``: the driver's own dataset/model registrations (``sctune.tasks.registrations``)."""
     _threads(cpus)
     train_cfg = TrainConfig.from_flat(train)
+    install(train_cfg.task, user_task)
     rt_cfg = RangeTestConfig.from_dict(range_test)
     wd, seed = float(config["weight_decay"]), int(config["seed"])
     result = run_range_test(train_cfg, rt_cfg, weight_decay=wd, seed=seed, data=cached_dataset(train_cfg.task))
@@ -175,11 +178,13 @@ def _load_state(checkpoint: tune.Checkpoint) -> dict[str, Any] | None:
 
 
 def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdir: str | None,
-                       stage: str = "search", hparam_keys: tuple[str, ...] = (), cpus: float = 1.0) -> None:
+                       stage: str = "search", hparam_keys: tuple[str, ...] = (), cpus: float = 1.0,
+                       user_task: dict | None = None) -> None:
     """Train ``base`` + ``config`` (the sampled parameters); ``stage`` is search or final."""
     _threads(cpus)
     params = {k: v for k, v in config.items() if not k.startswith("_")}
     cfg = TrainConfig.from_flat({**base, **params})
+    install(cfg.task, user_task)
     data = cached_dataset(cfg.task)
     checkpoint = tune.get_checkpoint()
     state = _load_state(checkpoint) if checkpoint else None

@@ -28,7 +28,8 @@ class Case:
     expect: list[str]  # all must appear in stderr ("{space}"/"{tmp}" replaced as above)
     space: str | None = None  # YAML text of the space file, if the case has one
     skip_if_gpu: bool = False
-    setup: str | None = None  # "file_in_way": {tmp}/blocker is a regular file
+    setup: str | None = None  # "file_in_way": {tmp}/blocker is a regular file; "broken_module": {tmp} on
+    # PYTHONPATH holds sct_broken_task.py, which raises when imported
 
 
 def _space(body: str) -> str:
@@ -57,6 +58,23 @@ CASES: dict[str, Case] = {
                             space="task: {dataset: imagenet99, model: digits_cnn}\n"),
     "unknown_model": Case(["{space}"], ["{space}", "task.model", "resnet9000"],
                           space="task: {dataset: digits, model: resnet9000}\n"),
+    # the user's own task: resolved in the driver before Ray starts (module:attr references, task.modules)
+    "task_module_missing": Case(["{space}"], ["{space}: task.dataset: cannot import nopkg_sct.data: "
+                                              "No module named 'nopkg_sct'"],
+                                space="task: {dataset: nopkg_sct.data:load_cells, model: digits_cnn}\n"),
+    "task_attribute_missing": Case(["{space}"], ["{space}: task.model: module sctune.models", "no attribute 'Nett'"],
+                                   space="task: {dataset: digits, model: sctune.models:Nett}\n"),
+    "task_not_callable": Case(["{space}"], ["{space}: task.dataset: sctune.data:_DATASETS is a dict",
+                                            "not a function or class"],
+                              space="task: {dataset: sctune.data:_DATASETS, model: digits_cnn}\n"),
+    "task_modules_missing": Case(["{space}"], ["{space}: task.modules[1]: cannot import nopkg_sct_tasks"],
+                                 space="task: {dataset: digits, model: digits_cnn, modules: [json, nopkg_sct_tasks]}\n"),
+    "task_modules_bad_name": Case(["{space}"], ["{space}: task.modules[0]", "module name"],
+                                  space="task: {dataset: digits, model: digits_cnn, modules: ['my pkg']}\n"),
+    "task_module_raises": Case(["{space}"], ["{space}: task.dataset: cannot import sct_broken_task: "
+                                             "RuntimeError: no GPU here"],
+                               space="task: {dataset: sct_broken_task:load, model: digits_cnn}\n",
+                               setup="broken_module"),
     "negative_epochs": Case(["{space}"], ["{space}", "fixed.epochs", ">= 1"], space=_space("fixed: {epochs: -1}\n")),
     "num_samples_0_file": Case(["{space}"], ["{space}", "search.num_samples", ">= 1"],
                                space=_space("search: {num_samples: 0}\n")),
@@ -104,11 +122,15 @@ def _run_case(name: str, case: Case, root: Path) -> Outcome:
             (tmp / "space.yaml").write_text(case.space.format(**fill) if "{tmp}" in case.space else case.space)
         if case.setup == "file_in_way":
             (tmp / "blocker").write_text("a regular file where a folder is expected\n")
+        env = cli_env(ray_tmp)
+        if case.setup == "broken_module":
+            (tmp / "sct_broken_task.py").write_text('raise RuntimeError("no GPU here")\n')
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp), env.get("PYTHONPATH")]))
         args = [a.format(**fill) for a in case.args]
         if "--storage-path" not in args:
             args += ["--storage-path", str(tmp / "results")]
         t0 = time.monotonic()
-        p = subprocess.run([sys.executable, "-m", "sctune.search", *args], cwd=REPO, env=cli_env(ray_tmp),
+        p = subprocess.run([sys.executable, "-m", "sctune.search", *args], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
         wall = time.monotonic() - t0
         return Outcome(p.returncode, p.stderr, wall, tmp, ray_started=(ray_tmp / "ray").exists(),

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 CORE = ["sctune", "sctune.config", "sctune.schedules", "sctune.range_test", "sctune.curvature", "sctune.data",
-        "sctune.models", "sctune.train"]
+        "sctune.models", "sctune.train", "sctune.tasks"]
 OPTIONAL_CORE = ["sctune.bounds"]  # pure functions of a curve; checked once the module exists
 
 

@@ -143,3 +143,36 @@ def test_job_submit_smoke_search_on_local_head(tmp_path):
         assert (exp / "ray" / stage).is_dir()
     assert (exp / "report.md").exists()
     assert "Best configuration" in logs, logs
+
+
+def test_job_submit_of_a_user_project_runs_its_own_task(tmp_path):
+    """The README's project folder (my_task.py + space.yaml naming my_task:breast_cancer, my_task:TabularNet)
+    submitted as a user submits it to a cluster, `ray job submit --working-dir my_project`: the module travels
+    with the working dir to the driver and to every trial worker, and the three stages run on it."""
+    from user_task_util import check_three_stages, smoke_spec, write_project
+
+    project = write_project(tmp_path)
+    spec = smoke_spec(project)
+    storage = (tmp_path / "results").resolve()
+    job_id = f"sctune-user-{int(time.time())}"
+    with ray_head(num_cpus=2) as head:
+        # the driver's cwd is the uploaded project folder: `space.yaml` and `import my_task` resolve there
+        entry = [sys.executable, "-m", "sctune.search", "space.yaml", "--smoke", "--storage-path", str(storage),
+                 "--name", "job"]
+        sub = head.ray_cli("job", "submit", "--address", head.dashboard_url, "--submission-id", job_id,
+                           "--no-wait", "--working-dir", str(project), "--", *entry, timeout=120)
+        text = sub.stdout + sub.stderr
+        assert sub.returncode == 0 and f"Job '{job_id}' submitted successfully" in text, text
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        status = _status(head, job_id)
+        while status not in TERMINAL and time.monotonic() < deadline:
+            time.sleep(3)
+            status = _status(head, job_id)
+        logs = _logs(head, job_id)
+        if status not in TERMINAL:
+            head.ray_cli("job", "stop", "--address", head.dashboard_url, job_id)
+        assert status == "SUCCEEDED", f"job {job_id} ended {status} (limit {JOB_TIMEOUT_S}s); driver log tail:\n{logs}"
+        head_nodes = _head_node_ids(head)
+    check_three_stages(storage / "job", spec, dataset="my_task:breast_cancer", model="my_task:TabularNet")
+    assert set(pd.read_csv(storage / "job" / "summary.csv")["node_id"]) == head_nodes
+    assert "Best configuration" in logs and "Traceback" not in logs, logs

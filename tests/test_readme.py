@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import sys
 from pathlib import Path
 
 from sctune import TaskConfig, TrainConfig, build_model, load_dataset
@@ -32,16 +33,19 @@ def test_readme_example_prints_what_the_readme_shows():
     assert acc > 0.9  # digits with one cycle inside the tested bounds
 
 
-def test_readme_registration_example_plugs_into_the_core():
-    from sctune import data, models
+def test_readme_user_module_plugs_into_the_core(tmp_path, monkeypatch):
+    """The walk-through's my_task.py, named as module:attribute, without Ray (the full walk-through on Ray is
+    tests/test_user_task.py)."""
+    from user_task_util import readme_file
 
-    try:
-        _run(BLOCKS[1])
-        splits = load_dataset(TaskConfig(dataset="my_data", model="my_net"))
-        assert splits.sizes()["test"] == 200 and splits.num_classes == 10
-        model = build_model("my_net", num_classes=10, input_shape=splits.input_shape, dropout=0.1)
-        assert model(splits.x_val[:4]).shape == (4, 10)
-        assert TrainConfig().with_flat(dataset="my_data", model="my_net").task.dataset == "my_data"
-    finally:
-        data._DATASETS.pop("my_data", None)
-        models._MODELS.pop("my_net", None)
+    (tmp_path / "my_task.py").write_text(readme_file("my_task.py"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_task", raising=False)
+    task = TaskConfig(dataset="my_task:breast_cancer", model="my_task:TabularNet")
+    splits = load_dataset(task)
+    assert splits.sizes() == {"train": 386, "val": 69, "test": 114} and splits.num_classes == 2
+    assert splits.input_shape == (30,)
+    model = build_model(task.model, num_classes=2, input_shape=splits.input_shape, dropout=0.1)
+    assert model.eval()(splits.x_val[:4]).shape == (4, 2)
+    assert TrainConfig().with_flat(dataset=task.dataset, model=task.model).task == task
+    sys.modules.pop("my_task", None)

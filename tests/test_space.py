@@ -106,3 +106,24 @@ def test_anchors_round_trip_and_read_older_bounds_files():
     old = {"max_lr_bound": 1.0, "min_lr_bound": 0.25, "wd_prior": 0.0}  # bounds.json before the two fields
     b = Anchors.from_dict(old)
     assert (b.max_lr_lower_bound, b.ramp_end_lr) == (False, None)
+
+
+@pytest.mark.parametrize("name", ["cifar10_resnet56", "cifar100_resnet56"])
+def test_the_authors_resnet56_settings_are_inside_the_paper_spaces(name):
+    """Smith & Topin's logs: CLR 0.1 -> 3 (div 30), WD 1e-4, fixed momentum 0.9 won; the range test stayed
+    high up to the end of its 0 -> 3 ramp (a lower bound)."""
+    spec = load_space(REPO / "search_spaces" / f"{name}.yaml")
+    for prior in (1e-4, 1e-5, 0.0):  # a noisy stage 1 may pick a WD a decade low, or none
+        anchors = Anchors(max_lr_bound=3.0, min_lr_bound=0.75, wd_prior=prior, max_lr_lower_bound=True,
+                          ramp_end_lr=3.0)
+        d, constants = resolve(spec, anchors)
+        assert constants == {}
+
+        def inside(key, v):  # strictly inside (log scale: not at a corner)
+            return d[key].low < v < d[key].high
+
+        assert inside("max_lr", 3.0) and inside("div_factor", 30.0) and inside("weight_decay", 1e-4), prior
+    assert False in d["cycle_momentum"].choices and d["max_momentum"].low < 0.9 < d["max_momentum"].high
+    assert spec.final.refit
+    point = recipe_point(d, anchors, divisor=spec.range_test.divisor)
+    assert point["cycle_momentum"] is True  # the recipe's first point: cyclical 0.95 -> 0.85

@@ -150,7 +150,9 @@ def write_report(root: Path, *, spec_path: str, bounds: dict[str, Any] | None, s
     if best is not None:
         final = best.get("final") or {}
         lines += ["## Best configuration and final fit", "",
-                  f"Trial {best.get('trial_id')}: `{best.get('metric')}` **{best.get('value'):.4f}**.", "", "```json",
+                  f"Trial {best.get('trial_id')}: `{best.get('metric')}` **{best.get('value'):.4f}**"
+                  + (f" (binomial standard error on the validation split {best['value_se']:.4f}: trials within about "
+                     "twice that are tied)" if best.get("value_se") else "") + ".", "", "```json",
                   pd.Series(best.get("config", {})).to_json(indent=2), "```", ""]
         if final.get("test_acc_mean") is not None and final.get("test_acc_std") is None:
             lines += [f"No final fit (the budget left none): the best trial tested as it is, test accuracy "

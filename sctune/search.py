@@ -417,6 +417,9 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
                 "trial_id": best_row["trial_id"], "config": spec.base.with_flat(**params).to_flat(),
                 "searched": params, "metric": metric, "value": _py(best_row[metric]),
                 "select_last": spec.search.select_last,
+                # binomial standard error of an accuracy on the validation split: differences below ~2 of
+                # these between trials are noise (digits: 216 images, one image = 0.46 points)
+                "value_se": _accuracy_se(_py(best_row[metric]), cplan["fte"]["val_samples"]),
                 "final_epoch_value": _py(best_row.get(f"final_{spec.search.metric}")),
                 "final": final, "anchors": anchors.to_dict() if anchors else None,
                 "compute": results.compute,
@@ -480,6 +483,12 @@ def _range_cost_fte(bounds: dict[str, Any] | None, paths, full_iters: int | None
     with curves.open() as f:
         steps = sum(1 for _ in f) - 1
     return max(0, steps) / full_iters
+
+
+def _accuracy_se(value: Any, n: int | None) -> float | None:
+    if not n or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        return None
+    return (value * (1.0 - value) / n) ** 0.5
 
 
 def _compute_summary(budget: float | None, range_fte: float | None, search: float, final: float,

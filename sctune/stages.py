@@ -201,7 +201,8 @@ class StageProgress(_callback_base()):
         self._count(trial, result)
         # a line per new best, and per half FTE spent (a 200-epoch trial reports 200 times)
         if (self.metric and self._offer(result)) or (
-                before is not None and math.floor(2 * self.fte_spent) > math.floor(2 * before)):
+                self.stage != "range"  # a range test reports once, as it completes: that line follows
+                and before is not None and math.floor(2 * self.fte_spent) > math.floor(2 * before)):
             self._print()
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -292,6 +292,7 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
                                max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial,
                                gpus_per_trial=gpus_per_trial, seed=seed, lr_bounds=lr_bounds, wd_prior=wd_prior,
                                budget=budget, refit=refit)
+    autoscale = _read_cluster_yaml(cluster_yaml)  # a bad --cluster-yaml fails before anything else is done
     # The plan (iterations and FTE of each stage; with a budget, stage 1 and the final fit cut to fit it)
     # is made and shown before Ray starts; a budget that cannot hold one search trial is refused here.
     spec, cplan = make_plan(spec, budget_from_cli=budget is not None)
@@ -316,7 +317,6 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
     )
     from .train import tail_key
 
-    autoscale = _read_cluster_yaml(cluster_yaml)  # a bad --cluster-yaml fails before Ray starts
     started = _start_ray(address, verbose=verbose, dashboard=dashboard, num_cpus=num_cpus)
     try:
         # Before any trial is queued and before the experiment folder exists: a refused request
@@ -333,8 +333,9 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
     if not (exp / "space.yaml").exists() and not isinstance(space, SpaceSpec):
         shutil.copyfile(Path(space) if space is not None else DEFAULT_SPACE, exp / "space.yaml")
     state.setdefault("done", [])
-    state.update({"budget": spec.search.budget, "smoke": smoke, "space": str(space if space is not None and not isinstance(space, SpaceSpec)
+    state.update({"smoke": smoke, "space": str(space if space is not None and not isinstance(space, SpaceSpec)
                                                 else spec.path)})
+    state["budget"] = spec.search.budget  # --resume plans with the same budget
     write_json(paths.state, state)
     results = SearchResults(root=exp, plan=cplan)
     full_iters = cplan["fte"]["iterations"]  # iterations of one FTE (None: dataset size unknown)

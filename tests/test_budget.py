@@ -246,3 +246,17 @@ def test_budget_in_the_space_file_is_named_in_its_error(tmp_path):
     neg.write_text(text.replace("budget: 0.5", "budget: -1"))
     r = _cli(str(neg), "--stage", "plan", tmp_path=tmp_path)
     assert r.returncode == 2 and "search.budget: must be > 0" in r.stderr
+
+
+def test_stage_1_cost_is_read_from_bounds_json_or_counted_from_its_curves(tmp_path):
+    from sctune.search import _range_cost_fte
+    from sctune.stages import ExperimentPaths
+
+    paths = ExperimentPaths(tmp_path)
+    paths.range_dir.mkdir(parents=True)
+    assert _range_cost_fte({"cost_fte": 1.25}, paths, 228) == 1.25  # stage 1's own count wins
+    # fallback: one curves.csv row per range-test step taken (a diverged test stops early and costs less)
+    pd.DataFrame({"weight_decay": [0.0] * 100 + [1e-4] * 14, "seed": 0, "step": list(range(100)) + list(range(14))}
+                 ).to_csv(paths.range_dir / "curves.csv", index=False)
+    assert _range_cost_fte({"chosen": {}}, paths, 228) == pytest.approx(114 / 228)
+    assert _range_cost_fte(None, paths, 228) is None

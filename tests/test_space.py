@@ -119,10 +119,8 @@ def test_the_authors_resnet56_settings_are_inside_the_paper_spaces(name):
         d, constants = resolve(spec, anchors)
         assert constants == {}
 
-        def inside(key, v):  # strictly inside (log scale: not at a corner)
-            return d[key].low < v < d[key].high
-
-        assert inside("max_lr", 3.0) and inside("div_factor", 30.0) and inside("weight_decay", 1e-4), prior
+        for key, v in (("max_lr", 3.0), ("div_factor", 30.0), ("weight_decay", 1e-4)):
+            assert d[key].low < v < d[key].high, (key, prior)  # strictly inside: not at a corner
     assert False in d["cycle_momentum"].choices and d["max_momentum"].low < 0.9 < d["max_momentum"].high
     assert spec.final.refit
     point = recipe_point(d, anchors, divisor=spec.range_test.divisor)

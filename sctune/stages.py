@@ -167,6 +167,9 @@ class StageProgress(_callback_base()):
     def _count(self, trial, result: dict) -> None:
         key = "steps" if self.stage == "range" else "epoch"
         v = result.get(key)
+        cost = result.get("cost_fte")  # a range test's own measured cost (stage 1 reports it), in FTE
+        if self.stage == "range" and self.fte_unit and isinstance(cost, (int, float)) and math.isfinite(cost):
+            v = cost / self.fte_unit
         if isinstance(v, (int, float)) and math.isfinite(v):
             self.units[trial.trial_id] = max(self.units.get(trial.trial_id, 0.0), float(v))
 

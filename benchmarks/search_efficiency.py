@@ -5,8 +5,9 @@ Arms (same task, same data split, same training loop ``sctune.train.fit``; repea
 * ``sctune``: stage 1 exactly as sctune runs it (the space file's range tests: every weight decay x
   ``repeats`` seeds through ``sctune.range_test.run_range_test``), bounds and WD prior from
   ``sctune.stages.summarize_range_tests``, then stage 2's plan from ``sctune.stages.search_plan``
-  (``space.resolve`` / ``recipe_point`` / ``rung_grace_period``): Optuna multivariate TPE seeded with
-  Smith's recipe as the first point + ASHA with the schedule-aware first rung.
+  (``space.resolve`` / ``recipe_point`` / ``rung_plan``): Optuna multivariate TPE seeded with
+  Smith's recipe as the first point + ASHA with rungs at equal schedule phase (the end of every
+  trial's cycle), trials ranked by the mean of their last ``search.select_last`` evaluations.
 * ``random``: the same stage 1 (its cost is charged too), then random search over the same resolved
   joint space, no recipe point, no pruning.
 * ``conventional``: what a Ray Tune user writes without sctune: OptunaSearch (multivariate TPE, same
@@ -147,22 +148,26 @@ def job_range(task: dict[str, Any], rep: int) -> dict[str, Any]:
 
 
 def _search(spec, data, *, dists, constants: dict, base_over: dict, sampler, recipe: dict | None,
-            asha: dict | None, spent0: float, budget_epochs: float) -> list[dict[str, Any]]:
+            asha: dict | None, spent0: float, budget_epochs: float, select_last: int = 1) -> list[dict[str, Any]]:
     """Ask/tell loop as Ray's OptunaSearch runs it, ASHA via Ray's scheduler object, one trial at a time."""
     import optuna
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
     from sctune.config import TrainConfig
+    from sctune.schedules import schedule_phase
     from sctune.space import to_optuna
-    from sctune.train import TEST_ACC, VAL_ACC, fit
+    from sctune.train import PHASE, TEST_ACC, VAL_ACC, fit, tail_mean
 
     study = optuna.create_study(direction="maximize", sampler=sampler)
     if recipe is not None:
         study.enqueue_trial(recipe)
     scheduler = None
     if asha is not None:
-        scheduler = ASHAScheduler(time_attr="epoch", metric=VAL_ACC, mode="max", max_t=spec.base.epochs,
-                                  grace_period=asha["grace_period"], reduction_factor=asha["reduction_factor"])
+        # sctune's rungs are in schedule phase (space.rung_plan); the conventional arm's in epochs
+        scheduler = ASHAScheduler(time_attr=asha.get("time_attr", "epoch"), metric=VAL_ACC, mode="max",
+                                  max_t=asha.get("max_t", spec.base.epochs), grace_period=asha["grace_period"],
+                                  reduction_factor=asha["reduction_factor"])
+
     distributions = to_optuna(dists)
     base = spec.base.to_flat() | base_over | constants
     events: list[dict[str, Any]] = []
@@ -175,8 +180,12 @@ def _search(spec, data, *, dists, constants: dict, base_over: dict, sampler, rec
         if scheduler is not None:
             scheduler.on_trial_add(None, trial)
         last: dict[str, float] = {}
+        seen: list[float] = []
 
-        def on_epoch(metrics, state_fn, trial=trial, last=last, max_t=cfg.epochs) -> bool:
+        def on_epoch(metrics, state_fn, trial=trial, last=last, max_t=cfg.epochs, cfg=cfg, seen=seen) -> bool:
+            seen.append(metrics[VAL_ACC])
+            metrics = metrics | {PHASE: schedule_phase(cfg, int(metrics["epoch"]) / cfg.epochs),
+                                 "select": tail_mean(seen, select_last)}
             last.update(metrics)
             if scheduler is None or int(metrics["epoch"]) >= max_t:
                 return False
@@ -187,7 +196,7 @@ def _search(spec, data, *, dists, constants: dict, base_over: dict, sampler, rec
         wall = time.perf_counter() - t0
         if scheduler is not None:
             scheduler.on_trial_complete(None, trial, last)
-        val = last.get(VAL_ACC)
+        val = last.get("select")
         study.tell(ot, val)  # Ray's OptunaSearch: COMPLETE with the last reported value, pruned or not
         spent += res.epochs_run
         status = "diverged" if res.diverged else ("completed" if res.epochs_run == cfg.epochs else "pruned")
@@ -224,12 +233,13 @@ def job_search(task: dict[str, Any], rep: int, arm: str, range_result: dict[str,
             events = _search(spec, data, dists=plan["dists"], constants=plan["constants"], base_over={},
                              sampler=sampler, recipe=plan["recipe"],
                              asha=None if s.scheduler != "asha" else
-                             {"grace_period": plan["grace_period"], "reduction_factor": s.reduction_factor},
-                             spent0=spent0, budget_epochs=budget)
+                             plan["rungs"] | {"reduction_factor": s.reduction_factor},
+                             spent0=spent0, budget_epochs=budget, select_last=s.select_last)
         else:
             sampler = optuna.samplers.RandomSampler(seed=s.seed)
             events = _search(spec, data, dists=plan["dists"], constants=plan["constants"], base_over={},
-                             sampler=sampler, recipe=None, asha=None, spent0=spent0, budget_epochs=budget)
+                             sampler=sampler, recipe=None, asha=None, spent0=spent0, budget_epochs=budget,
+                             select_last=s.select_last)
     elif arm == "conventional":
         dists = {k: Dist(k, "float", low=lo, high=hi, log=lg) for k, (lo, hi, lg) in CONVENTIONAL_SPACE.items()}
         sampler = optuna.samplers.TPESampler(seed=s.seed, multivariate=True, n_startup_trials=n_startup)

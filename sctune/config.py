@@ -139,6 +139,7 @@ class TaskConfig(_Config):
     augment: bool | None = None  # None = the dataset's default (crop+flip for CIFAR)
     data_seed: int = 0  # fixes the train/val split across every trial
     modules: tuple[str, ...] = ()  # imported first in the driver and every worker (their register_* calls run)
+    train_on_val: bool = False  # train on train + validation (final.refit); val/* metrics are then seen data
 
     def __post_init__(self):
         for i, m in enumerate(self.modules):
@@ -239,6 +240,11 @@ class TrainConfig(_Config):
     channels_last: bool = False  # NHWC memory format for conv nets on GPU
     compile: bool = False  # torch.compile the model
     track_curvature: bool = False  # log the Hessian-free LR estimate (METHOD.md section 6)
+    # Precise BatchNorm before every held-out evaluation, as in the range test (train.recalibrate_bn):
+    # running averages lag fast-moving weights and swing eval accuracy by tens of points at high LR,
+    # and these numbers decide pruning and selection.
+    precise_bn: bool = True
+    precise_bn_samples: int = 512  # training samples (a fixed, evenly spaced subset) for the statistics
 
     def __post_init__(self):
         _require(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
@@ -247,6 +253,7 @@ class TrainConfig(_Config):
         _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+        _require(self.precise_bn_samples >= 1, "precise_bn_samples", f"must be >= 1, got {self.precise_bn_samples}")
 
     # -- flat <-> nested ------------------------------------------------------------------
     @classmethod

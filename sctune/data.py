@@ -19,6 +19,7 @@ work runs in the training loop (METHOD.md section 7: airbench/hlb-CIFAR10 keep d
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,21 @@ def dataset_fn(name: str) -> DatasetFn:
         return resolve_reference(name, "task.dataset")
     raise ConfigError("task.dataset", f"unknown dataset {name!r} (known: {', '.join(dataset_names())}; or "
                                       "module:function, or register it in a module listed under task.modules)")
+# Training-set sizes of datasets that live on disk, so a plan can count iterations on a machine without the
+# files (a cluster's head node): CIFAR-10/100 hold 50,000 training images (Krizhevsky 2009).
+KNOWN_TRAINVAL_SIZES = {"cifar10": 50_000, "cifar100": 50_000}
+
+
+def known_split_sizes(task: TaskConfig) -> dict[str, int] | None:
+    """Train/val sizes ``load_dataset`` would give, from ``KNOWN_TRAINVAL_SIZES`` (None if unknown).
+
+    Same arithmetic as the split: scikit-learn's ``train_test_split`` puts ceil(val_frac x n) in validation."""
+    n = KNOWN_TRAINVAL_SIZES.get(task.dataset)
+    if n is None:
+        return None
+    val = math.ceil(task.val_frac * n)
+    train = n - val if task.train_subset is None else min(task.train_subset, n - val)
+    return {"train": train, "val": val}
 
 
 def load_dataset(task: TaskConfig) -> DatasetSplits:
@@ -113,6 +129,8 @@ def load_dataset(task: TaskConfig) -> DatasetSplits:
                               f"{task.train_subset} exceeds the {len(tr)} training samples of {task.dataset}")
         rng = np.random.default_rng(task.data_seed)
         tr = np.sort(rng.choice(tr, size=task.train_subset, replace=False))
+    if task.train_on_val:  # the final refit: train on train + validation (validation metrics are then seen data)
+        tr = np.sort(np.concatenate([tr, va]))
     tr_t, va_t = torch.from_numpy(tr), torch.from_numpy(va)
     return DatasetSplits(
         x_train=x[tr_t], y_train=y[tr_t], x_val=x[va_t], y_val=y[va_t],

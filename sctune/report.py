@@ -18,7 +18,7 @@ def search_figure(summary: pd.DataFrame, metric: str, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    col = f"final_{metric}"
+    col = metric if metric in summary else f"final_{metric}"  # the selection score (<metric>_tail)
     if summary.empty or col not in summary:
         return False
     xs = [c for c in ("max_lr", "weight_decay", "dropout") if c in summary and summary[c].nunique() > 1]
@@ -120,10 +120,21 @@ def _range(spread: dict[str, Any]) -> str:
 
 
 def write_report(root: Path, *, spec_path: str, bounds: dict[str, Any] | None, summary: pd.DataFrame | None,
-                 best: dict[str, Any] | None, metric: str, wall_s: float | None = None) -> Path:
+                 best: dict[str, Any] | None, metric: str, wall_s: float | None = None,
+                 plan: dict[str, Any] | None = None, compute: dict[str, Any] | None = None) -> Path:
     lines = [f"# sctune report: {root.name}", "", f"Search space: `{spec_path}`", ""]
     if wall_s is not None:
         lines += [f"Wall time of this invocation: {wall_s:.0f} s", ""]
+    if plan is not None:
+        from .budget import format_plan
+
+        lines += ["## Plan and compute", "", "Planned before the start (FTE = one full training of the space's "
+                  "`fixed` budget):", "", *[f"- {line}" for line in format_plan(plan)], ""]
+    if compute and compute.get("spent_fte"):
+        sp = compute["spent_fte"]
+        lines += ["Spent: " + ", ".join(f"{k} **{v:.2f}** FTE" for k, v in sp.items() if v is not None)
+                  + (f" (budget {compute['budget_fte']:g} FTE)" if compute.get("budget_fte") is not None else "")
+                  + ".", ""]
     if bounds is not None:
         chosen = bounds.get("chosen") or {}
         verdict = bounds.get("verdict") or {}
@@ -141,17 +152,26 @@ def write_report(root: Path, *, spec_path: str, bounds: dict[str, Any] | None, s
             lines += ["![range test](range_test/range_test.png)", ""]
     if summary is not None and not summary.empty:
         counts = summary["status"].value_counts().to_dict()
+        shown = summary.drop(columns=[c for c in ("checkpoint", "node_id") if c in summary])
         lines += ["## Stage 2: joint one-cycle + regularization search", "",
-                  f"{len(summary)} trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".", "",
-                  summary.head(10).to_markdown(index=False, floatfmt=".4g"), ""]
+                  f"{len(summary)} trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ". "
+                  f"Ranked by `{metric}` (the mean of a trial's last evaluations: what selects the best).", "",
+                  shown.head(10).to_markdown(index=False, floatfmt=".4g"), ""]
         if (root / "search.png").exists():
             lines += ["![search](search.png)", ""]
     if best is not None:
         final = best.get("final") or {}
-        lines += ["## Best configuration and final fit", "", "```json",
+        lines += ["## Best configuration and final fit", "",
+                  f"Trial {best.get('trial_id')}: `{best.get('metric')}` **{best.get('value'):.4f}**"
+                  + (f" (binomial standard error on the validation split {best['value_se']:.4f}: trials within about "
+                     "twice that are tied)" if best.get("value_se") else "") + ".", "", "```json",
                   pd.Series(best.get("config", {})).to_json(indent=2), "```", ""]
-        if final.get("test_acc_mean") is not None:
-            lines += [f"Final fit over {final['n']} seeds: test accuracy **{final['test_acc_mean']:.4f}** "
+        if final.get("test_acc_mean") is not None and final.get("test_acc_std") is None:
+            lines += [f"No final fit (the budget left none): the best trial tested as it is, test accuracy "
+                      f"**{final['test_acc_mean']:.4f}**.", ""]
+        elif final.get("test_acc_mean") is not None:
+            where = " on train + validation" if final.get("refit") else ""
+            lines += [f"Final fit over {final['n']} seeds{where}: test accuracy **{final['test_acc_mean']:.4f}** "
                       f"± {final['test_acc_std']:.4f} (std).", ""]
     lines += ["## TensorBoard", "", "```", f"tensorboard --logdir {(root / 'tensorboard').resolve()} "
               "--host 127.0.0.1 --port 6006", "```", ""]

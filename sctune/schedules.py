@@ -108,6 +108,23 @@ def build_schedule(optimizer: Optimizer, cfg: TrainConfig, *, steps_per_epoch: i
     raise ValueError(f"unknown schedule {cfg.schedule!r}")
 
 
+def schedule_phase(cfg: TrainConfig, progress: float) -> float:
+    """Where a run is in its own schedule, phase-normalised: 0 start, 1 LR peak, 2 end of the cycle,
+    3 end of the run (annihilation); linear in iterations within each part.
+
+    Two one-cycle runs at the same phase are at the same point of their schedules whatever their
+    ``cycle_frac``: pruning compares trials at equal phase (``time_attr`` of sctune's ASHA). Schedules
+    other than one-cycle have no cycle; their phase is ``3 x progress``.
+    """
+    p = min(max(progress, 0.0), 1.0)
+    if cfg.schedule != "onecycle":
+        return 3.0 * p
+    c = cfg.onecycle.cycle_frac
+    if p <= c:
+        return 2.0 * p / c
+    return 2.0 + (p - c) / (1.0 - c)
+
+
 def current_momentum(optimizer: Optimizer) -> float:
     """Momentum (SGD) or beta1 (Adam/AdamW) of the first param group; NaN when it has neither."""
     group = optimizer.param_groups[0]

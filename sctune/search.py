@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .budget import format_plan
 from .config import ConfigError
 from .space import DEFAULT_SPACE_DIR, SpaceError, SpaceSpec, load_space
 
@@ -45,6 +46,8 @@ class SearchResults:
     summary: Any = None  # pandas.DataFrame of the search trials
     best: dict[str, Any] | None = None
     stages_run: list[str] = field(default_factory=list)
+    plan: dict[str, Any] | None = None  # budget.plan_compute: iterations and FTE of each stage, before the start
+    compute: dict[str, Any] | None = None  # FTE spent per stage, against the budget
 
     @property
     def tensorboard_command(self) -> str:
@@ -92,11 +95,12 @@ def prepare(space: str | Path | SpaceSpec | None = None, *, name: str | None = N
             smoke: bool = False, address: str | None = None, num_samples: int | None = None,
             max_concurrent: int | None = None, cpus_per_trial: float | None = None,
             gpus_per_trial: float | None = None, seed: int | None = None,
-            lr_bounds: tuple[float, float] | None = None, wd_prior: float | None = None
+            lr_bounds: tuple[float, float] | None = None, wd_prior: float | None = None,
+            budget: float | None = None, refit: bool | None = None
             ) -> tuple[SpaceSpec, Path, dict[str, Any]]:
     """All validation, no side effects beyond reading files. Returns (spec, experiment dir, state)."""
-    if stage not in ("range", "search", "final", "all"):
-        raise UsageError("--stage", f"must be range, search, final or all, got {stage!r}")
+    if stage not in ("range", "search", "final", "all", "plan"):
+        raise UsageError("--stage", f"must be range, search, final, all or plan, got {stage!r}")
     root_storage = _check_storage(storage_path)
     address = _cluster_address(address)  # RAY_ADDRESS counts: inside `ray job submit` the local checks don't apply
     state: dict[str, Any] = {}
@@ -147,11 +151,12 @@ def prepare(space: str | Path | SpaceSpec | None = None, *, name: str | None = N
                              f"Resume it with --resume --name {name}, or pick a new --name.")
     elif resume:
         raise UsageError("--resume", f"no experiment {name!r} in {root_storage} to resume")
-    try:
-        spec = spec.with_search(num_samples=num_samples, max_concurrent=max_concurrent,
-                                cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, seed=seed)
-    except SpaceError as e:
-        raise UsageError(f"--{e.path.rsplit('.', 1)[-1].replace('_', '-')}", e.rule) from None
+    if budget is None and resume:
+        budget = state.get("budget")  # a resumed experiment keeps the budget it was planned with
+    spec = _with_cli(spec, num_samples=num_samples, max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial,
+                     gpus_per_trial=gpus_per_trial, seed=seed, budget=budget, refit=refit)
+    if stage == "plan":  # a dry run: nothing below (Ray, GPUs, stage outputs) matters
+        return spec, exp, state | {"name": name}
     if lr_bounds is not None:
         lo, hi = lr_bounds
         if not (0 < lo < hi):
@@ -176,6 +181,18 @@ def prepare(space: str | Path | SpaceSpec | None = None, *, name: str | None = N
     if stage == "final" and not (exp / "summary.csv").exists():
         raise UsageError("--stage", f"stage 'final' needs a finished search in {exp} (summary.csv)")
     return spec, exp, state | {"name": name}
+
+
+def _with_cli(spec: SpaceSpec, *, refit: bool | None = None, **search) -> SpaceSpec:
+    try:
+        spec = spec.with_search(**search)
+    except SpaceError as e:
+        raise UsageError(f"--{e.path.rsplit('.', 1)[-1].replace('_', '-')}", e.rule) from None
+    if refit is not None:
+        import dataclasses
+
+        spec = dataclasses.replace(spec, final=spec.final.replace(refit=refit))
+    return spec
 
 
 def _start_ray(address: str | None, *, verbose: bool, dashboard: bool, num_cpus: int | None = None,
@@ -325,7 +342,7 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
         cpus_per_trial: float | None = None, gpus_per_trial: float | None = None, seed: int | None = None,
         lr_bounds: tuple[float, float] | None = None, wd_prior: float | None = None, verbose: bool = False,
         quiet: bool = False, dashboard: bool = False, num_cpus: int | None = None,
-        cluster_yaml: str | None = None) -> SearchResults:
+        cluster_yaml: str | None = None, budget: float | None = None, refit: bool | None = None) -> SearchResults:
     """Run sctune's stages and return their results (the CLI's engine).
 
     ``space``: a search-space file (default: the embedded digits space) or a parsed ``SpaceSpec``.
@@ -337,7 +354,17 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
     spec, exp, state = prepare(space, name=name, storage_path=storage_path, stage=stage, resume=resume,
                                smoke=smoke, address=address, num_samples=num_samples,
                                max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial,
-                               gpus_per_trial=gpus_per_trial, seed=seed, lr_bounds=lr_bounds, wd_prior=wd_prior)
+                               gpus_per_trial=gpus_per_trial, seed=seed, lr_bounds=lr_bounds, wd_prior=wd_prior,
+                               budget=budget, refit=refit)
+    autoscale = _read_cluster_yaml(cluster_yaml)  # a bad --cluster-yaml fails before anything else is done
+    # The plan (iterations and FTE of each stage; with a budget, stage 1 and the final fit cut to fit it)
+    # is made and shown before Ray starts; a budget that cannot hold one search trial is refused here.
+    spec, cplan = make_plan(spec, budget_from_cli=budget is not None)
+    if not quiet or stage == "plan":
+        for line in format_plan(cplan):
+            print(f"[plan] {line}", file=sys.stderr if stage != "plan" else sys.stdout, flush=True)
+    if stage == "plan":
+        return SearchResults(root=exp, plan=cplan)
     from .report import search_figure, write_report
     from .space import Anchors
     from .stages import (
@@ -347,18 +374,19 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
         run_final_stage,
         run_range_stage,
         run_search_stage,
+        search_fte,
         search_plan,
         write_json,
         write_tb_config,
     )
     from .tasks import check_shippable, registrations
+    from .train import tail_key
 
     regs = registrations(spec.base.task)  # the driver's own registrations travel with every trial
     try:
         check_shippable(spec.base.task, regs)
     except ConfigError as e:
         raise SpaceError(spec.path, e.path, e.rule) from None
-    autoscale = _read_cluster_yaml(cluster_yaml)  # a bad --cluster-yaml fails before Ray starts
     started = _start_ray(address, verbose=verbose, dashboard=dashboard, num_cpus=num_cpus,
                          runtime_env=_user_runtime_env(spec, regs, address))
     try:
@@ -379,8 +407,11 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
     state.setdefault("done", [])
     state.update({"smoke": smoke, "space": str(space if space is not None and not isinstance(space, SpaceSpec)
                                                 else spec.path)})
+    state["budget"] = spec.search.budget  # --resume plans with the same budget
     write_json(paths.state, state)
-    results = SearchResults(root=exp)
+    results = SearchResults(root=exp, plan=cplan)
+    full_iters = cplan["fte"]["iterations"]  # iterations of one FTE (None: dataset size unknown)
+    budget_fte = spec.search.budget
     want = STAGE_ORDER[stage]
     try:
         write_tb_config(spec, paths)
@@ -389,7 +420,8 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
         # Stage 1
         if "range" in want and not ("range" in state["done"] and saved_bounds is not None):
             results.bounds = run_range_stage(spec, paths, resume=resume, quiet=quiet, lr_bounds=lr_bounds,
-                                             wd_prior=wd_prior)
+                                             wd_prior=wd_prior,
+                                             fte=(0.0, budget_fte, 1.0 / full_iters if full_iters else None))
             _mark_done(state, "range")
             write_json(paths.state, state)
             results.stages_run.append("range")
@@ -405,18 +437,30 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
             anchors = Anchors(max_lr_bound=lr_bounds[1], min_lr_bound=lr_bounds[0],
                               wd_prior=wd_prior if wd_prior is not None else spec.base.reg.weight_decay)
         elif results.bounds is not None and results.bounds.get("chosen"):
-            anchors = Anchors(**results.bounds["chosen"])
+            anchors = Anchors.from_dict(results.bounds["chosen"])
+        range_fte = _range_cost_fte(results.bounds, paths, full_iters)
+        results.compute = {"budget_fte": budget_fte, "range_fte": range_fte}
         # Stage 2
         summary_file = exp / "summary.csv"
         saved_summary = _read_output(summary_file, _read_summary)
         if "search" in want and not ("search" in state["done"] and saved_summary is not None):
             if anchors is None:
                 raise StageError("no LR bounds to search within; give --lr-bounds MIN_LR MAX_LR")
-            results.summary = run_search_stage(spec, paths, anchors, resume=resume, quiet=quiet)
+            search_budget = None
+            if budget_fte is not None:
+                # sized to what is left after stage 1 (its real cost) and the planned final fit
+                search_budget = budget_fte - (range_fte or 0.0) - cplan["final"]["fte"]
+                if search_budget < 1.0:
+                    raise StageError(f"after stage 1 ({range_fte:.2f} FTE) and the final fit ({cplan['final']['fte']:.2f} "
+                                     f"FTE), the budget of {budget_fte:g} FTE leaves {search_budget:.2f} FTE: not one "
+                                     "full search trial; raise --budget")
+            results.summary = run_search_stage(
+                spec, paths, anchors, resume=resume, quiet=quiet, budget_fte=search_budget,
+                fte=(range_fte or 0.0, budget_fte, 1.0 / spec.base.epochs))
             _mark_done(state, "search")
             write_json(paths.state, state)
             results.stages_run.append("search")
-            search_figure(results.summary, spec.search.metric, exp / "search.png")
+            search_figure(results.summary, tail_key(spec.search.metric), exp / "search.png")
         elif saved_summary is not None:
             results.summary = saved_summary
         # Stage 3
@@ -426,16 +470,32 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
             keys = set(plan["dists"]) | set(plan["constants"])
             params = {k: _py(best_row[k]) for k in keys if k in best_row}
             saved_best = _read_output(exp / "best.json", _read_dict) if "final" in state["done"] else None
+            spent_search = search_fte(results.summary, spec)
             if saved_best is not None:
                 final = saved_best.get("final")
             else:
-                final = run_final_stage(spec, paths, params, resume=resume, quiet=quiet)
+                final = run_final_stage(
+                    spec, paths, params, resume=resume, quiet=quiet, best_row=best_row,
+                    refit_epochs=cplan["final"]["epochs"],
+                    fte=((range_fte or 0.0) + spent_search, budget_fte,
+                         cplan["final"]["fte"] / max(1, spec.final.seeds) / cplan["final"]["epochs"]))
                 _mark_done(state, "final")
                 results.stages_run.append("final")
-            metric = spec.search.metric
+            metric = best_row["_score_column"]
+            final_fte = (sum(float(r.get("epochs") or 0) for r in (final or {}).get("runs", [])
+                             if not r.get("search_trial")) * cplan["final"]["fte"] / max(1, spec.final.seeds)
+                         / cplan["final"]["epochs"])
+            results.compute = _compute_summary(budget_fte, range_fte, spent_search, final_fte, cplan)
             results.best = {
                 "trial_id": best_row["trial_id"], "config": spec.base.with_flat(**params).to_flat(),
-                "searched": params, "metric": metric, "value": _py(best_row[f"final_{metric}"]), "final": final, "anchors": anchors.to_dict() if anchors else None,
+                "searched": params, "metric": metric, "value": _py(best_row[metric]),
+                "select_last": spec.search.select_last,
+                # binomial standard error of an accuracy on the validation split: differences below ~2 of
+                # these between trials are noise (digits: 216 images, one image = 0.46 points)
+                "value_se": _accuracy_se(_py(best_row[metric]), cplan["fte"]["val_samples"]),
+                "final_epoch_value": _py(best_row.get(f"final_{spec.search.metric}")),
+                "final": final, "anchors": anchors.to_dict() if anchors else None,
+                "compute": results.compute,
             }
             write_json(exp / "best.json", results.best)
             write_json(paths.state, state)
@@ -448,11 +508,68 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
 
             ray.shutdown()
     write_report(exp, spec_path=str(spec.path), bounds=results.bounds, summary=results.summary, best=results.best,
-                 metric=spec.search.metric, wall_s=time.monotonic() - t0)
+                 metric=tail_key(spec.search.metric), wall_s=time.monotonic() - t0, plan=cplan,
+                 compute=results.compute)
     return results
 
 
 STAGE_ORDER = {"range": ("range",), "search": ("search",), "final": ("final",), "all": ("range", "search", "final")}
+
+
+def _dataset_sizes(spec: SpaceSpec) -> dict[str, int] | None:
+    """Split sizes of the task's data (loaded once in the driver, then freed); None if it cannot be loaded
+    here (e.g. a cluster whose data lives only on the workers)."""
+    from .data import known_split_sizes, load_dataset
+
+    try:
+        sizes = load_dataset(spec.base.task).sizes()
+    except Exception as e:
+        sizes = known_split_sizes(spec.base.task)
+        if sizes is None:
+            log.warning("could not load %s here to count iterations (%s); the plan shows epochs only",
+                        spec.base.task.dataset, e)
+    return sizes
+
+
+def make_plan(spec: SpaceSpec, *, budget_from_cli: bool = False) -> tuple[SpaceSpec, dict[str, Any]]:
+    """``budget.plan_compute`` on the task's real split sizes; a budget it cannot meet is a UsageError
+    (exit 2) naming ``--budget`` or the space file's ``search.budget``."""
+    from .budget import BudgetError, plan_compute
+
+    key = "--budget" if budget_from_cli else f"{spec.path}: search.budget"
+    try:
+        return plan_compute(spec, _dataset_sizes(spec), budget=spec.search.budget, budget_key=key)
+    except BudgetError as e:
+        raise UsageError(key, e.rule) from None
+
+
+def _range_cost_fte(bounds: dict[str, Any] | None, paths, full_iters: int | None) -> float | None:
+    """Stage 1's cost in FTE: bounds.json's ``cost_fte`` when stage 1 reports it, else the range-test
+    iterations in curves.csv (one row per step taken) / the iterations of one FTE."""
+    if bounds is None:
+        return None
+    if isinstance(bounds.get("cost_fte"), (int, float)):
+        return float(bounds["cost_fte"])
+    curves = paths.range_dir / "curves.csv"
+    if not full_iters or not curves.exists():
+        return None
+    with curves.open() as f:
+        steps = sum(1 for _ in f) - 1
+    return max(0, steps) / full_iters
+
+
+def _accuracy_se(value: Any, n: int | None) -> float | None:
+    if not n or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        return None
+    return (value * (1.0 - value) / n) ** 0.5
+
+
+def _compute_summary(budget: float | None, range_fte: float | None, search: float, final: float,
+                     plan: dict[str, Any]) -> dict[str, Any]:
+    total = (range_fte or 0.0) + search + final
+    return {"budget_fte": budget, "spent_fte": {"range": range_fte, "search": search, "final": final,
+                                                "total": total},
+            "fte": plan["fte"], "within_budget": None if budget is None else total <= budget + 1e-9}
 
 
 def _mark_done(state: dict[str, Any], stage: str) -> None:
@@ -551,8 +668,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (also torch threads)")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial; fractions pack trials (0.25 = 4 per GPU)")
     p.add_argument("--address", help="connect to an existing Ray cluster (default: start Ray locally)")
-    p.add_argument("--stage", choices=("range", "search", "final", "all"), default="all",
-                   help="run only this stage (default: all three)")
+    p.add_argument("--stage", choices=("range", "search", "final", "all", "plan"), default="all",
+                   help="run only this stage (default: all three); plan: print the iterations and FTE of each "
+                        "stage and exit (a dry run: nothing starts)")
+    p.add_argument("--budget", type=float, metavar="FTE",
+                   help="bound the whole experiment's compute, in full trainings of the space's fixed budget "
+                        "(overrides search.budget); stage 1, the search and the final fit share it")
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="final fit on train + validation, as the paper's numbers (overrides final.refit)")
     p.add_argument("--resume", action="store_true", help="continue experiment --name where it stopped")
     p.add_argument("--seed", type=int, help="search seed (range-test seeds and sampler)")
     p.add_argument("--smoke", action="store_true", help="tiny budgets from the file's smoke: section (tests, CI)")
@@ -577,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
                   gpus_per_trial=args.gpus_per_trial, seed=args.seed,
                   lr_bounds=tuple(args.lr_bounds) if args.lr_bounds else None, wd_prior=args.wd_prior,
                   verbose=args.verbose, quiet=args.quiet, dashboard=args.dashboard,
-                  cluster_yaml=args.cluster_yaml)
+                  cluster_yaml=args.cluster_yaml, budget=args.budget, refit=args.refit)
     except ConfigError as e:
         print(f"sctune: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -588,7 +711,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sctune: stopped: {e}", file=sys.stderr)
         return EXIT_STAGE
-    _print_summary(res)
+    if args.stage != "plan":
+        _print_summary(res)
     return 0
 
 
@@ -597,15 +721,25 @@ def _print_summary(res: SearchResults) -> None:
     if res.best:
         b = res.best
         metric = b["metric"]
-        print(f"Best configuration (trial {b['trial_id']}, {metric} {b['value']:.4f}):")
+        last = f", the mean of its last {b['select_last']} evaluations" if b.get("select_last") else ""
+        print(f"Best configuration (trial {b['trial_id']}, {metric} {b['value']:.4f}{last}):")
         for k, v in sorted(b["searched"].items()):
             print(f"  {k:<20} {v:.4g}" if isinstance(v, float) else f"  {k:<20} {v}")
         f = b.get("final") or {}
-        if f.get("test_acc_mean") is not None:
-            print(f"Final fit over {f['n']} seed(s): test/acc {f['test_acc_mean']:.4f} ± {f['test_acc_std']:.4f}")
+        if f.get("test_acc_mean") is not None and f.get("test_acc_std") is None:
+            print(f"Best trial tested as it is (no final fit): test/acc {f['test_acc_mean']:.4f}")
+        elif f.get("test_acc_mean") is not None:
+            where = " on train + validation" if f.get("refit") else ""
+            print(f"Final fit over {f['n']} seed(s){where}: test/acc {f['test_acc_mean']:.4f} ± {f['test_acc_std']:.4f}")
     elif res.bounds and res.bounds.get("chosen"):
         c = res.bounds["chosen"]
         print(f"LR bounds: min {c['min_lr_bound']:.4g}, max {c['max_lr_bound']:.4g}, wd prior {c['wd_prior']:g}")
+    c = res.compute
+    if c and c.get("spent_fte"):
+        sp = c["spent_fte"]
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in sp.items() if k != "total" and v is not None)
+        print(f"Compute:     {sp['total']:.2f} FTE ({parts})" + (f" of a budget of {c['budget_fte']:g}"
+                                                                 if c.get("budget_fte") is not None else ""))
     print(f"Results:     {res.root}")
     print(f"Report:      {res.root / 'report.md'}")
     print(f"TensorBoard: {res.tensorboard_command}")

@@ -55,13 +55,16 @@ class SpaceError(ConfigError):
 
 @dataclass(frozen=True)
 class SearchConfig(_Config):
-    metric: str = "val/acc"  # reported every epoch; the final-epoch value ranks trials
+    metric: str = "val/acc"  # reported every epoch (precise BN); ASHA's rungs compare it at equal phase
     mode: str = "max"
-    num_samples: int = 16
+    select_last: int = 3  # trials are ranked by the mean of their last this-many evaluations (``<metric>_tail``)
+    num_samples: int = 16  # at most this many trials (with a budget: fewer when the budget runs out first)
     max_concurrent: int = 2
     scheduler: str = "asha"  # asha | none
-    grace_period: int | None = None  # None: schedule-aware, first rung after the latest LR peak
+    rung_phase: float = 2.0  # first ASHA rung, in schedule phase: 0 start, 1 LR peak, 2 cycle end, 3 run end
+    grace_period: int | None = None  # epochs; set: rungs by epoch instead of by phase (not like with like)
     reduction_factor: float = 2.0
+    budget: float | None = None  # whole experiment's compute in full-training equivalents (FTE), or none
     seed: int = 0
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
@@ -69,6 +72,11 @@ class SearchConfig(_Config):
     def __post_init__(self):
         _require(self.mode in ("max", "min"), "mode", f"must be 'max' or 'min', got {self.mode!r}")
         _require(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        _require(self.select_last >= 1, "select_last", f"must be >= 1, got {self.select_last}")
+        _require(0 < self.rung_phase < 3, "rung_phase",
+                 f"must be in (0, 3) (0 start, 1 LR peak, 2 cycle end, 3 run end), got {self.rung_phase}")
+        _require(self.budget is None or self.budget > 0, "budget",
+                 f"must be > 0 full-training equivalents, got {self.budget}")
         _require(self.max_concurrent >= 1, "max_concurrent", f"must be >= 1, got {self.max_concurrent}")
         _require(self.scheduler in ("asha", "none"), "scheduler",
                  f"must be 'asha' or 'none', got {self.scheduler!r}")
@@ -84,9 +92,12 @@ class SearchConfig(_Config):
 @dataclass(frozen=True)
 class FinalConfig(_Config):
     seeds: int = 3  # final fit repeated over this many seeds: mean and spread of test accuracy
+    # Retrain on train + validation, as the paper's numbers do (its ResNet-56 trained on all 50k CIFAR
+    # images), for as many iterations as a search trial ran (its budgets are in iterations).
+    refit: bool = False
 
     def __post_init__(self):
-        _require(self.seeds >= 1, "seeds", f"must be >= 1, got {self.seeds}")
+        _require(self.seeds >= 0, "seeds", f"must be >= 0 (0: test the search's best trial itself), got {self.seeds}")
 
 
 @dataclass(frozen=True)
@@ -290,14 +301,34 @@ def load_space(path: str | Path, *, smoke: bool = False) -> SpaceSpec:
 
 @dataclass(frozen=True)
 class Anchors:
-    """Stage-1 results that relative ranges scale with."""
+    """Stage-1 results that relative ranges scale with.
+
+    ``max_lr_lower_bound``: accuracy had not fallen yet when the range test's ramp ended, so
+    ``max_lr_bound`` only says "at least this" (Smith & Topin's ResNet-56 curves stay high up to the
+    ramp's end, LR 3); ``ramp_end_lr`` is where that ramp ended.
+    """
 
     max_lr_bound: float
     min_lr_bound: float
     wd_prior: float
+    max_lr_lower_bound: bool = False
+    ramp_end_lr: float | None = None
 
-    def to_dict(self) -> dict[str, float]:
-        return {"max_lr_bound": self.max_lr_bound, "min_lr_bound": self.min_lr_bound, "wd_prior": self.wd_prior}
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_lr_bound": self.max_lr_bound, "min_lr_bound": self.min_lr_bound, "wd_prior": self.wd_prior,
+                "max_lr_lower_bound": self.max_lr_lower_bound, "ramp_end_lr": self.ramp_end_lr}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Anchors:
+        """From bounds.json's ``chosen`` (older files lack the two optional fields; extra keys are ignored)."""
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# A max_lr bound that is only a lower bound says nothing about where accuracy falls: search up to
+# this many times the ramp's end (Smith & Topin trained at the top of a band that reached the end of
+# their 0 -> 3 ramp; beyond the ramp nothing was measured, so one doubling is explored, no more).
+LOWER_BOUND_STRETCH = 2.0
 
 
 def resolve(spec: SpaceSpec, anchors: Anchors) -> tuple[dict[str, Dist], dict[str, Any]]:
@@ -305,8 +336,12 @@ def resolve(spec: SpaceSpec, anchors: Anchors) -> tuple[dict[str, Dist], dict[st
 
     A weight-decay range scaled by a zero prior (no weight decay let the LR go highest) is scaled by
     the smallest positive weight decay the range tests tried instead, so weight decay stays in the
-    search - at and below the smallest tested value - rather than silently dropping out. Any other
-    range scaled by a zero anchor collapses to 0.
+    search - on both sides of the smallest tested value - rather than silently dropping out. Any
+    other range scaled by a zero anchor collapses to 0.
+
+    When ``anchors.max_lr_lower_bound`` (accuracy never fell before the ramp ended), a ``max_lr``
+    range scaled by an LR bound is widened to reach from below ``min_lr_bound`` to
+    ``LOWER_BOUND_STRETCH`` x the ramp's end (or x ``max_lr_bound`` when the ramp's end is unknown).
     """
     out: dict[str, Dist] = {}
     constants: dict[str, Any] = {}
@@ -325,6 +360,11 @@ def resolve(spec: SpaceSpec, anchors: Anchors) -> tuple[dict[str, Dist], dict[st
         low, high = d.low * factor, d.high * factor
         if d.log and low <= 0:
             low = high * 1e-3
+        if (name == "max_lr" and anchors.max_lr_lower_bound and d.scale in ("max_lr_bound", "min_lr_bound")
+                and d.kind == "float"):
+            top = max(anchors.ramp_end_lr or 0.0, anchors.max_lr_bound)
+            high = max(high, LOWER_BOUND_STRETCH * top)
+            low = min(low, anchors.min_lr_bound)
         out[name] = Dist(name, d.kind, low=low, high=high, log=d.log)
     return out, constants
 
@@ -344,10 +384,17 @@ def to_optuna(dists: Mapping[str, Dist]) -> dict[str, Any]:
 
 
 def recipe_point(dists: Mapping[str, Dist], anchors: Anchors, *, divisor: float) -> dict[str, Any]:
-    """Smith's recipe from the stage-1 bounds, clipped into the space: the first point evaluated."""
-    recipe = {"max_lr": anchors.max_lr_bound, "div_factor": divisor, "cycle_frac": 0.9,
-              "annihilation_factor": 1000.0, "max_momentum": 0.95, "min_momentum": 0.85,
-              "weight_decay": anchors.wd_prior, "dropout": 0.0, "label_smoothing": 0.0}
+    """Smith's recipe from the stage-1 bounds, clipped into the space: the first point evaluated.
+
+    max_lr = the range test's max bound (the top of the high-accuracy band, 1708.07120 section 3),
+    min_lr = max / the range test's divisor, the weight decay the range tests chose, and every other
+    one-cycle / regularization value from the config defaults (``OneCycleConfig``: cycle 90% of the
+    run, annihilation x1000, cyclical momentum 0.95 -> 0.85; ``RegularizationConfig``: no dropout).
+    """
+    from .config import OneCycleConfig, RegularizationConfig
+
+    recipe = OneCycleConfig().to_dict() | RegularizationConfig().to_dict()
+    recipe |= {"max_lr": anchors.max_lr_bound, "div_factor": divisor, "weight_decay": anchors.wd_prior}
     point: dict[str, Any] = {}
     for name, d in dists.items():
         if d.kind == "categorical":
@@ -360,16 +407,27 @@ def recipe_point(dists: Mapping[str, Dist], anchors: Anchors, *, divisor: float)
     return point
 
 
-def rung_grace_period(spec: SpaceSpec, dists: Mapping[str, Dist]) -> int:
-    """First ASHA rung placed after the latest possible LR peak of any trial (schedule-aware pruning).
+def rung_plan(spec: SpaceSpec) -> dict[str, Any]:
+    """ASHA's time axis and first rung: compare trials only where they are in the same phase.
 
-    During 1cycle's high-LR phase accuracy dips; comparing trials there would prune the very
-    configurations super-convergence needs. The peak sits at cycle_frac / 2 of the run, so the first
-    rung goes one epoch past the largest cycle_frac's peak.
+    During 1cycle the accuracy of a trial depends on where it is in its own schedule: it dips while the
+    LR is high, the more the larger the LR, and trials with different ``cycle_frac`` are in different
+    phases at the same epoch (on the 200-epoch CIFAR space, epoch 96 is the LR peak of a 0.95 cycle but
+    already the descent of a 0.8 one). Trials therefore report ``phase`` (``schedules.schedule_phase``:
+    0 start, 1 LR peak, 2 end of the cycle, 3 end of the run) and ASHA's rungs sit at equal phase. The
+    default first rung is the end of the cycle (``search.rung_phase: 2``): every trial has finished its
+    cycle and sits at its min LR. On recorded MNIST-1D histories (``tests/test_early_stopping.py``) an
+    earlier rung (the LR peak, or halfway down) pruned the eventual winner in about 40% of trial orders,
+    because rankings during one-cycle flip up to the cycle's end. An explicit ``search.grace_period``
+    (epochs) restores epoch rungs.
     """
-    if spec.search.grace_period is not None:
-        return spec.search.grace_period
-    d = dists.get("cycle_frac")
-    cf = d.high if d is not None and d.kind != "categorical" else (
-        max(d.choices) if d is not None else spec.base.onecycle.cycle_frac)
-    return min(spec.base.epochs, math.floor(cf / 2 * spec.base.epochs) + 1)
+    s = spec.search
+    if s.grace_period is not None:
+        return {"time_attr": "epoch", "grace_period": min(s.grace_period, spec.base.epochs),
+                "max_t": spec.base.epochs}
+    return {"time_attr": "phase", "grace_period": s.rung_phase, "max_t": 3.0}
+
+
+def rung_grace_period(spec: SpaceSpec, dists: Mapping[str, Dist] | None = None) -> float:
+    """The first rung on ``rung_plan``'s time axis (phase units, or epochs with ``search.grace_period``)."""
+    return rung_plan(spec)["grace_period"]

@@ -44,9 +44,9 @@ from .bounds import (
     choose_weight_decay,
     jsonable,
 )
-from .space import Anchors, SpaceSpec, recipe_point, resolve, rung_grace_period, to_optuna
+from .space import Anchors, SpaceSpec, recipe_point, resolve, rung_plan, to_optuna
 from .tasks import registrations
-from .train import TEST_ACC, VAL_ACC, VAL_ACC_BEST
+from .train import TEST_ACC, VAL_ACC, tail_key
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +135,19 @@ def _callback_base():
 class StageProgress(_callback_base()):
     """Compact live progress on stderr, and HParams session ends for trials that cannot write them.
 
-    One line per change: ``[search] 7/16 done (2 pruned, 0 errored) | 2 running | best val/acc 0.986``.
+    One line per change: ``[search] 7/16 done (2 pruned, 0 errored) | 2 running | best val/acc_tail 0.986 |
+    FTE 5.2/8``. The best value is offered only by trials that ran to the end (``epochs``), so the line shows
+    the number trials are selected by, never an intermediate epoch's. ``fte``: (spent before this stage,
+    the experiment's budget or None, FTE per unit of this stage's trials: per epoch, or per range-test step).
     """
 
-    def __init__(self, stage: str, total: int, *, metric: str, mode: str, epochs: int | None,
-                 tb_logdir: Path | None, quiet: bool = False):
+    def __init__(self, stage: str, total: int | None, *, metric: str, mode: str, epochs: int | None,
+                 tb_logdir: Path | None, quiet: bool = False,
+                 fte: tuple[float, float | None, float | None] | None = None):
         self.stage, self.total, self.metric, self.mode, self.epochs = stage, total, metric, mode, epochs
         self.tb_logdir, self.quiet = tb_logdir, quiet
+        self.fte_offset, self.fte_budget, self.fte_unit = fte if fte is not None else (0.0, None, None)
+        self.units: dict[str, float] = {}  # trial id -> epochs (or range-test steps) it ran
         self.done = self.pruned = self.errored = self.running = 0
         self.best: float | None = None
         self._last_line = ""
@@ -169,6 +175,8 @@ class StageProgress(_callback_base()):
             return t.status
 
         states = [(t, state(t)) for t in trials]
+        for t, _ in states:  # a resumed stage counts the compute of trials that ran before the kill
+            self._count(t, t.last_result or {})
         self.done = sum(st in ("TERMINATED", "ERROR") for _, st in states)
         self.errored = sum(st == "ERROR" for _, st in states)
         self.pruned = sum(st == "TERMINATED" and self._pruned(t) for t, st in states)
@@ -179,17 +187,39 @@ class StageProgress(_callback_base()):
 
     def _offer(self, result: dict) -> bool:
         v = result.get(self.metric)
+        if self.epochs is not None and int(result.get("epoch", 0) or 0) < self.epochs:
+            return False  # a trial still running (or pruned): not comparable with a finished one
         if isinstance(v, (int, float)) and math.isfinite(v) and not result.get("diverged"):
             if self.best is None or (v > self.best if self.mode == "max" else v < self.best):
                 self.best = float(v)
                 return True
         return False
 
+    def _count(self, trial, result: dict) -> None:
+        key = "steps" if self.stage == "range" else "epoch"
+        v = result.get(key)
+        cost = result.get("cost_fte")  # a range test's own measured cost (stage 1 reports it), in FTE
+        if self.stage == "range" and self.fte_unit and isinstance(cost, (int, float)) and math.isfinite(cost):
+            v = cost / self.fte_unit
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            self.units[trial.trial_id] = max(self.units.get(trial.trial_id, 0.0), float(v))
+
+    @property
+    def fte_spent(self) -> float | None:
+        """FTE spent so far by the experiment (earlier stages + this one's trials)."""
+        if self.fte_unit is None:
+            return None
+        return self.fte_offset + self.fte_unit * sum(self.units.values())
+
     def _print(self) -> None:
         best = f" | best {self.metric} {self.best:.4f}" if self.best is not None and self.metric else ""
         extra = f" ({self.pruned} pruned, {self.errored} errored)" if self.stage == "search" else (
             f" ({self.errored} errored)" if self.errored else "")
-        line = (f"[{self.stage}] {self.done}/{self.total} done{extra} | {self.running} running{best} "
+        spent = self.fte_spent
+        fte = "" if spent is None else (f" | FTE {spent:.2f}/{self.fte_budget:g}" if self.fte_budget is not None
+                                        else f" | FTE {spent:.2f}")
+        total = self.total if self.total is not None else "?"
+        line = (f"[{self.stage}] {self.done}/{total} done{extra} | {self.running} running{best}{fte} "
                 f"| {time.monotonic() - self._t0:.0f}s")
         if line != self._last_line and not self.quiet:
             print(line, file=sys.stderr, flush=True)
@@ -200,10 +230,16 @@ class StageProgress(_callback_base()):
         self._print()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if self.metric and self._offer(result):
+        before = self.fte_spent
+        self._count(trial, result)
+        # a line per new best, and per half FTE spent (a 200-epoch trial reports 200 times)
+        if (self.metric and self._offer(result)) or (
+                self.stage != "range"  # a range test reports once, as it completes: that line follows
+                and before is not None and math.floor(2 * self.fte_spent) > math.floor(2 * before)):
             self._print()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._count(trial, trial.last_result or {})
         self._recount(trials, finished=trial)
         last = trial.last_result or {}
         if last.get("diverged"):
@@ -403,8 +439,10 @@ def write_tb_config(spec: SpaceSpec, paths: ExperimentPaths, anchors: Anchors | 
     hparams.setdefault("weight_decay", {"type": "float", "low": 0.0, "high": max(rt.weight_decays)})
     hparams |= {"seed": {"type": "int", "low": 0, "high": spec.search.seed + 10_000},
                 "stage": {"choices": ["range", "search", "final"]}}
+    metrics = TB_METRICS + [(tail_key(spec.search.metric),
+                             f"selection score: mean of the last {spec.search.select_last} {spec.search.metric}")]
     try:
-        tb.write_hparams_config(paths.tensorboard, hparams=hparams, metrics=TB_METRICS)
+        tb.write_hparams_config(paths.tensorboard, hparams=hparams, metrics=metrics)
     except (ValueError, OSError) as e:  # TensorBoard bookkeeping must never stop a search
         log.warning("could not write the TensorBoard HParams config: %s", e)
 
@@ -412,7 +450,8 @@ def write_tb_config(spec: SpaceSpec, paths: ExperimentPaths, anchors: Anchors | 
 # -- stage 1 -----------------------------------------------------------------------------------
 
 def run_range_stage(spec: SpaceSpec, paths: ExperimentPaths, *, resume: bool = False, quiet: bool = False,
-                    lr_bounds: tuple[float, float] | None = None, wd_prior: float | None = None) -> dict[str, Any]:
+                    lr_bounds: tuple[float, float] | None = None, wd_prior: float | None = None,
+                    fte: tuple[float, float | None, float | None] | None = None) -> dict[str, Any]:
     """Parallel range tests -> ``range_test/bounds.json`` (returned). Raises StageError if unusable."""
     from .trainables import range_test_trainable
 
@@ -425,7 +464,8 @@ def run_range_stage(spec: SpaceSpec, paths: ExperimentPaths, *, resume: bool = F
                              user_task=registrations(spec.base.task)),
         resources)
     total = len(rt.weight_decays) * len(seeds)
-    progress = StageProgress("range", total, metric="", mode="max", epochs=None, tb_logdir=None, quiet=quiet)
+    progress = StageProgress("range", total, metric="", mode="max", epochs=None, tb_logdir=None, quiet=quiet,
+                             fte=fte)
 
     def make():
         return tune.Tuner(
@@ -509,7 +549,8 @@ def summarize_range_tests(spec: SpaceSpec, paths: ExperimentPaths, curves: pd.Da
         source = "user (--lr-bounds)"
     else:
         prior = wd_prior if wd_prior is not None else chosen["weight_decay"]
-        anchors = Anchors(max_lr_bound=chosen["max_lr"], min_lr_bound=chosen["min_lr"], wd_prior=prior)
+        anchors = Anchors(max_lr_bound=chosen["max_lr"], min_lr_bound=chosen["min_lr"], wd_prior=prior,
+                          max_lr_lower_bound=bool(chosen.get("lower_bound")), ramp_end_lr=spec.range_test.end_lr)
         source = "range test"
     if chosen is None or chosen.get("verdict") is None:
         verdict = {"possible": None, "message": "no usable range test: no verdict"}
@@ -554,13 +595,90 @@ def _write_bounds(paths: ExperimentPaths, spec: SpaceSpec, per_wd, per_trial, an
 def search_plan(spec: SpaceSpec, anchors: Anchors) -> dict[str, Any]:
     dists, constants = resolve(spec, anchors)
     point = recipe_point(dists, anchors, divisor=spec.range_test.divisor)
-    grace = rung_grace_period(spec, dists)
-    return {"dists": dists, "constants": constants, "recipe": point, "grace_period": grace}
+    rungs = rung_plan(spec)
+    return {"dists": dists, "constants": constants, "recipe": point, "grace_period": rungs["grace_period"],
+            "rungs": rungs, "select": tail_key(spec.search.metric)}
+
+
+def _searcher_base():
+    from ray.tune.search import ConcurrencyLimiter
+
+    return ConcurrencyLimiter
+
+
+class BudgetLimiter(_searcher_base()):
+    """Ray's ``ConcurrencyLimiter`` that also never lets the search spend more than ``budget_epochs``.
+
+    A trial starts only if a full run of it still fits: the epochs finished trials ran plus ``max_epochs``
+    for every running one (it may not be pruned) plus ``max_epochs`` for the new one. A pruned or diverged
+    trial gives back what it did not run, so the next trial may start. When nothing is running and a full
+    trial no longer fits, the search is finished.
+    """
+
+    def __init__(self, searcher, max_concurrent: int, *, budget_epochs: float, max_epochs: int):
+        super().__init__(searcher, max_concurrent=max_concurrent)
+        self.budget_epochs, self.max_epochs = float(budget_epochs), int(max_epochs)
+        self.ran: dict[str, float] = {}  # trial id -> epochs it ran
+        self.running: set[str] = set()
+
+    @property
+    def committed(self) -> float:
+        return sum(v for k, v in self.ran.items() if k not in self.running) + self.max_epochs * len(self.running)
+
+    def suggest(self, trial_id: str):
+        from ray.tune.search import Searcher
+
+        if self.committed + self.max_epochs > self.budget_epochs + 1e-9:
+            return Searcher.FINISHED if not self.running else None
+        suggestion = super().suggest(trial_id)
+        if suggestion not in (None, Searcher.FINISHED):
+            self.running.add(trial_id)
+            self.ran[trial_id] = 0.0
+        return suggestion
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if isinstance(result.get("epoch"), (int, float)):
+            self.ran[trial_id] = max(self.ran.get(trial_id, 0.0), float(result["epoch"]))
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if result and isinstance(result.get("epoch"), (int, float)):
+            self.ran[trial_id] = max(self.ran.get(trial_id, 0.0), float(result["epoch"]))
+        self.running.discard(trial_id)
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+    # Tune saves the searcher for --resume through ``save``: keep the budget's books with the inner state.
+    def save(self, checkpoint_path: str):
+        import pickle
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            inner = Path(d) / "inner.pkl"
+            self.searcher.save(str(inner))
+            blob = inner.read_bytes() if inner.exists() else None
+        Path(checkpoint_path).write_bytes(pickle.dumps({"inner": blob, "limiter": self.get_state()}))
+
+    def restore(self, checkpoint_path: str):
+        import pickle
+        import tempfile
+
+        data = pickle.loads(Path(checkpoint_path).read_bytes())
+        self.set_state(data["limiter"])
+        if data["inner"] is not None:
+            with tempfile.TemporaryDirectory() as d:
+                inner = Path(d) / "inner.pkl"
+                inner.write_bytes(data["inner"])
+                self.searcher.restore(str(inner))
 
 
 def run_search_stage(spec: SpaceSpec, paths: ExperimentPaths, anchors: Anchors, *, resume: bool = False,
-                     quiet: bool = False) -> pd.DataFrame:
-    """Joint one-cycle + regularization search; writes summary.csv and returns it."""
+                     quiet: bool = False, budget_fte: float | None = None,
+                     fte: tuple[float, float | None, float | None] | None = None) -> pd.DataFrame:
+    """Joint one-cycle + regularization search; writes summary.csv and returns it.
+
+    ``budget_fte``: compute the search may spend, in FTE (epochs / ``fixed.epochs``); trials then start
+    until it is spent (``BudgetLimiter``) and ``num_samples`` is no cap. ``fte``: see ``StageProgress``.
+    """
     import optuna
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -571,27 +689,38 @@ def run_search_stage(spec: SpaceSpec, paths: ExperimentPaths, anchors: Anchors, 
     resources, tune = _resources(spec)
     s = spec.search
     plan = search_plan(spec, anchors)
+    select = plan["select"]
     base = spec.base.to_flat() | plan["constants"]
     trainable = tune.with_resources(
         tune.with_parameters(onecycle_trainable, base=base, tb_logdir=str(paths.tensorboard), stage="search",
-                             cpus=s.cpus_per_trial, user_task=registrations(spec.base.task)),
+                             cpus=s.cpus_per_trial, user_task=registrations(spec.base.task),
+                             select_metric=s.metric, select_last=s.select_last),
         resources)
     write_tb_config(spec, paths, anchors)
-    progress = StageProgress("search", s.num_samples, metric=s.metric, mode=s.mode, epochs=spec.base.epochs,
-                             tb_logdir=paths.tensorboard, quiet=quiet)
+    progress = StageProgress("search", None if budget_fte is not None else s.num_samples, metric=select,
+                             mode=s.mode, epochs=spec.base.epochs, tb_logdir=paths.tensorboard, quiet=quiet,
+                             fte=fte)
 
     def make():
         sampler = optuna.samplers.TPESampler(seed=s.seed, multivariate=True,
                                              n_startup_trials=max(2, min(10, s.num_samples // 3)))
-        searcher = OptunaSearch(space=to_optuna(plan["dists"]), metric=s.metric, mode=s.mode,
+        # Optuna learns from the selection score (mean of the last evaluations), the number trials are
+        # ranked by; ASHA compares the precise-BN metric of the epoch at which trials reach the same phase.
+        searcher = OptunaSearch(space=to_optuna(plan["dists"]), metric=select, mode=s.mode,
                                 points_to_evaluate=[plan["recipe"]], sampler=sampler)
+        num_samples = s.num_samples
+        if budget_fte is not None:
+            searcher = BudgetLimiter(searcher, s.max_concurrent, budget_epochs=budget_fte * spec.base.epochs,
+                                     max_epochs=spec.base.epochs)
+            num_samples = -1  # the budget decides (BudgetLimiter finishes the search)
         scheduler = None
         if s.scheduler == "asha":
-            scheduler = ASHAScheduler(time_attr="epoch", metric=s.metric, mode=s.mode, max_t=spec.base.epochs,
-                                      grace_period=plan["grace_period"], reduction_factor=s.reduction_factor)
+            r = plan["rungs"]
+            scheduler = ASHAScheduler(time_attr=r["time_attr"], metric=s.metric, mode=s.mode, max_t=r["max_t"],
+                                      grace_period=r["grace_period"], reduction_factor=s.reduction_factor)
         return tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.num_samples,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
                                         max_concurrent_trials=s.max_concurrent, reuse_actors=True),
             run_config=_run_config(paths, "search", [progress], max_failures=2),
         )
@@ -603,9 +732,13 @@ def run_search_stage(spec: SpaceSpec, paths: ExperimentPaths, anchors: Anchors, 
 
 
 def summarize_search(grid, spec: SpaceSpec, plan: dict[str, Any]) -> pd.DataFrame:
-    """One row per trial: its config, final and best metrics, status, epochs run."""
+    """One row per trial: its config, selection score, final metrics, status, epochs run, checkpoint.
+
+    Trials are sorted by the selection score ``<metric>_tail`` (mean of the last ``search.select_last``
+    evaluations); ``final_<metric>`` is the last epoch's value, for reference."""
     rows = []
     metric = spec.search.metric
+    select = tail_key(metric)
     for res in grid:
         m = res.metrics or {}
         epochs = int(m.get("epoch", 0) or 0)
@@ -619,21 +752,18 @@ def summarize_search(grid, spec: SpaceSpec, plan: dict[str, Any]) -> pd.DataFram
         else:
             status = "completed"
         params = {k: v for k, v in (res.config or {}).items() if k in plan["dists"]}
-        # the trainable reports the best-so-far with every epoch (Tune's own loggers are off)
-        best = float(m.get(VAL_ACC_BEST, math.nan)) if metric == VAL_ACC else math.nan
-        if not math.isfinite(best) and res.metrics_dataframe is not None and metric in res.metrics_dataframe:
-            best = float(res.metrics_dataframe[metric].max())
+        checkpoint = getattr(res, "checkpoint", None)
         rows.append({"trial_id": m.get("trial_id") or res.path.rstrip("/").split("/")[-1], **params,
                      **plan["constants"], "status": status, "epochs_run": epochs,
-                     f"final_{metric}": m.get(metric, math.nan), f"best_{metric}": best,
+                     select: m.get(select, math.nan), f"final_{metric}": m.get(metric, math.nan),
                      "final_val/loss": m.get("val/loss", math.nan), "final_train/loss": m.get("train/loss", math.nan),
                      "is_recipe": all(_close(params.get(k), v) for k, v in plan["recipe"].items()),
                      "node_id": m.get("node_id"),  # the Ray node of the trial's last result
-                     "error": error_line(res.error) or ""})
+                     "error": error_line(res.error) or "",
+                     "checkpoint": checkpoint.path if checkpoint is not None else None})
     df = pd.DataFrame(rows)
     if len(df):
-        df = df.sort_values(f"final_{metric}", ascending=spec.search.mode == "min", na_position="last",
-                            ignore_index=True)
+        df = df.sort_values(select, ascending=spec.search.mode == "min", na_position="last", ignore_index=True)
     return df
 
 
@@ -644,33 +774,53 @@ def _close(a: Any, b: Any) -> bool:
 
 
 def pick_best(summary: pd.DataFrame, spec: SpaceSpec) -> dict[str, Any]:
-    """Best completed, finite, non-diverged trial by its final-epoch metric."""
-    metric = f"final_{spec.search.metric}"
+    """Best completed, finite, non-diverged trial by its selection score (mean of its last evaluations)."""
+    metric = tail_key(spec.search.metric)
+    if metric not in summary:  # summary.csv of an experiment started before the score existed
+        metric = f"final_{spec.search.metric}"
     ok = summary[(summary["status"] == "completed") & summary[metric].notna()]
     if ok.empty:
         raise StageError("no search trial completed without diverging; nothing to fit. "
                          "Check summary.csv and TensorBoard, narrow the space, and rerun.")
-    row = ok.sort_values(metric, ascending=spec.search.mode == "min").iloc[0]
-    return row.to_dict()
+    row = ok.sort_values(metric, ascending=spec.search.mode == "min", kind="stable").iloc[0]
+    return row.to_dict() | {"_score_column": metric}
+
+
+def search_fte(summary: pd.DataFrame | None, spec: SpaceSpec) -> float:
+    """FTE the search spent: every trial's epochs (pruned and diverged ones count what they ran)."""
+    if summary is None or "epochs_run" not in summary:
+        return 0.0
+    return float(summary["epochs_run"].sum()) / spec.base.epochs
 
 
 # -- stage 3 -----------------------------------------------------------------------------------
 
 def run_final_stage(spec: SpaceSpec, paths: ExperimentPaths, params: dict[str, Any], *, resume: bool = False,
-                    quiet: bool = False) -> dict[str, Any]:
-    """Retrain ``params`` over ``final.seeds`` seeds; one test evaluation each; mean and spread."""
+                    quiet: bool = False, best_row: dict[str, Any] | None = None, refit_epochs: int | None = None,
+                    fte: tuple[float, float | None, float | None] | None = None) -> dict[str, Any]:
+    """Retrain ``params`` over ``final.seeds`` seeds; one test evaluation each; mean and spread.
+
+    ``final.refit``: train on train + validation for ``refit_epochs`` (as many iterations as a search
+    trial ran; ``budget.plan_compute``). ``final.seeds: 0`` (a budget too small for a refit): the search's
+    best trial (``best_row``) is tested as it is, from its last checkpoint, without training again.
+    """
+    if spec.final.seeds == 0:
+        return evaluate_search_trial(spec, params, best_row or {})
     from .trainables import onecycle_trainable
 
     resources, tune = _resources(spec)
     base = spec.base.to_flat() | params
+    if spec.final.refit:
+        base |= {"train_on_val": True, "epochs": refit_epochs or spec.base.epochs}
     seeds = [spec.search.seed + 1000 + i for i in range(spec.final.seeds)]  # unseen by the search
     trainable = tune.with_resources(
         tune.with_parameters(onecycle_trainable, base=base, tb_logdir=str(paths.tensorboard), stage="final",
                              hparam_keys=tuple(params),
-                             cpus=spec.search.cpus_per_trial, user_task=registrations(spec.base.task)),
+                             cpus=spec.search.cpus_per_trial, user_task=registrations(spec.base.task),
+                             select_metric=spec.search.metric, select_last=spec.search.select_last),
         resources)
     progress = StageProgress("final", len(seeds), metric=TEST_ACC, mode="max", epochs=None, tb_logdir=paths.tensorboard,
-                             quiet=quiet)
+                             quiet=quiet, fte=fte)
 
     def make():
         return tune.Tuner(
@@ -689,4 +839,32 @@ def run_final_stage(spec: SpaceSpec, paths: ExperimentPaths, params: dict[str, A
     accs = [r["test/acc"] for r in runs if r["test/acc"] is not None and not r["diverged"]]
     return clean({"runs": runs, "test_acc_mean": float(np.mean(accs)) if accs else None,
                   "test_acc_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else (0.0 if accs else None),
-                  "n": len(accs), "seeds": seeds})
+                  "n": len(accs), "seeds": seeds, "refit": spec.final.refit,
+                  # with a refit the validation split was trained on: its accuracy is not held out
+                  "val_is_training_data": spec.final.refit,
+                  "epochs": int(base["epochs"])})
+
+
+def evaluate_search_trial(spec: SpaceSpec, params: dict[str, Any], best_row: dict[str, Any]) -> dict[str, Any]:
+    """Test the search's best trial as it is: its last checkpoint (precise-BN statistics included), once."""
+    from .data import load_dataset
+    from .models import build_model
+    from .train import TrainConfig, evaluate
+    from .trainables import load_checkpoint_state
+
+    path = best_row.get("checkpoint")
+    if not isinstance(path, str) or not Path(path).is_dir():
+        raise StageError(f"final.seeds is 0 (the budget left no final fit) but the best trial's checkpoint "
+                         f"{path!r} is not there to test; rerun with --stage final and final.seeds >= 1")
+    cfg = TrainConfig.from_flat(spec.base.to_flat() | params)
+    data = load_dataset(cfg.task)
+    state = load_checkpoint_state(path)
+    model = build_model(cfg.task.model, num_classes=data.num_classes, input_shape=data.input_shape,
+                        dropout=cfg.reg.dropout)
+    model.load_state_dict(state["model"])
+    loss, acc = evaluate(model, data.x_test, data.y_test, batch_size=cfg.eval_batch_size)
+    run = {"seed": cfg.seed, "test/acc": acc, "test/loss": loss, "val/acc": None, "epochs": int(state["epoch"]),
+           "diverged": False, "error": None, "node_id": None, "search_trial": best_row.get("trial_id")}
+    return clean({"runs": [run], "test_acc_mean": acc, "test_acc_std": None, "n": 1, "seeds": [],
+                  "refit": False, "val_is_training_data": False, "epochs": int(state["epoch"]),
+                  "note": "final.seeds 0: the search's best trial tested as it is (no training, 0 FTE)"})

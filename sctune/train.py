@@ -36,7 +36,22 @@ TRAIN_LOSS, VAL_LOSS, VAL_ACC, TEST_LOSS, TEST_ACC = "train/loss", "val/loss", "
 LR, MOMENTUM, THROUGHPUT = "lr", "momentum", "perf/samples_per_s"
 GPU_MEM = "perf/gpu_mem_peak_mib"  # CUDA only: torch.cuda.max_memory_allocated of the run so far
 HF_LR, HF_LR_EMA = "curvature/lr_estimate", "curvature/lr_estimate_ema"
-VAL_ACC_BEST = "val/acc_best"  # best val/acc so far, reported by the trainables every epoch
+VAL_ACC_BEST = "val/acc_best"  # best val/acc so far (no longer reported: an epoch's maximum is selection noise)
+PHASE = "phase"  # where a run is in its schedule (schedules.schedule_phase): ASHA's time axis
+
+
+def tail_key(metric: str) -> str:
+    """The selection score of ``metric``: its mean over a run's last evaluations (``tail_mean``)."""
+    return f"{metric}_tail"
+
+
+def tail_mean(values: list[float], k: int) -> float:
+    """Mean of the last ``k`` values. The final epoch alone is one draw of a noisy number (on digits'
+    216 validation images one image is 0.46 points, and the annihilation phase's last epochs differ by
+    about that much); the mean of the last few, where the LR is already tiny, ranks trials by where they
+    ended rather than by their luckiest epoch."""
+    tail = values[-k:]
+    return float(sum(tail) / len(tail)) if tail else math.nan
 
 # An epoch whose mean training loss exceeds this many times chance level (ln C, the loss of a uniform
 # guess) has diverged even if it stayed finite: BatchNorm nets at absurd LRs reach losses ~1e17
@@ -160,6 +175,12 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512) 
     return True
 
 
+def recal_subset(x_train: torch.Tensor, n: int) -> torch.Tensor:
+    """The fixed training subset precise BN recomputes statistics from: ``n`` evenly spaced samples (no
+    RNG drawn, so a run's trajectory is the same with or without recalibration), as the range test's."""
+    return x_train[torch.linspace(0, len(x_train) - 1, min(n, len(x_train))).long()]
+
+
 @dataclass
 class StepInfo:
     step: int  # global step index (0-based) of the step just taken
@@ -268,6 +289,7 @@ def fit(cfg: TrainConfig, *, data: DatasetSplits | None = None, on_epoch: EpochC
     amp = amp_dtype_for(cfg, dev)
     curv = HessianFreeLR(model.parameters()) if cfg.track_curvature else None
     x_val, y_val = data.x_val.to(dev), data.y_val.to(dev)
+    recal_x = recal_subset(data.x_train, cfg.precise_bn_samples).to(dev) if cfg.precise_bn else None
     steps_per_epoch = len(loader)
 
     def state_fn() -> dict[str, Any]:
@@ -290,6 +312,8 @@ def fit(cfg: TrainConfig, *, data: DatasetSplits | None = None, on_epoch: EpochC
                           curvature=curv, loss_sum=loss_sum, on_step=remember)
         train_loss = float(loss_sum) / max(1, steps)  # the one host sync of the epoch
         seconds = time.perf_counter() - t0
+        if recal_x is not None:  # statistics for these weights: what the rungs and the selection compare
+            recalibrate_bn(model, recal_x, batch_size=cfg.eval_batch_size)
         val_loss, val_acc = evaluate(model, x_val, y_val, batch_size=cfg.eval_batch_size, amp_dtype=amp,
                                      channels_last=channels_last)
         diverged = (not (math.isfinite(train_loss) and math.isfinite(val_loss))

@@ -27,8 +27,9 @@ from . import tensorboard as tb
 from .config import RangeTestConfig, TaskConfig, TrainConfig
 from .data import DatasetSplits, load_dataset
 from .range_test import run_range_test
+from .schedules import schedule_phase
 from .tasks import install
-from .train import TEST_ACC, VAL_ACC, VAL_ACC_BEST, fit
+from .train import PHASE, TEST_ACC, VAL_ACC, fit, tail_key, tail_mean
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +180,13 @@ def _load_state(checkpoint: tune.Checkpoint) -> dict[str, Any] | None:
 
 def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdir: str | None,
                        stage: str = "search", hparam_keys: tuple[str, ...] = (), cpus: float = 1.0,
-                       user_task: dict | None = None) -> None:
-    """Train ``base`` + ``config`` (the sampled parameters); ``stage`` is search or final."""
+                       user_task: dict | None = None, select_metric: str = VAL_ACC,
+                       select_last: int = 3) -> None:
+    """Train ``base`` + ``config`` (the sampled parameters); ``stage`` is search or final.
+
+    Every epoch reports the metrics of ``fit``, ``PHASE`` (ASHA's time axis) and
+    ``tail_key(select_metric)``: the mean of the last ``select_last`` evaluations, the score trials are
+    pruned and ranked by."""
     _threads(cpus)
     params = {k: v for k, v in config.items() if not k.startswith("_")}
     cfg = TrainConfig.from_flat({**base, **params})
@@ -198,16 +204,16 @@ def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdi
     logger = tb.TrialLogger(tb_logdir, name, hparams=hparams | {"stage": stage}) if tb_logdir else None
     if logger is not None and state is not None:
         logger._seen_step(int(state["epoch"]))  # a resumed run's final metrics go to its last epoch, not step 0
-    best = {"v": max((h[VAL_ACC] for h in state["history"]), default=-math.inf) if state else -math.inf}
+    seen = [h.get(select_metric, math.nan) for h in state["history"]] if state else []
     node_id = _node_id()  # once per trial; not a scalar, so it goes to Tune only, never to TensorBoard
 
     def on_epoch(metrics: dict[str, float], state_fn) -> bool:
         epoch = int(metrics["epoch"])
-        if math.isfinite(metrics[VAL_ACC]):
-            best["v"] = max(best["v"], metrics[VAL_ACC])
-        report = dict(metrics) | {VAL_ACC_BEST: best["v"]}
+        seen.append(metrics.get(select_metric, math.nan))
+        report = dict(metrics) | {tail_key(select_metric): tail_mean(seen, select_last),
+                                  PHASE: schedule_phase(cfg, epoch / cfg.epochs)}
         if logger is not None:
-            logger.scalars({k: v for k, v in report.items() if k not in ("epoch", "diverged")}, epoch)
+            logger.scalars({k: v for k, v in report.items() if k not in ("epoch", "diverged", PHASE)}, epoch)
         with tempfile.TemporaryDirectory() as d:
             torch.save(state_fn(), Path(d) / CHECKPOINT_FILE)
             tune.report(report | {"node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(d))
@@ -225,5 +231,6 @@ def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdi
         raise
     if logger is not None:
         logger.end("failure" if result.diverged else "success",
-                   {k: v for k, v in result.final.items() if k in (VAL_ACC, TEST_ACC)})
+                   {k: v for k, v in result.final.items() if k in (VAL_ACC, TEST_ACC)}
+                   | ({tail_key(select_metric): tail_mean(seen, select_last)} if seen else {}))
         logger.close()

@@ -350,3 +350,19 @@ def test_checkpoint_survives_weights_only_load(small):
     straight = fit(cfg, data=small)
     assert _no_timing(resumed.history) == _no_timing(straight.history)
     assert _no_timing(resumed.history[:1]) == _no_timing(first.history)
+
+
+def test_fit_evaluates_with_precise_bn_without_changing_training(small):
+    """Trials evaluate as the range test does: BN statistics recomputed for the current weights from a
+    fixed training subset before every evaluation. No RNG is drawn and no weight moves, so the training
+    losses are bit-identical with and without it; only what the evaluation sees changes."""
+    from sctune.train import recal_subset
+
+    on = fit(_cfg(epochs=2, max_lr=1.5, dropout=0.1), data=small)
+    off = fit(_cfg(epochs=2, max_lr=1.5, dropout=0.1, precise_bn=False), data=small)
+    assert [h[TRAIN_LOSS] for h in on.history] == [h[TRAIN_LOSS] for h in off.history]
+    assert [h[VAL_LOSS] for h in on.history] != [h[VAL_LOSS] for h in off.history]
+    # the reported metrics are those of the recalibrated model (its BN buffers after the last epoch)
+    model = off.model
+    recalibrate_bn(model, recal_subset(small.x_train, 512), batch_size=1024)
+    assert evaluate(model, small.x_val, small.y_val) == pytest.approx((on.final[VAL_LOSS], on.final[VAL_ACC]))

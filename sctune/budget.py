@@ -1,0 +1,151 @@
+"""Compute in full-training equivalents (FTE) and the plan of an experiment, before anything starts.
+
+One FTE is one full training run of the space's ``fixed`` budget: ``epochs x steps_per_epoch``
+iterations on the training split (``steps_per_epoch = n_train // batch_size``: the last partial
+batch is dropped). Every stage is counted in it: stage 1 by range-test iterations, the search by
+the epochs its trials ran (pruned and diverged trials count what they ran), the final fit by its
+iterations. A peer's one-shot recipe (an LR finder plus one one-cycle run) costs about 1.1 FTE.
+
+With a budget (``--budget FTE`` / ``search.budget``) the three stages share it:
+
+* stage 1 gets at most ``RANGE_SHARE`` of it: repeats are cut first (down to 1), then weight decays
+  (the ones farthest from the config's default, 1e-4, the authors' best on ResNet-56, go first);
+  the range test's own length is left as the space file says (shorter tests read the top badly);
+* the final fit gets at most ``FINAL_SHARE``: fewer seeds, down to 0, where the search's best trial
+  itself is the final model and is tested once (its checkpoint; no extra training);
+* the search gets the rest, measured after stage 1 ran (its real cost), and starts a trial only
+  while a full run of it still fits (``stages.BudgetLimiter``), so the budget is never exceeded.
+
+This module needs neither Ray nor torch; dataset sizes are passed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from .config import ConfigError, RegularizationConfig
+
+# Shares of a budget: stage 1 is a measurement whose value does not grow with the budget (a few range
+# tests place the bounds; BENCHMARKS.md: 12 of them cost 9-16 FTE on the CPU tasks and left the search
+# 1-2 FTE from the target), and the final fit only re-measures; the search is where the budget buys
+# accuracy.
+RANGE_SHARE = 0.25
+FINAL_SHARE = 0.2
+
+
+class BudgetError(ConfigError):
+    """The budget cannot hold one search trial next to stage 1 and the final fit."""
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Iterations per epoch of ``DeviceLoader`` (drop_last: the last partial batch is dropped)."""
+    return max(1, n_train // max(1, min(batch_size, n_train)))
+
+
+def plan_compute(spec, sizes: dict[str, int] | None, *, budget: float | None = None,
+                 budget_key: str = "search.budget"):
+    """``(spec, plan)``: the spec trimmed to fit ``budget`` (unchanged without one) and its plan.
+
+    ``sizes``: ``{"train": n, "val": n}`` of the task's splits (``DatasetSplits.sizes``), or None when
+    unknown (then iterations are not shown and a budget cannot be planned: BudgetError).
+    """
+    base, rt, final = spec.base, spec.range_test, spec.final
+    E = base.epochs
+    if sizes is None:
+        if budget is not None:
+            raise BudgetError(budget_key, "needs the dataset's size to count compute, and the dataset could not be "
+                              "loaded here (check task.data_root)")
+        spe = full = None
+    else:
+        spe = steps_per_epoch(sizes["train"], base.batch_size)
+        full = E * spe
+    trimmed: dict[str, Any] = {}
+    wds, repeats, seeds = list(rt.weight_decays), rt.repeats, final.seeds
+    refit_fte, refit_epochs, refit_spe = 1.0, E, spe
+    if final.refit and sizes is not None:
+        # as many iterations as a search trial ran (the paper's budgets are in iterations): more data per
+        # epoch, fewer epochs
+        refit_spe = steps_per_epoch(sizes["train"] + sizes["val"], base.batch_size)
+        refit_epochs = max(1, round(full / refit_spe))
+        refit_fte = refit_epochs * refit_spe / full
+    test_fte = (lambda n_wd, r: n_wd * r * rt.num_iter / full) if full else (lambda n_wd, r: math.nan)
+    if budget is not None:
+        while test_fte(len(wds), repeats) > RANGE_SHARE * budget and repeats > 1:
+            repeats -= 1
+        default_wd = RegularizationConfig().weight_decay
+        while test_fte(len(wds), repeats) > RANGE_SHARE * budget and len(wds) > 1:
+            far = max(wds, key=lambda w: (abs(math.log10(w / default_wd)) if w > 0 else math.inf, w))
+            wds.remove(far)
+        seeds = min(seeds, math.floor(FINAL_SHARE * budget / refit_fte + 1e-9))
+        if repeats != rt.repeats:
+            trimmed["range_test.repeats"] = (rt.repeats, repeats)
+        if wds != list(rt.weight_decays):
+            trimmed["range_test.weight_decays"] = (list(rt.weight_decays), wds)
+        if seeds != final.seeds:
+            trimmed["final.seeds"] = (final.seeds, seeds)
+    range_fte = test_fte(len(wds), repeats)
+    final_fte = seeds * refit_fte
+    search_fte = None if budget is None else budget - range_fte - final_fte
+    if budget is not None and search_fte < 1.0:
+        raise BudgetError(budget_key, (
+            f"{budget:g} FTE cannot hold stage 1 ({range_fte:.2f} FTE: {len(wds)} weight decay(s) x {repeats} "
+            f"repeat(s) x {rt.num_iter} iterations, already cut to its minimum), the final fit ({final_fte:.2f} "
+            f"FTE) and one full search trial (1 FTE); give at least {math.ceil((range_fte + final_fte + 1) * 10) / 10:g}, "
+            "or shorten range_test.num_iter"))
+    if trimmed:
+        spec = dataclasses.replace(spec, range_test=rt.replace(weight_decays=tuple(wds), repeats=repeats),
+                                   final=final.replace(seeds=seeds))
+    plan = {
+        "fte": {"epochs": E, "steps_per_epoch": spe, "iterations": full, "batch_size": base.batch_size,
+                "train_samples": None if sizes is None else sizes["train"],
+                "val_samples": None if sizes is None else sizes["val"]},
+        "budget_fte": budget,
+        "range": {"tests": len(wds) * repeats, "weight_decays": wds, "repeats": repeats,
+                  "iterations_each": rt.num_iter, "iterations": len(wds) * repeats * rt.num_iter,
+                  "fte": range_fte},
+        "search": {"fte": search_fte, "max_trials": spec.search.num_samples,
+                   "fte_without_budget": float(spec.search.num_samples)},
+        "final": {"seeds": seeds, "refit": final.refit, "epochs": refit_epochs,
+                  "iterations_each": None if refit_spe is None else refit_epochs * refit_spe,
+                  "fte": final_fte},
+        "trimmed": {k: {"from": a, "to": b} for k, (a, b) in trimmed.items()},
+    }
+    return spec, plan
+
+
+def _f(v: float | None, fmt: str = ".2f") -> str:
+    return "?" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def format_plan(plan: dict[str, Any]) -> list[str]:
+    """The plan as printed before anything starts (``[plan]`` lines)."""
+    u, r, s, f = plan["fte"], plan["range"], plan["search"], plan["final"]
+    it = "?" if u["iterations"] is None else f"{u['iterations']:,}"
+    spe = "?" if u["steps_per_epoch"] is None else str(u["steps_per_epoch"])
+    lines = [f"1 FTE = {u['epochs']} epochs x {spe} iterations = {it} iterations "
+             f"({u['train_samples'] or '?'} training samples, batch {u['batch_size']}, last partial batch dropped)"]
+    lines.append(f"stage 1: {r['tests']} range tests ({len(r['weight_decays'])} weight decay(s) x {r['repeats']} "
+                 f"seed(s)) x {r['iterations_each']:,} iterations = {r['iterations']:,} iterations = "
+                 f"{_f(r['fte'])} FTE (at most: a diverging test stops early)")
+    if s["fte"] is not None:
+        lines.append(f"search:  {_f(s['fte'])} FTE (what the budget leaves after stage 1 and the final fit; trials "
+                     "start while a full run still fits)")
+    else:
+        lines.append(f"search:  at most {s['max_trials']} trials = {s['fte_without_budget']:.0f} FTE if none is "
+                     "pruned")
+    if f["seeds"]:
+        its = "?" if f["iterations_each"] is None else f"{f['iterations_each']:,}"
+        lines.append(f"final:   {f['seeds']} seed(s) x {f['epochs']} epochs = {its} iterations each"
+                     f"{' on train + validation' if f['refit'] else ''} = {_f(f['fte'])} FTE")
+    else:
+        lines.append("final:   0 seeds: the search's best trial is tested as it is (0 FTE)")
+    total = None if r["fte"] is None or math.isnan(r["fte"]) else r["fte"] + f["fte"] + (
+        s["fte"] if s["fte"] is not None else s["fte_without_budget"])
+    budget = plan.get("budget_fte")
+    lines.append(f"total:   {_f(total)} FTE" + (f" of a budget of {budget:g} FTE" if budget is not None else
+                                                 " at most (no budget set: --budget FTE)"))
+    for key, ch in plan.get("trimmed", {}).items():
+        lines.append(f"to fit the budget: {key} {ch['from']} -> {ch['to']}")
+    return lines

@@ -593,13 +593,11 @@ def test_worker_node_removed_mid_run_trials_resume_elsewhere(tmp_path, monkeypat
         if ray.is_initialized():
             ray.shutdown()
         cluster.shutdown()
-    if not removed:
-        # Timing: on a fast machine the run can finish before two trials have checkpointed. The slower
-        # parametrization (longer epochs) exercises the node loss then; skip rather than fail this one.
-        seen = sorted(str(p.relative_to(exp)) for p in exp.glob("ray/*/*"))[:12]
-        pytest.skip(f"the run finished before two trials checkpointed (epoch delay {delay} s): node not removed; "
-                    f"found under {exp}: {seen}")
     summary = _summary(exp)
+    # Each trial sleeps `delay` s after each of its 4 epochs, so two trials hold a checkpoint long before the
+    # run ends: a node never removed means the trials did not run (e.g. their actors never started).
+    assert removed, (f"no worker node was removed: two trials never held a checkpoint at once (epoch delay "
+                     f"{delay} s); summary:\n{summary.to_string()}")
     assert len(summary) == 3 and (summary["status"] == "completed").all(), summary
     assert len(res.summary) == 3
     trials = tune_trials(exp / "ray" / "search")

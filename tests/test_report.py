@@ -1,4 +1,5 @@
-"""sctune.report: the stage figures (range_test_figure is tested with its TensorBoard use in test_tensorboard.py)."""
+"""sctune.report: the stage figures (range_test_figure and bounds_markdown are tested in test_tensorboard.py,
+beside their TensorBoard use)."""
 
 from __future__ import annotations
 

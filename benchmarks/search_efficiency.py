@@ -16,7 +16,7 @@ Arms (same task, same data split, same training loop ``sctune.train.fit``; repea
   dropout 0..0.5, SGD momentum 0.9.
 * ``fastai``: fastai's recipe: one exponential LR finder (1e-7 -> 10, 100 iterations, stop when the
   loss exceeds 4x its best: sctune's range test with step_mode exp, AdamW, momentum 0.9), fastai's
-  ``valley`` suggestion (ported line for line, see ``fastai_valley``; ``sctune.bounds.suggest_valley``
+  ``valley`` suggestion (ported line for line, see ``fastai_valley``; ``sctune.loss_bounds.suggest_valley``
   is recorded next to it), then one ``fit_one_cycle`` run
   with fastai's defaults: AdamW (decoupled WD 0.01), pct_start 0.25, div 25, final_div 1e5,
   moms 0.95-0.85-0.95, cosine annealing (torch ``OneCycleLR``, two phases).
@@ -286,8 +286,8 @@ def fastai_valley(lrs, losses) -> tuple[float, int]:
 
 
 def job_fastai(task: dict[str, Any], rep: int) -> dict[str, Any]:
-    from sctune.bounds import suggest_valley
     from sctune.config import RangeTestConfig
+    from sctune.loss_bounds import suggest_valley
     from sctune.range_test import run_range_test
     from sctune.train import TEST_ACC, VAL_ACC, fit
 

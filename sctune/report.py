@@ -1,57 +1,192 @@
-"""Readable outputs: ``best.json``, ``report.md`` and the search plot, from the stage results."""
+"""Presentation: every figure sctune draws, and report.md.
+
+* :func:`range_test_figure`: one range test per label, accuracy (top) and loss (bottom) vs LR with each
+  label's bounds; tensorboard.log_range_test logs it as each range-test trial's image.
+* :func:`range_summary_figure`: stage 1 as a whole (``range_test/range_test.png``): per weight decay the
+  seeds thin and their median bold, the chosen bounds shaded, the high band marked.
+* :func:`search_figure`: stage 2 (``search.png``): final metric vs each searched parameter, by status.
+* :func:`bounds_markdown`: one range test's bounds as a markdown table with their messages (TensorBoard
+  text).
+* :func:`write_report`: ``report.md``, with the tables and the two plots. (``best.json`` and the other
+  machine-readable outputs are written by stages.py and search.py.)
+
+Figures are bare matplotlib ``Figure`` objects (no pyplot, no global backend): savefig renders them through
+Agg, so they are safe in Ray workers and never pile up in pyplot's registry. No torch, no ray here.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
 
-def search_figure(summary: pd.DataFrame, metric: str, path: Path) -> bool:
-    """Final metric vs max_lr and vs weight decay, coloured by status."""
+# --------------------------------------------------------------------------------------------- helpers
+def _column(df: pd.DataFrame, name: str) -> np.ndarray | None:
+    return df[name].to_numpy(dtype=float) if name in df.columns else None
+
+
+def _loss_ylim(losses: Sequence[np.ndarray]) -> tuple[float, float] | None:
+    """Clip the loss axis when a curve diverges, or the blow-up flattens the informative part.
+
+    Top = 1.5 x the highest starting loss (median of the first 5 finite points): the range test's
+    interesting region is where the loss is at or below where it started.
+    """
+    starts, lows, highs = [], [], []
+    for loss in losses:
+        finite = loss[np.isfinite(loss)]
+        if finite.size:
+            starts.append(float(np.median(finite[:5])))
+            lows.append(float(finite.min()))
+            highs.append(float(finite.max()))
+    if not starts:
+        return None
+    top = 1.5 * max(starts)
+    if max(highs) <= top or top <= min(lows):
+        return None
+    low = min(lows)
+    return low - 0.05 * (top - low), top
+
+
+def _bound_dict(bounds: object) -> dict[str, Any]:
+    if bounds is None:
+        return {}
+    if hasattr(bounds, "to_dict"):
+        return dict(bounds.to_dict())
+    keys = ("min_lr", "max_lr", "status", "confidence", "verdict", "message")
+    return {k: getattr(bounds, k) for k in keys if hasattr(bounds, k)}
+
+
+def _finite_positive(value: object) -> float | None:
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) and x > 0 else None
+
+
+def _range_axes(figsize: tuple[float, float]) -> tuple[Figure, Axes, Axes]:
+    """The range-test layout both range figures share: accuracy above loss, one LR axis."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax_acc, ax_loss = fig.subplots(2, 1, sharex=True)
+    return fig, ax_acc, ax_loss
+
+
+def _bound_lines(axes: Sequence[Axes], bounds: Mapping[str, Any], color: str, label: str, *, lw: float) -> bool:
+    """``min_lr`` dashed and ``max_lr`` dotted, vertical on every panel in the curve's color, with
+    ``gid="min_lr:<label>"`` / ``"max_lr:<label>"``. False when neither is a positive number."""
+    drawn = False
+    for attr, style in (("min_lr", "--"), ("max_lr", ":")):
+        x = _finite_positive(bounds.get(attr))
+        if x is None:
+            continue
+        drawn = True
+        for ax in axes:
+            ax.axvline(x, color=color, ls=style, lw=lw, gid=f"{attr}:{label}")
+    return drawn
+
+
+def _finish_range_axes(ax_acc: Axes, ax_loss: Axes, *, log_x: bool, loss_label: str, lr_label: str) -> None:
+    if log_x:
+        ax_loss.set_xscale("log")  # shared x: applies to both panels
+    ax_acc.set_ylabel("held-out accuracy")
+    ax_loss.set_ylabel(loss_label)
+    ax_loss.set_xlabel(lr_label)
+    for ax in (ax_acc, ax_loss):
+        ax.grid(True, alpha=0.3)
+
+
+# --------------------------------------------------------------------------------------------- range tests
+def range_test_figure(
+    curves: Mapping[str, pd.DataFrame],
+    bounds: Mapping[str, object] | None = None,
+    *,
+    log_x: bool = False,
+    title: str = "",
+) -> Figure:
+    """Range-test curves: accuracy vs LR (top), loss and smoothed loss vs LR (bottom).
+
+    One color per label; each label's ``min_lr`` (dashed) and ``max_lr`` (dotted) are vertical
+    lines in its color on both panels (lines carry ``gid="min_lr:<label>"`` / ``"max_lr:<label>"``).
+    Frames need ``lr``; ``loss``, ``smooth_loss``, ``acc`` (NaN where not evaluated) are drawn if
+    present. ``bounds`` values are ``LRBounds`` or anything with the same attributes or ``to_dict()``.
+    """
     import matplotlib
+    from matplotlib.lines import Line2D
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fig, ax_acc, ax_loss = _range_axes((9, 7.5))
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    bounds = bounds or {}
+    plotted_losses: list[np.ndarray] = []
+    any_acc = any_bound = False
+    for i, (label, df) in enumerate(curves.items()):
+        lr = _column(df, "lr")
+        if lr is None:
+            raise ValueError(
+                f"range_test_figure: curve {label!r} has no 'lr' column (columns: {list(df.columns)})"
+            )
+        color = colors[i % len(colors)]
+        b = _bound_dict(bounds.get(label))
+        legend = f"{label} [{b['status']}]" if b.get("status") else label
+        acc = _column(df, "acc")
+        if acc is not None and np.isfinite(acc).any():
+            keep = np.isfinite(acc)
+            ax_acc.plot(lr[keep], acc[keep], color=color, marker="o", ms=3, lw=1.4, label=legend)
+            any_acc = True
+        loss, smooth = _column(df, "loss"), _column(df, "smooth_loss")
+        if loss is not None:
+            ax_loss.plot(lr, loss, color=color, lw=0.8, alpha=0.3)
+            plotted_losses.append(loss)
+        if smooth is not None:
+            ax_loss.plot(lr, smooth, color=color, lw=1.6, label=legend)
+            plotted_losses.append(smooth)
+        any_bound |= _bound_lines((ax_acc, ax_loss), b, color, label, lw=1.3)
+    if not any_acc:
+        ax_acc.text(0.5, 0.5, "no accuracy evaluated", transform=ax_acc.transAxes, ha="center", color="gray")
+    ylim = _loss_ylim(plotted_losses)
+    if ylim is not None:
+        ax_loss.set_ylim(*ylim)
+    _finish_range_axes(ax_acc, ax_loss, log_x=log_x, loss_label="training loss (faint: raw)",
+                       lr_label="learning rate")
+    if any_acc:
+        ax_acc.legend(fontsize="small", loc="best")
+    handles, _ = ax_loss.get_legend_handles_labels()
+    if any_bound:
+        handles += [
+            Line2D([], [], color="gray", ls="--", label="min_lr"),
+            Line2D([], [], color="gray", ls=":", label="max_lr"),
+        ]
+    if handles:
+        ax_loss.legend(handles=handles, fontsize="small", loc="best")
+    if title:
+        fig.suptitle(title)
+    return fig
 
-    col = metric if metric in summary else f"final_{metric}"  # the selection score (<metric>_tail)
-    if summary.empty or col not in summary:
-        return False
-    xs = [c for c in ("max_lr", "weight_decay", "dropout") if c in summary and summary[c].nunique() > 1]
-    if not xs:
-        return False
-    fig, axes = plt.subplots(1, len(xs), figsize=(4.2 * len(xs), 3.4), squeeze=False)
-    colors = {"completed": "tab:blue", "pruned": "tab:gray", "diverged": "tab:red", "error": "black"}
-    for ax, x in zip(axes[0], xs, strict=True):
-        for status, g in summary.groupby("status"):
-            ax.scatter(g[x], g[col], label=status, color=colors.get(status, "tab:purple"), alpha=0.8, s=28)
-        if x in ("max_lr", "weight_decay") and (summary[x] > 0).all():
-            ax.set_xscale("log")
-        ax.set_xlabel(x)
-        ax.set_ylabel(col)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("search trials: final metric vs parameters")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
-
-def range_summary_figure(curves: pd.DataFrame, bounds: dict[str, Any], *, log_x: bool = False, title: str = ""):
+def range_summary_figure(curves: pd.DataFrame, bounds: dict[str, Any], *, log_x: bool = False,
+                         title: str = "") -> Figure:
     """Experiment view of stage 1: one colour per weight decay (seeds as thin lines, their median bold),
-    median bounds per WD as vertical lines, the chosen bounds shaded, the verdict's plateau marked."""
+    median bounds per WD as vertical lines, the chosen bounds shaded, the verdict's plateau marked.
+
+    `curves`: every range test's frame with ``weight_decay`` and ``seed`` columns; `bounds`: bounds.json.
+    """
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_acc, ax_loss) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, layout="constrained")
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax_acc, ax_loss = _range_axes((9, 7))
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     per_wd = bounds.get("per_weight_decay", {})
     for i, (wd, g) in enumerate(curves.groupby("weight_decay", sort=True)):
         color = colors[i % len(colors)]
@@ -65,10 +200,7 @@ def range_summary_figure(curves: pd.DataFrame, bounds: dict[str, Any], *, log_x:
         ax_acc.plot(ev["lr"], ev["acc"], color=color, lw=2.0, marker="o", ms=3, label=label)
         sm = g.groupby("step").agg(lr=("lr", "median"), loss=("smooth_loss", "median"))
         ax_loss.plot(sm["lr"], sm["loss"], color=color, lw=2.0)
-        for key, style in (("min_lr", "--"), ("max_lr", ":")):
-            if entry.get(key):
-                for ax in (ax_acc, ax_loss):
-                    ax.axvline(entry[key], color=color, ls=style, lw=1.2)
+        _bound_lines((ax_acc, ax_loss), entry, color, f"wd={wd:g}", lw=1.2)
     chosen = bounds.get("chosen")
     if chosen:
         for ax in (ax_acc, ax_loss):
@@ -82,16 +214,70 @@ def range_summary_figure(curves: pd.DataFrame, bounds: dict[str, Any], *, log_x:
     upper = curves["smooth_loss"].iloc[: max(1, len(curves) // 20)].max()
     if pd.notna(upper):
         ax_loss.set_ylim(0, 1.5 * upper)
-    if log_x:
-        ax_loss.set_xscale("log")
-    ax_acc.set_ylabel("held-out accuracy")
-    ax_loss.set_ylabel("smoothed training loss")
-    ax_loss.set_xlabel("learning rate (dashed: min_lr, dotted: max_lr per WD)")
+    _finish_range_axes(ax_acc, ax_loss, log_x=log_x, loss_label="smoothed training loss",
+                       lr_label="learning rate (dashed: min_lr, dotted: max_lr per WD)")
     ax_acc.legend(fontsize="small", loc="lower right")
-    for ax in (ax_acc, ax_loss):
-        ax.grid(alpha=0.3)
     fig.suptitle(title or "LR range test")
     return fig
+
+
+# --------------------------------------------------------------------------------------------- tables
+def _fmt(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def bounds_markdown(bounds: object) -> str:
+    """Markdown table of min_lr / max_lr / status / confidence, then the bounds' own message (why
+    there are none, what was cut) and the super-convergence verdict message (pure)."""
+    d = _bound_dict(bounds)
+    rows = [
+        "| min_lr | max_lr | status | confidence |",
+        "|---|---|---|---|",
+        "| " + " | ".join(_fmt(d.get(k)) for k in ("min_lr", "max_lr", "status", "confidence")) + " |",
+    ]
+    verdict = d.get("verdict")
+    message = verdict.get("message") if isinstance(verdict, Mapping) else getattr(verdict, "message", verdict)
+    if d.get("message"):
+        rows += ["", f"**Bounds:** {d['message']}"]
+    if message:
+        rows += ["", f"**Super-convergence verdict:** {message}"]
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------------------------- search
+def search_figure(summary: pd.DataFrame, metric: str, path: Path) -> bool:
+    """Final metric vs max_lr and vs weight decay, coloured by status; saved to `path` (False: nothing to plot)."""
+    from matplotlib.figure import Figure
+
+    col = metric if metric in summary else f"final_{metric}"  # the selection score (<metric>_tail)
+    if summary.empty or col not in summary:
+        return False
+    xs = [c for c in ("max_lr", "weight_decay", "dropout") if c in summary and summary[c].nunique() > 1]
+    if not xs:
+        return False
+    fig = Figure(figsize=(4.2 * len(xs), 3.4))
+    axes = fig.subplots(1, len(xs), squeeze=False)
+    colors = {"completed": "tab:blue", "pruned": "tab:gray", "diverged": "tab:red", "error": "black"}
+    for ax, x in zip(axes[0], xs, strict=True):
+        for status, g in summary.groupby("status"):
+            ax.scatter(g[x], g[col], label=status, color=colors.get(status, "tab:purple"), alpha=0.8, s=28)
+        if x in ("max_lr", "weight_decay") and (summary[x] > 0).all():
+            ax.set_xscale("log")
+        ax.set_xlabel(x)
+        ax.set_ylabel(col)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("search trials: final metric vs parameters")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+# --------------------------------------------------------------------------------------------- report.md
 
 
 def _fmt_bounds_table(bounds: dict[str, Any]) -> str:
@@ -146,8 +332,8 @@ def write_report(root: Path, *, spec_path: str, bounds: dict[str, Any] | None, s
         if chosen:
             lines += [f"Chosen ({bounds.get('source')}): max_lr bound **{chosen['max_lr_bound']:.4g}**, "
                       f"min_lr bound **{chosen['min_lr_bound']:.4g}**, weight-decay prior **{chosen['wd_prior']:g}**."
-                      + (" The max_lr bound is a lower bound: accuracy was still high where the ramp ended."
-                         if verdict.get("lower_bound") else ""), ""]
+                      + (" The max_lr bound is a lower bound: accuracy was still high where the ramp ended, so "
+                         "the search also tries LRs above it." if verdict.get("lower_bound") else ""), ""]
         if (root / "range_test" / "range_test.png").exists():
             lines += ["![range test](range_test/range_test.png)", ""]
     if summary is not None and not summary.empty:

@@ -3,7 +3,8 @@
 * ``one_cycle``: Smith's 1cycle (METHOD.md section 3) is exactly torch's ``OneCycleLR`` with
   ``three_phase=True, anneal_strategy="linear"``: min -> max over ``cycle_frac/2`` of the steps,
   max -> min over the next ``cycle_frac/2``, then annihilation min -> min/annihilation_factor. Momentum
-  moves opposite to the LR (0.95 -> 0.85 -> 0.95), Adam's beta1 included.
+  moves opposite to the LR (0.95 -> 0.85 -> 0.95), Adam's beta1 included. ``one_cycle_phases`` says
+  where a run's cycle turns (peak, end of cycle / start of annihilation), as data.
 * ``piecewise``: the paper's baseline, LR x gamma at fixed fractions of the run (``MultiStepLR``).
 * ``clr``: cyclical LR, triangular and its variants (``CyclicLR``, Smith 1506.01186).
 * ``range_ramp``: the LR range test's linear (Smith) or exponential sweep (``LambdaLR``).
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ConstantLR, CyclicLR, LambdaLR, LRScheduler, MultiStepLR, OneCycleLR
@@ -72,6 +74,46 @@ def one_cycle(optimizer: Optimizer, cfg: OneCycleConfig, *, total_steps: int) ->
         base_momentum=cfg.min_momentum,
         max_momentum=cfg.max_momentum,
     )
+
+
+@dataclass(frozen=True)
+class OneCyclePhases:
+    """Where a run's 1cycle turns, in epochs of training done (1.8 = four fifths of the way through epoch 2).
+
+    A trial reports at the end of each epoch (epoch e ends at e), so ``first_report_after_peak`` is the first
+    report taken after the LR peak: the earliest point at which trials of different max_lr are compared past
+    their high-LR dip (where space.rung_grace_period puts ASHA's first rung).
+    """
+
+    epochs: int
+    cycle_frac: float
+    peak: float  # LR at max_lr, momentum at its minimum: cycle_frac / 2 x epochs
+    cycle_end: float  # LR back at min_lr (cycle_frac x epochs); annihilation runs from here to `epochs`
+    first_report_after_peak: int  # floor(peak) + 1: epoch `peak` itself still reports at the peak
+
+    @property
+    def annihilation_start(self) -> float:
+        """Three-phase 1cycle starts annihilating where the cycle ends: ``cycle_end``."""
+        return self.cycle_end
+
+    def peak_step(self, steps_per_epoch: int) -> float:
+        """0-based index of the step trained at max_lr by ``one_cycle``: torch's ``pct_start x T - 1``
+        (T = epochs x steps_per_epoch). Not whole when ``cycle_frac / 2 x T`` is not: the LR then peaks just
+        below max_lr on the steps either side."""
+        return float(self.cycle_frac / 2 * (self.epochs * steps_per_epoch)) - 1
+
+    def cycle_end_step(self, steps_per_epoch: int) -> float:
+        """0-based index of the step back at min_lr, where annihilation starts: torch's ``2 x pct_start x T - 2``
+        (its down phase ends one step before cycle_frac x T, so the cycle is a symmetric triangle)."""
+        return float(2 * (self.cycle_frac / 2) * (self.epochs * steps_per_epoch)) - 2
+
+
+def one_cycle_phases(cfg: TrainConfig) -> OneCyclePhases:
+    """The phase boundaries of ``cfg``'s 1cycle: ``cfg.onecycle.cycle_frac`` of ``cfg.epochs`` in the cycle."""
+    cycle_frac, epochs = cfg.onecycle.cycle_frac, cfg.epochs
+    peak = cycle_frac / 2 * epochs
+    return OneCyclePhases(epochs=epochs, cycle_frac=cycle_frac, peak=peak, cycle_end=cycle_frac * epochs,
+                          first_report_after_peak=math.floor(peak) + 1)
 
 
 def piecewise(optimizer: Optimizer, cfg: BaselineConfig, *, total_steps: int) -> MultiStepLR:

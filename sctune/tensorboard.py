@@ -64,6 +64,8 @@ from tensorboard.plugins.hparams import summary_v2 as hp_summary
 from tensorboard.plugins.text.summary_v2 import text_pb
 from torch.utils.tensorboard import SummaryWriter
 
+# The figure and the bounds table are presentation (report.py); this module writes them as events.
+from .report import _bound_dict, _finite_positive, bounds_markdown, range_test_figure
 from .train import (  # noqa: F401  (re-exported: one definition, in train.py)
     HF_LR,
     HF_LR_EMA,
@@ -402,7 +404,7 @@ def write_hparams_config(
 
 
 # ---------------------------------------------------------------------------------------------
-# figures
+# figures as image events (the figures themselves are drawn in report.py)
 
 
 def _figure_png(fig: Figure, *, dpi: int = 100) -> bytes:
@@ -423,154 +425,6 @@ def _image_summary(tag: str, png: bytes) -> summary_pb2.Summary:
     width, height = struct.unpack(">II", png[16:24])  # PNG IHDR: width, height as big-endian u32
     image = summary_pb2.Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=png)
     return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, image=image)])
-
-
-def _column(df: pd.DataFrame, name: str) -> np.ndarray | None:
-    return df[name].to_numpy(dtype=float) if name in df.columns else None
-
-
-def _loss_ylim(losses: Sequence[np.ndarray]) -> tuple[float, float] | None:
-    """Clip the loss axis when a curve diverges, or the blow-up flattens the informative part.
-
-    Top = 1.5 x the highest starting loss (median of the first 5 finite points): the range test's
-    interesting region is where the loss is at or below where it started.
-    """
-    starts, lows, highs = [], [], []
-    for loss in losses:
-        finite = loss[np.isfinite(loss)]
-        if finite.size:
-            starts.append(float(np.median(finite[:5])))
-            lows.append(float(finite.min()))
-            highs.append(float(finite.max()))
-    if not starts:
-        return None
-    top = 1.5 * max(starts)
-    if max(highs) <= top or top <= min(lows):
-        return None
-    low = min(lows)
-    return low - 0.05 * (top - low), top
-
-
-def _bound_dict(bounds: object) -> dict[str, Any]:
-    if bounds is None:
-        return {}
-    if hasattr(bounds, "to_dict"):
-        return dict(bounds.to_dict())
-    keys = ("min_lr", "max_lr", "status", "confidence", "verdict", "message")
-    return {k: getattr(bounds, k) for k in keys if hasattr(bounds, k)}
-
-
-def _finite_positive(value: object) -> float | None:
-    try:
-        x = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) and x > 0 else None
-
-
-def range_test_figure(
-    curves: Mapping[str, pd.DataFrame],
-    bounds: Mapping[str, object] | None = None,
-    *,
-    log_x: bool = False,
-    title: str = "",
-) -> Figure:
-    """Range-test curves: accuracy vs LR (top), loss and smoothed loss vs LR (bottom).
-
-    One color per label; each label's ``min_lr`` (dashed) and ``max_lr`` (dotted) are vertical
-    lines in its color on both panels (lines carry ``gid="min_lr:<label>"`` / ``"max_lr:<label>"``).
-    Frames need ``lr``; ``loss``, ``smooth_loss``, ``acc`` (NaN where not evaluated) are drawn if
-    present. Built without pyplot (a bare Agg-rendered ``Figure``), so it is safe in workers.
-    """
-    import matplotlib
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    fig = Figure(figsize=(9, 7.5), layout="constrained")
-    ax_acc, ax_loss = fig.subplots(2, 1, sharex=True)
-    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-    bounds = bounds or {}
-    plotted_losses: list[np.ndarray] = []
-    any_acc = any_bound = False
-    for i, (label, df) in enumerate(curves.items()):
-        lr = _column(df, "lr")
-        if lr is None:
-            raise ValueError(
-                f"range_test_figure: curve {label!r} has no 'lr' column (columns: {list(df.columns)})"
-            )
-        color = colors[i % len(colors)]
-        b = _bound_dict(bounds.get(label))
-        legend = f"{label} [{b['status']}]" if b.get("status") else label
-        acc = _column(df, "acc")
-        if acc is not None and np.isfinite(acc).any():
-            keep = np.isfinite(acc)
-            ax_acc.plot(lr[keep], acc[keep], color=color, marker="o", ms=3, lw=1.4, label=legend)
-            any_acc = True
-        loss, smooth = _column(df, "loss"), _column(df, "smooth_loss")
-        if loss is not None:
-            ax_loss.plot(lr, loss, color=color, lw=0.8, alpha=0.3)
-            plotted_losses.append(loss)
-        if smooth is not None:
-            ax_loss.plot(lr, smooth, color=color, lw=1.6, label=legend)
-            plotted_losses.append(smooth)
-        for attr, style in (("min_lr", "--"), ("max_lr", ":")):
-            x = _finite_positive(b.get(attr))
-            if x is None:
-                continue
-            any_bound = True
-            for ax in (ax_acc, ax_loss):
-                ax.axvline(x, color=color, ls=style, lw=1.3, gid=f"{attr}:{label}")
-    if not any_acc:
-        ax_acc.text(0.5, 0.5, "no accuracy evaluated", transform=ax_acc.transAxes, ha="center", color="gray")
-    ylim = _loss_ylim(plotted_losses)
-    if ylim is not None:
-        ax_loss.set_ylim(*ylim)
-    if log_x:
-        ax_loss.set_xscale("log")  # shared x: applies to both panels
-    ax_acc.set_ylabel("held-out accuracy")
-    ax_loss.set_ylabel("training loss (faint: raw)")
-    ax_loss.set_xlabel("learning rate")
-    for ax in (ax_acc, ax_loss):
-        ax.grid(True, alpha=0.3)
-    if any_acc:
-        ax_acc.legend(fontsize="small", loc="best")
-    handles, _ = ax_loss.get_legend_handles_labels()
-    if any_bound:
-        handles += [
-            Line2D([], [], color="gray", ls="--", label="min_lr"),
-            Line2D([], [], color="gray", ls=":", label="max_lr"),
-        ]
-    if handles:
-        ax_loss.legend(handles=handles, fontsize="small", loc="best")
-    if title:
-        fig.suptitle(title)
-    return fig
-
-
-def _fmt(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|")
-
-
-def bounds_markdown(bounds: object) -> str:
-    """Markdown table of min_lr / max_lr / status / confidence, then the bounds' own message (why
-    there are none, what was cut) and the super-convergence verdict message (pure)."""
-    d = _bound_dict(bounds)
-    rows = [
-        "| min_lr | max_lr | status | confidence |",
-        "|---|---|---|---|",
-        "| " + " | ".join(_fmt(d.get(k)) for k in ("min_lr", "max_lr", "status", "confidence")) + " |",
-    ]
-    verdict = d.get("verdict")
-    message = verdict.get("message") if isinstance(verdict, Mapping) else getattr(verdict, "message", verdict)
-    if d.get("message"):
-        rows += ["", f"**Bounds:** {d['message']}"]
-    if message:
-        rows += ["", f"**Super-convergence verdict:** {message}"]
-    return "\n".join(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -801,8 +655,7 @@ def log_range_test(
         RANGE_VAL_LOSS: "val_loss",
         LR: "lr",
     }
-    arrays = {tag: _column(df, col) for tag, col in columns.items()}
-    arrays = {tag: a for tag, a in arrays.items() if a is not None}
+    arrays = {tag: df[col].to_numpy(dtype=float) for tag, col in columns.items() if col in df.columns}
     steps = df["step"].to_numpy() if "step" in df.columns else np.arange(len(df))
     for i, step in enumerate(steps):
         logger.scalars({tag: a[i] for tag, a in arrays.items()}, int(step))

@@ -5,6 +5,8 @@
 * ``onecycle_trainable``: one training run of a ``TrainConfig`` built from the base config plus
   the sampled parameters; reports and checkpoints every epoch, resumes from its checkpoint on
   retry, and writes its TensorBoard run (HParams session from the first moment).
+* ``trial_hook``: an optional callback both call once per reported epoch, named by ``SCTUNE_TRIAL_HOOK``
+  (the fault tests inject their faults through it).
 
 Ray is called once per epoch (report + checkpoint), never inside the per-step loop.
 """
@@ -12,11 +14,12 @@ Ray is called once per epoch (report + checkpoint), never inside the per-step lo
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import math
 import os
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,62 +60,28 @@ def _node_id() -> str | None:
         return None
 
 
-# -- test-only fault injection ---------------------------------------------------------------
+# -- the trial hook ---------------------------------------------------------------------------
 
-FAULT_ENV = "SCTUNE_FAULT_INJECT"
-
-
-class InjectedFault(RuntimeError):
-    """Raised by the test-only fault hook (``SCTUNE_FAULT_INJECT``)."""
+HOOK_ENV = "SCTUNE_TRIAL_HOOK"
+TrialHook = Callable[[str, int, str], None]
 
 
-def _fault_rules(stage: str) -> list[dict[str, str]]:
-    """Parse ``SCTUNE_FAULT_INJECT``: rules ``STAGE[:key=value...]`` separated by ``;``.
+def trial_hook() -> TrialHook | None:
+    """The function ``SCTUNE_TRIAL_HOOK`` names as ``module:function``; None when the variable is unset.
 
-    Test-only; inert unless the variable is set (worker processes inherit it from the driver).
-    Keys: ``epoch=N`` fire after epoch N's checkpoint was reported (a range test has one "epoch", fired
-    before its report); ``once=PATH`` fire only for whoever creates PATH first (O_EXCL; the trial id is
-    written into it), so exactly one fault happens across trials and retries; ``action=raise`` (default,
-    an exception in the trial) or ``exit`` (the worker process dies: ``os._exit``); ``delay=S`` sleep S
-    seconds after every epoch (slow trials, for tests that act while trials run). Example:
-    ``SCTUNE_FAULT_INJECT="search:epoch=2:once=/tmp/m;search:delay=0.5"``.
+    A trial calls it as ``hook(stage, epoch, trial_id)``: search and final trials after each epoch's report
+    and checkpoint, a range test once (epoch 1) just before its only report. What it raises fails the trial
+    like any error. It runs in the worker, which gets the variable from the environment Ray starts it with,
+    so the module must be importable there (PYTHONPATH). The fault tests use it to raise, kill the worker
+    or slow epochs down (tests/fault_util.py).
     """
-    spec = os.environ.get(FAULT_ENV, "").strip()
-    rules = []
-    for text in filter(None, (r.strip() for r in spec.split(";"))):
-        head, *pairs = text.split(":")
-        rule = {"stage": head.strip()}
-        for pair in pairs:
-            key, sep, value = pair.partition("=")
-            if not sep or key not in ("epoch", "once", "action", "delay"):
-                raise ValueError(f"{FAULT_ENV}: bad item {pair!r} in rule {text!r} "
-                                 "(keys: epoch, once, action, delay)")
-            rule[key] = value
-        if rule["stage"] == stage:
-            rules.append(rule)
-    return rules
-
-
-def _inject_fault(stage: str, epoch: int, trial_id: str) -> None:
-    """The fault hook, called once per reported epoch; a no-op unless ``SCTUNE_FAULT_INJECT`` is set."""
-    if FAULT_ENV not in os.environ:
-        return
-    for rule in _fault_rules(stage):
-        if "delay" in rule:
-            time.sleep(float(rule["delay"]))
-        if "epoch" not in rule or int(rule["epoch"]) != epoch:
-            continue
-        if "once" in rule:
-            try:
-                fd = os.open(rule["once"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                continue
-            os.write(fd, trial_id.encode())
-            os.close(fd)
-        log.warning("%s: injecting a fault into trial %s at epoch %d", FAULT_ENV, trial_id, epoch)
-        if rule.get("action", "raise") == "exit":
-            os._exit(17)
-        raise InjectedFault(f"{FAULT_ENV}: injected fault in {stage} trial {trial_id} at epoch {epoch}")
+    spec = os.environ.get(HOOK_ENV, "").strip()
+    if not spec:
+        return None
+    module, sep, name = spec.partition(":")
+    if not (sep and module and name):
+        raise ValueError(f"{HOOK_ENV} must be 'module:function', got {spec!r}")
+    return getattr(importlib.import_module(module), name)
 
 
 def range_test_trainable(config: dict[str, Any], *, train: dict[str, Any], range_test: dict[str, Any],
@@ -125,7 +94,9 @@ def range_test_trainable(config: dict[str, Any], *, train: dict[str, Any], range
     wd, seed = float(config["weight_decay"]), int(config["seed"])
     result = run_range_test(train_cfg, rt_cfg, weight_decay=wd, seed=seed, data=cached_dataset(train_cfg.task))
     bounds = result.bounds()
-    _inject_fault("range", 1, tune.get_context().get_trial_id() or "local")
+    hook = trial_hook()
+    if hook is not None:
+        hook("range", 1, tune.get_context().get_trial_id() or "local")
     if tb_logdir:
         name = tb.run_name("range", wd=wd, seed=seed)
         with tb.TrialLogger(tb_logdir, name, hparams={"weight_decay": wd, "seed": seed, "stage": "range"},
@@ -206,6 +177,7 @@ def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdi
         logger._seen_step(int(state["epoch"]))  # a resumed run's final metrics go to its last epoch, not step 0
     seen = [h.get(select_metric, math.nan) for h in state["history"]] if state else []
     node_id = _node_id()  # once per trial; not a scalar, so it goes to Tune only, never to TensorBoard
+    hook = trial_hook()
 
     def on_epoch(metrics: dict[str, float], state_fn) -> bool:
         epoch = int(metrics["epoch"])
@@ -217,7 +189,8 @@ def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdi
         with tempfile.TemporaryDirectory() as d:
             torch.save(state_fn(), Path(d) / CHECKPOINT_FILE)
             tune.report(report | {"node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(d))
-        _inject_fault(stage, epoch, trial_id)
+        if hook is not None:
+            hook(stage, epoch, trial_id)
         return False
 
     try:

@@ -1,5 +1,6 @@
 """Helpers for the fault tests (test_reliability.py, test_cli_errors.py): run the CLI in its own process
-group with a private RAY_TMPDIR, kill it, find what it left behind, read Tune's and TensorBoard's records.
+group with a private RAY_TMPDIR, kill it, find what it left behind, read Tune's and TensorBoard's records;
+inject faults into trials through sctune's trial hook (``fault_env``, ``inject_fault``).
 
 Everything here is bounded: every wait has a timeout, and ``kill_leftovers`` kills only processes whose
 command line names the test's own RAY_TMPDIR (never ``ray stop``: others run Ray on the same machine).
@@ -8,6 +9,7 @@ command line names the test's own RAY_TMPDIR (never ``ray stop``: others run Ray
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,7 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
 
 
 def short_tmpdir(prefix: str = "sctrel") -> Path:
@@ -31,7 +36,7 @@ def short_tmpdir(prefix: str = "sctrel") -> Path:
 
 def cli_env(ray_tmp: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    for k in ("RAY_ADDRESS", "SCTUNE_FAULT_INJECT"):
+    for k in ("RAY_ADDRESS", FAULT_ENV, HOOK_ENV):
         env.pop(k, None)
     env.update(RAY_TMPDIR=str(ray_tmp), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
                PYTHONUNBUFFERED="1")
@@ -41,6 +46,78 @@ def cli_env(ray_tmp: Path, **extra: str) -> dict[str, str]:
 
 def cli_cmd(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "sctune.search", *map(str, args)]
+
+
+# -- fault injection ----------------------------------------------------------------------------
+#
+# sctune calls the function SCTUNE_TRIAL_HOOK names once per reported epoch in every trial
+# (sctune.trainables.trial_hook); pointed at inject_fault below, it raises, kills the worker or slows
+# epochs down as the rules in SCTUNE_FAULT_INJECT say. Inert unless both are set (fault_env sets both).
+
+HOOK_ENV = "SCTUNE_TRIAL_HOOK"  # sctune.trainables.HOOK_ENV; not imported, so this module stays light
+FAULT_ENV = "SCTUNE_FAULT_INJECT"
+
+
+class InjectedFault(RuntimeError):
+    """Raised in a trial by ``inject_fault``."""
+
+
+def fault_env(spec: str) -> dict[str, str]:
+    """Environment variables that make every trial run ``inject_fault`` with the rules ``spec``.
+
+    Ray workers inherit them from the driver (or from the process that started the cluster's nodes);
+    tests/ goes on PYTHONPATH so that they can import this module.
+    """
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
+    return {HOOK_ENV: "fault_util:inject_fault", FAULT_ENV: spec, "PYTHONPATH": path}
+
+
+def _fault_rules(stage: str) -> list[dict[str, str]]:
+    """Parse ``SCTUNE_FAULT_INJECT``: rules ``STAGE[:key=value...]`` separated by ``;``.
+
+    Keys: ``epoch=N`` fire after epoch N's checkpoint was reported (a range test has one "epoch", fired
+    before its report); ``once=PATH`` fire only for whoever creates PATH first (O_EXCL; the trial id is
+    written into it), so exactly one fault happens across trials and retries; ``action=raise`` (default,
+    an exception in the trial) or ``exit`` (the worker process dies: ``os._exit``); ``delay=S`` sleep S
+    seconds after every epoch (slow trials, for tests that act while trials run). Example:
+    ``SCTUNE_FAULT_INJECT="search:epoch=2:once=/tmp/m;search:delay=0.5"``.
+    """
+    spec = os.environ.get(FAULT_ENV, "").strip()
+    rules = []
+    for text in filter(None, (r.strip() for r in spec.split(";"))):
+        head, *pairs = text.split(":")
+        rule = {"stage": head.strip()}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or key not in ("epoch", "once", "action", "delay"):
+                raise ValueError(f"{FAULT_ENV}: bad item {pair!r} in rule {text!r} "
+                                 "(keys: epoch, once, action, delay)")
+            rule[key] = value
+        if rule["stage"] == stage:
+            rules.append(rule)
+    return rules
+
+
+def inject_fault(stage: str, epoch: int, trial_id: str) -> None:
+    """The trial hook: apply the ``SCTUNE_FAULT_INJECT`` rules for this stage and epoch (none if unset)."""
+    if FAULT_ENV not in os.environ:
+        return
+    for rule in _fault_rules(stage):
+        if "delay" in rule:
+            time.sleep(float(rule["delay"]))
+        if "epoch" not in rule or int(rule["epoch"]) != epoch:
+            continue
+        if "once" in rule:
+            try:
+                fd = os.open(rule["once"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                continue
+            os.write(fd, trial_id.encode())
+            os.close(fd)
+        log.warning("%s: injecting a fault into trial %s at epoch %d", FAULT_ENV, trial_id, epoch)
+        if rule.get("action", "raise") == "exit":
+            os._exit(17)
+        raise InjectedFault(f"{FAULT_ENV}: injected fault in {stage} trial {trial_id} at epoch {epoch}")
 
 
 # -- processes ----------------------------------------------------------------------------------

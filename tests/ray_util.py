@@ -199,10 +199,13 @@ def in_process_cluster(*, head_cpus: float = 0, workers: list[dict] | None = Non
                 if cluster is not None:
                     cluster.shutdown()  # also removes $RAY_TMPDIR/ray/ray_current_cluster (ours)
                 left = kill_marked(marker)
-                reset_ray_auth_cache()
         assert not left, f"processes of the test cluster still alive: {left}"
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        # Forget this cluster's token only now that patched_environ has restored the environment: reset
+        # inside it, Ray re-read the test token and kept token auth for the rest of the process, so the
+        # next Ray this process drove (a plain, token-less cluster) never started a trial's actor.
+        reset_ray_auth_cache()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -17,7 +17,6 @@ from sctune.config import ConfigError, TaskConfig
 from sctune.search import UsageError
 from sctune.space import SpaceError
 from sctune.stages import StageError
-from sctune.trainables import InjectedFault
 
 CASES = [
     (ConfigError("task.dataset", "unknown dataset 'x'"), "task.dataset: unknown dataset 'x'",
@@ -29,7 +28,6 @@ CASES = [
      {"path": "--num-samples", "rule": "must be >= 1"}),
     (StageError("no usable bounds"), "no usable bounds", {}),
     (PreflightError("--gpus-per-trial 1 needs a GPU"), "--gpus-per-trial 1 needs a GPU", {}),
-    (InjectedFault("injected"), "injected", {}),
 ]
 
 

@@ -16,6 +16,7 @@ from sctune.schedules import (
     exp_ramp,
     linear_ramp,
     one_cycle,
+    one_cycle_phases,
     piecewise,
     range_ramp,
 )
@@ -142,6 +143,38 @@ def test_one_cycle_shortest_valid_cycle():
     lrs, _ = _trace(opt, one_cycle(opt, CYCLE.replace(cycle_frac=0.5), total_steps=5), 5)
     assert lrs[0] == pytest.approx(0.25) and lrs[-1] == pytest.approx(0.25e-3)
     assert all(0 < lr <= 1.0 for lr in lrs)
+
+
+@pytest.mark.parametrize(("epochs", "cycle_frac", "peak", "cycle_end", "first_report"), [
+    (4, 0.9, 1.8, 3.6, 2),  # digits: peak inside epoch 2, whose report is already past it
+    (5, 0.8, 2.0, 4.0, 3),  # peak exactly at the end of epoch 2: that report is *at* the peak, not after
+    (30, 0.9, 13.5, 27.0, 14),
+    (1, 1.0, 0.5, 1.0, 1),  # no annihilation; the only report comes after the peak
+    (2, 1.0, 1.0, 2.0, 2),
+])
+def test_one_cycle_phases_exact(epochs, cycle_frac, peak, cycle_end, first_report):
+    cfg = TrainConfig(epochs=epochs).with_flat(cycle_frac=cycle_frac)
+    ph = one_cycle_phases(cfg)
+    assert (ph.epochs, ph.cycle_frac) == (epochs, cycle_frac)
+    assert ph.peak == peak and ph.cycle_end == cycle_end and ph.annihilation_start == cycle_end
+    assert ph.first_report_after_peak == first_report <= epochs
+
+
+def test_one_cycle_phase_steps_are_where_torch_turns():
+    # CYCLE over 4 epochs of 25 steps: the T = 100 run of test_one_cycle_phase_boundaries_exact
+    ph = one_cycle_phases(TrainConfig(epochs=4, onecycle=CYCLE))
+    assert ph.peak_step(25) == 44.0 and ph.cycle_end_step(25) == 88.0
+    opt = _sgd()
+    lrs, moms = _trace(opt, one_cycle(opt, CYCLE, total_steps=100), 100)
+    assert lrs[44] == pytest.approx(CYCLE.max_lr, rel=1e-12) and moms[44] == pytest.approx(CYCLE.min_momentum)
+    assert lrs[88] == pytest.approx(CYCLE.min_lr, rel=1e-12) and all(lr < CYCLE.min_lr for lr in lrs[89:])
+    # the step trained at max_lr is in epoch 2 (steps 25..49), the epoch `first_report_after_peak` names
+    assert 44 // 25 + 1 == ph.first_report_after_peak == 2
+    # a cycle whose turns fall between steps: torch's end steps are the same fractional values
+    odd = one_cycle_phases(TrainConfig(epochs=3, onecycle=CYCLE))
+    sched = one_cycle(_sgd(), CYCLE, total_steps=3 * 7)
+    assert [p["end_step"] for p in sched._schedule_phases[:2]] == [odd.peak_step(7), odd.cycle_end_step(7)]
+    assert odd.peak_step(7) == pytest.approx(8.45) and odd.cycle_end_step(7) == pytest.approx(16.9)
 
 
 # -- piecewise ----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing import event_accumulator as ea
 from tensorboard.plugins.hparams import api_pb2
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
+from sctune import report
 from sctune import tensorboard as tb
 
 matplotlib.use("Agg")
@@ -392,7 +393,7 @@ def test_range_test_figure_marks_bounds_in_curve_color() -> None:
         "wd=1e-4 seed=0": FakeBounds(0.2, 0.8),
         "wd=1e-3 seed=0": FakeBounds(0.1, None, status="no_peak"),
     }
-    fig = tb.range_test_figure(curves, bounds, title="range tests")
+    fig = report.range_test_figure(curves, bounds, title="range tests")
     ax_acc, ax_loss = fig.axes
     for ax in (ax_acc, ax_loss):
         marks = vlines(ax)
@@ -417,18 +418,18 @@ def test_range_test_figure_marks_bounds_in_curve_color() -> None:
 
 
 def test_range_test_figure_log_x_and_no_bounds() -> None:
-    fig = tb.range_test_figure({"a": range_frame()}, log_x=True)
+    fig = report.range_test_figure({"a": range_frame()}, log_x=True)
     assert all(ax.get_xscale() == "log" for ax in fig.axes)
     assert not vlines(fig.axes[0])
     with pytest.raises(ValueError, match="'lr'"):
-        tb.range_test_figure({"a": pd.DataFrame({"loss": [1.0]})})
+        report.range_test_figure({"a": pd.DataFrame({"loss": [1.0]})})
 
 
 def test_bounds_markdown() -> None:
-    md = tb.bounds_markdown(FakeBounds(0.0123456, 0.5, verdict={"message": "accuracy stays high to 3.0"}))
+    md = report.bounds_markdown(FakeBounds(0.0123456, 0.5, verdict={"message": "accuracy stays high to 3.0"}))
     assert "| 0.01235 | 0.5 | ok | 0.8 |" in md
     assert "accuracy stays high to 3.0" in md
-    assert "| - |" in tb.bounds_markdown(FakeBounds(0.1, None))
+    assert "| - |" in report.bounds_markdown(FakeBounds(0.1, None))
 
 
 def test_log_range_test(tmp_path: Path) -> None:
@@ -469,7 +470,7 @@ def test_log_range_test_with_real_bounds(tmp_path: Path) -> None:
         assert bounds.message in table
     if bounds.verdict is not None:
         assert bounds.verdict.message in table
-    fig = tb.range_test_figure({"a": df}, {"a": bounds})
+    fig = report.range_test_figure({"a": df}, {"a": bounds})
     assert ("max_lr:a" in vlines(fig.axes[0])) == (bounds.max_lr is not None)
 
 

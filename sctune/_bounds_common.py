@@ -1,0 +1,192 @@
+"""What the LR-bound finders share: the result types, input checks, the cut at the first non-finite loss.
+
+Private to :mod:`sctune.bounds` (Smith's rule) and :mod:`sctune.loss_bounds` (the loss-based finders), which
+both build an :class:`LRBounds`; import the public names from ``sctune.bounds``. A module of its own so that
+bounds.py can dispatch to the loss finders without either importing the other in a cycle.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+# One logger name for every finder: it is the name users see in `-v` output (it was bounds.py's).
+logger = logging.getLogger("sctune.bounds")
+
+BoundsStatus = Literal["ok", "flat", "diverged_at_start", "too_few_points", "noisy"]
+STATUSES: tuple[str, ...] = ("ok", "flat", "diverged_at_start", "too_few_points", "noisy")
+
+# A non-finite loss this early means the ramp starts (or climbs) too high: the brief's 10% of the sweep.
+EARLY_CUT_FRAC = 0.10
+# Confidence from the number of evaluation points: 1 - exp(-n / 20). About 20 evaluations place the peak
+# within ~5% of the sweep; 8 points (the minimum) give 0.33, 30 (RangeTestConfig: 300 iters / eval_every 10)
+# give 0.78, 61 give 0.95.
+CONF_POINTS_SCALE = 20.0
+# The divergence point is where the loss has already risen to diverge_th x its best, past the usable range;
+# back off by 2x. (fastai's "lr_min / 10" targets a fixed LR; a one-cycle peak can sit closer to the edge.)
+DIVERGENCE_BACKOFF = 0.5
+
+
+# --------------------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class SuperConvergenceVerdict:
+    """Whether the range test shows Smith's super-convergence signature: accuracy high far past learning."""
+
+    possible: bool | None  # None: undetermined, the model was still learning when the ramp ended
+    learn_lr: float  # first LR whose running-median accuracy is in the high band: learning is done
+    top_lr: float  # last LR in the high band, before accuracy falls away for good (or the loss diverges)
+    end_lr: float  # last LR tested: the ramp's end, or the divergence point
+    headroom: float  # top_lr / learn_lr
+    coverage: float  # share of the LRs tested past learn_lr over which accuracy stays high
+    high_level: float  # the accuracy floor of the band
+    reaches_end: bool  # the band reaches the last tested LR
+    diverged: bool  # the loss diverged (end_lr is the divergence point)
+    still_learning: bool
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SuperConvergenceVerdict:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class LRBounds:
+    """LR bounds from one range test, or the reason there are none.
+
+    ``min_lr``/``max_lr`` are set exactly when ``status == "ok"``; ``confidence`` is 0 otherwise.
+    """
+
+    min_lr: float | None
+    max_lr: float | None
+    status: BoundsStatus
+    confidence: float  # 0..1, see smith_bounds / _loss_confidence for the formulas
+    method: str  # "smith" | "steepest" | "valley" | "divergence"
+    divisor: float  # min_lr = max_lr / divisor
+    peak_acc: float | None
+    verdict: SuperConvergenceVerdict | None
+    message: str
+    lower_bound: bool = False  # max_lr is only a lower bound: accuracy never fell (or still learning)
+    still_learning: bool = False  # the model had not finished learning when the ramp ended
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+        has_bounds = self.min_lr is not None and self.max_lr is not None
+        if has_bounds != (self.status == "ok"):
+            raise ValueError(
+                f"min_lr/max_lr must be set exactly when status is 'ok', got status {self.status!r} with "
+                f"min_lr={self.min_lr}, max_lr={self.max_lr}"
+            )
+        if not 0.0 <= self.confidence <= 1.0:
+            raise ValueError(f"confidence must be in [0, 1], got {self.confidence}")
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (nested verdict dict; NaN and inf become None)."""
+        return jsonable(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LRBounds:
+        data = dict(data)
+        if data.get("verdict") is not None:
+            data["verdict"] = SuperConvergenceVerdict.from_dict(data["verdict"])
+        return cls(**data)
+
+
+def jsonable(obj: Any) -> Any:
+    """Strict-JSON form: NaN/inf -> None, numpy scalars -> Python, tuples -> lists (recursively)."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def _no_bounds(method: str, status: BoundsStatus, divisor: float, message: str,
+               peak_acc: float | None = None) -> LRBounds:
+    logger.info("range test (%s): %s - %s", method, status, message)
+    return LRBounds(min_lr=None, max_lr=None, status=status, confidence=0.0, method=method, divisor=divisor,
+                    peak_acc=peak_acc, verdict=None, message=message)
+
+
+
+# --------------------------------------------------------------------------------------------- checks
+def _as_1d(name: str, values: ArrayLike) -> np.ndarray:
+    arr = np.asarray(values, dtype=float)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
+    return arr
+
+
+def _check_same_length(a_name: str, a: np.ndarray, b_name: str, b: np.ndarray) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"{a_name} and {b_name} must have the same length, got {len(a)} and {len(b)}")
+
+
+def _check_common(divisor: float, window: int, min_points: int) -> None:
+    if not (isinstance(divisor, (int, float, np.floating)) and math.isfinite(divisor) and divisor >= 1):
+        raise ValueError(f"divisor must be a finite number >= 1 (min_lr = max_lr / divisor), got {divisor!r}")
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise ValueError(f"window must be an integer >= 1, got {window!r}")
+    if isinstance(min_points, bool) or not isinstance(min_points, (int, np.integer)) or min_points < 3:
+        raise ValueError(f"min_points must be an integer >= 3 (a peak needs neighbours), got {min_points!r}")
+
+
+def _check_lr(lr: np.ndarray) -> None:
+    """Kept LRs must be >= 0 and strictly increasing (a range test ramps the LR up)."""
+    if len(lr) and lr.min() < 0:
+        raise ValueError(f"lr must be >= 0, got min {lr.min():g}")
+    if len(lr) > 1:
+        bad = np.flatnonzero(np.diff(lr) <= 0)
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(
+                f"lr must be strictly increasing along the range test, got lr[{i}]={lr[i]:g} then "
+                f"lr[{i + 1}]={lr[i + 1]:g}"
+            )
+
+
+def _first_nonfinite(loss: np.ndarray | None) -> int | None:
+    if loss is None:
+        return None
+    bad = np.flatnonzero(~np.isfinite(loss))
+    return int(bad[0]) if len(bad) else None
+
+
+def _points_confidence(n: int) -> float:
+    return 1.0 - math.exp(-n / CONF_POINTS_SCALE)
+
+
+def _cut_note(cut: int | None, lr_all: np.ndarray, n_used: int) -> str:
+    if cut is None:
+        return ""
+    lr_at = lr_all[cut]
+    where = f"LR {lr_at:.3g}" if math.isfinite(lr_at) else f"row {cut}"
+    return f" The loss became non-finite at row {cut} ({where}); only the {n_used} points before it were used."
+
+
+def _early_cut_message(cut: int, n_total: int, lr_all: np.ndarray) -> str:
+    lr_at = lr_all[cut]
+    where = f" (LR {lr_at:.3g})" if math.isfinite(lr_at) else ""
+    return (
+        f"The loss became non-finite at row {cut} of {n_total}{where}, within the first "
+        f"{EARLY_CUT_FRAC:.0%} of the sweep: lower end_lr (or start_lr) so the ramp reaches the divergence "
+        f"point late, or check the model/data for NaNs."
+    )

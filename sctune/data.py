@@ -90,14 +90,11 @@ def _stratified_val_split(y: torch.Tensor, val_frac: float, seed: int) -> tuple[
 
 def dataset_fn(name: str) -> DatasetFn:
     """The loader a dataset name stands for: registered, or ``module:function`` (imported here)."""
-    from .tasks import is_reference, resolve_reference
+    from .tasks import lookup
 
-    if name in _DATASETS:
-        return _DATASETS[name]
-    if is_reference(name):
-        return resolve_reference(name, "task.dataset")
-    raise ConfigError("task.dataset", f"unknown dataset {name!r} (known: {', '.join(dataset_names())}; or "
-                                      "module:function, or register it in a module listed under task.modules)")
+    return lookup(_DATASETS, name, key="task.dataset", noun="dataset", attr="function", known=dataset_names())
+
+
 # Training-set sizes of datasets that live on disk, so a plan can count iterations on a machine without the
 # files (a cluster's head node): CIFAR-10/100 hold 50,000 training images (Krizhevsky 2009).
 KNOWN_TRAINVAL_SIZES = {"cifar10": 50_000, "cifar100": 50_000}

@@ -43,14 +43,9 @@ def model_names() -> list[str]:
 
 def model_fn(name: str) -> ModelFn:
     """The builder a model name stands for: registered, or ``module:builder`` (imported here)."""
-    from .tasks import is_reference, resolve_reference
+    from .tasks import lookup
 
-    if name in _MODELS:
-        return _MODELS[name]
-    if is_reference(name):
-        return resolve_reference(name, "task.model")
-    raise ConfigError("task.model", f"unknown model {name!r} (known: {', '.join(model_names())}; or "
-                                    "module:builder, or register it in a module listed under task.modules)")
+    return lookup(_MODELS, name, key="task.model", noun="model", attr="builder", known=model_names())
 
 
 def build_model(name: str, *, num_classes: int, input_shape: tuple[int, ...], dropout: float = 0.0) -> nn.Module:

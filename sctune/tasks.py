@@ -78,6 +78,17 @@ def resolve_reference(ref: str, key: str) -> Any:
     return obj
 
 
+def lookup(registry: dict[str, Any], name: str, *, key: str, noun: str, attr: str, known: list[str]) -> Any:
+    """What a dataset or model name stands for: a registration in `registry`, or ``module:<attr>`` imported
+    here; else a ConfigError at `key` listing the `known` names."""
+    if name in registry:
+        return registry[name]
+    if is_reference(name):
+        return resolve_reference(name, key)
+    raise ConfigError(key, f"unknown {noun} {name!r} (known: {', '.join(known)}; or module:{attr}, or "
+                           "register it in a module listed under task.modules)")
+
+
 def check_task(task: TaskConfig) -> None:
     """Everything the task names resolves in this process (imports ``task.modules`` first)."""
     from .data import dataset_fn

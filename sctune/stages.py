@@ -37,12 +37,18 @@ import pandas as pd
 
 from . import tensorboard as tb
 from .bounds import LRBounds, aggregate_bounds, bounds_from_frame, jsonable
+from .lifecycle import GUARD, Interrupted, interrupted_message
 from .space import Anchors, SpaceSpec, recipe_point, resolve, rung_grace_period, to_optuna
 from .train import TEST_ACC, VAL_ACC, VAL_ACC_BEST
 
 log = logging.getLogger(__name__)
 
 STAGES = ("range", "search", "final")
+_ACTIVE: dict[str, Any] = {}  # the progress callback of the stage running now (the restored one on --resume)
+
+
+def active_progress() -> StageProgress | None:
+    return _ACTIVE.get("progress")
 
 
 class StageError(RuntimeError):
@@ -124,6 +130,12 @@ class StageProgress(_callback_base()):
         # tuner, old clock included): restart the clock; counts are rebuilt from the trials.
         self._t0 = time.monotonic()
         self._last_line = ""
+        self.recovered = set()
+        _ACTIVE["progress"] = self
+
+    def on_step_begin(self, iteration, trials, **info):
+        # An interrupt (SIGINT/SIGTERM, see lifecycle) asks Tune's loop to stop the way its own Ctrl-C does.
+        GUARD.poke_tune()
 
     def _pruned(self, trial) -> bool:
         last = trial.last_result or {}
@@ -156,8 +168,10 @@ class StageProgress(_callback_base()):
 
     def _print(self) -> None:
         best = f" | best {self.metric} {self.best:.4f}" if self.best is not None and self.metric else ""
-        extra = f" ({self.pruned} pruned, {self.errored} errored)" if self.stage == "search" else (
-            f" ({self.errored} errored)" if self.errored else "")
+        n_rec = len(getattr(self, "recovered", ()))
+        rec = f", {n_rec} resumed from an older checkpoint" if n_rec else ""
+        extra = f" ({self.pruned} pruned, {self.errored} errored{rec})" if self.stage == "search" else (
+            f" ({self.errored} errored{rec})" if self.errored or n_rec else "")
         line = (f"[{self.stage}] {self.done}/{self.total} done{extra} | {self.running} running{best} "
                 f"| {time.monotonic() - self._t0:.0f}s")
         if line != self._last_line and not self.quiet:
@@ -170,6 +184,13 @@ class StageProgress(_callback_base()):
         self._print()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        note = result.get("checkpoint_recovered")
+        recovered = getattr(self, "recovered", None)
+        if note and recovered is not None and trial.trial_id not in recovered:
+            recovered.add(trial.trial_id)
+            if not self.quiet:
+                print(f"[{self.stage}] trial {trial.trial_id}: damaged checkpoint: {note}", file=sys.stderr, flush=True)
+            self._print()
         if self.metric and self._offer(result):
             self._print()
 
@@ -234,7 +255,15 @@ def _fit(tuner_factory, restore_path: Path, trainable, *, resume: bool):
             raise StageError(_corrupted_tune_state(restore_path, f"{type(e).__name__}: {e}")) from None
     else:
         tuner = tuner_factory()
-    return tuner.fit()
+    grid = tuner.fit()
+    if GUARD.requested:
+        # Tune stopped on the interrupt and saved its state with the unfinished trials unfinished: the stage is
+        # not done, its outputs are not written, and --resume continues it (Tuner.restore).
+        p = active_progress()
+        raise Interrupted(GUARD.signum, interrupted_message(restore_path.name, p.done if p else None,
+                                                           p.total if p else None, restore_path.parent.parent,
+                                                           GUARD.signum))
+    return grid
 
 
 def _corrupted_tune_state(stage_dir: Path, why: str) -> str:
@@ -288,6 +317,17 @@ def _replace_missing_checkpoints(stage_dir: Path, trial_data: list) -> None:
             log.warning("trial %s: its latest checkpoint %s is missing; it resumes from its previous good "
                         "checkpoint, or from the start if there is none", state.get("trial_id"), path)
             path.mkdir(parents=True)
+            continue
+        try:
+            from .trainables import load_checkpoint_state
+
+            load_checkpoint_state(path)
+        except Exception as e:
+            from .trainables import CHECKPOINT_FILE
+
+            log.warning("trial %s: its latest checkpoint %s cannot be read (%s: %s); it resumes from its previous "
+                        "good checkpoint, or from the start if there is none", state.get("trial_id"),
+                        path / CHECKPOINT_FILE, type(e).__name__, str(e)[:200])
 
 
 def _resources(spec: SpaceSpec):

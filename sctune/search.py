@@ -102,6 +102,12 @@ def prepare(space: str | Path | SpaceSpec | None = None, *, name: str | None = N
         SearchConfig.from_dict({k: v for k, v in overrides.items() if v is not None}, "search")
     except ConfigError as e:
         raise UsageError(f"--{e.path.rsplit('.', 1)[-1].replace('_', '-')}", e.rule) from None
+    if lr_bounds is not None:
+        lo, hi = lr_bounds
+        if not (0 < lo < hi):
+            raise UsageError("--lr-bounds", f"need 0 < MIN_LR < MAX_LR, got {lo} {hi}")
+    if wd_prior is not None and wd_prior < 0:
+        raise UsageError("--wd-prior", f"must be >= 0, got {wd_prior}")
     root_storage = _check_storage(storage_path)
     address = _cluster_address(address)  # RAY_ADDRESS counts: inside `ray job submit` the local checks don't apply
     state: dict[str, Any] = {}
@@ -160,12 +166,6 @@ def prepare(space: str | Path | SpaceSpec | None = None, *, name: str | None = N
                                 cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, seed=seed)
     except SpaceError as e:
         raise UsageError(f"--{e.path.rsplit('.', 1)[-1].replace('_', '-')}", e.rule) from None
-    if lr_bounds is not None:
-        lo, hi = lr_bounds
-        if not (0 < lo < hi):
-            raise UsageError("--lr-bounds", f"need 0 < MIN_LR < MAX_LR, got {lo} {hi}")
-    if wd_prior is not None and wd_prior < 0:
-        raise UsageError("--wd-prior", f"must be >= 0, got {wd_prior}")
     if address is None and spec.search.gpus_per_trial > 0:
         gpus = _local_gpu_count()
         if gpus == 0:

@@ -328,15 +328,20 @@ def test_lock_of_a_refused_fresh_run_leaves_nothing_behind(tmp_path):
     assert not exp.exists()
 
 
-def test_option_rules_refused_before_torch_or_ray_load(tmp_path):
-    """`--num-samples 0` is refused by the option's own rule before the space file is read (which imports
-    torch to check dataset and model names): as fast as any other bad input."""
+@pytest.mark.parametrize("args, message", [
+    (["--num-samples", "0"], "--num-samples: must be >= 1, got 0"),
+    (["--wd-prior", "-0.1"], "--wd-prior: must be >= 0, got -0.1"),
+    (["--lr-bounds", "1", "0.1"], "--lr-bounds: need 0 < MIN_LR < MAX_LR"),
+])
+def test_option_rules_refused_before_torch_or_ray_load(tmp_path, args, message):
+    """Options are refused by their own rules before the space file is read (which imports torch to check
+    dataset and model names): as fast as any other bad input."""
     code = ("import sys; from sctune.search import main; "
-            f"rc = main(['--num-samples', '0', '--storage-path', {str(tmp_path / 's')!r}]); "
+            f"rc = main({args!r} + ['--storage-path', {str(tmp_path / 's')!r}]); "
             "print(rc, 'torch' in sys.modules, 'ray' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.stdout.split() == ["2", "False", "False"], (p.stdout, p.stderr)
-    assert "--num-samples: must be >= 1, got 0" in p.stderr
+    assert message in p.stderr
     assert not (tmp_path / "s").exists()
 
 

@@ -205,6 +205,7 @@ class InterruptGuard:
         self.count = 0
         self._poked = False
         self._saved: dict[int, Any] = {}
+        self._saved_env: str | None = None
         self.active = False
 
     def install(self) -> None:
@@ -213,6 +214,8 @@ class InterruptGuard:
         if threading.current_thread() is not threading.main_thread():
             return
         # Tune's own SIGINT handler would replace ours during each stage (and leave SIGTERM to Ray's abort).
+        if not self.active:
+            self._saved_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         for sig in (signal.SIGINT, signal.SIGTERM):
             current = signal.getsignal(sig)
@@ -228,6 +231,11 @@ class InterruptGuard:
             with contextlib.suppress(ValueError, TypeError):
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._saved.clear()
+        if self.active:
+            if self._saved_env is None:
+                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+            else:
+                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._saved_env
         self.active = False
 
     def _handle(self, signum: int, frame) -> None:
@@ -237,12 +245,12 @@ class InterruptGuard:
         name = signal.Signals(signum).name
         if self.count == 1:
             print(f"\n[sctune] {name} received: stopping; finished work is kept and running trials keep their "
-                  "last checkpoint (press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+                  "last checkpoint (a second Ctrl-C or SIGTERM stops at once)", file=sys.stderr, flush=True)
             return
         # second signal: stop now; the default handlers take over for a third
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
-        raise KeyboardInterrupt(f"{name} received twice")
+        raise KeyboardInterrupt(f"{name} after a first signal: stopping at once")
 
     @property
     def requested(self) -> bool:

@@ -328,7 +328,7 @@ def run(space: str | Path | SpaceSpec | None = None, **options: Any) -> SearchRe
         except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM: stopped at once
             from .stages import active_progress
 
-            p = active_progress()
+            p = active_progress()  # the stage running when stopped (None before the first one started)
             raise Interrupted(GUARD.signum or signal.SIGINT, interrupted_message(
                 p.stage if p else None, p.done if p else None, p.total if p else None, exp,
                 GUARD.signum or signal.SIGINT)) from None

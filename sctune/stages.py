@@ -260,6 +260,7 @@ def _fit(tuner_factory, restore_path: Path, trainable, *, resume: bool):
         # Tune stopped on the interrupt and saved its state with the unfinished trials unfinished: the stage is
         # not done, its outputs are not written, and --resume continues it (Tuner.restore).
         p = active_progress()
+        p = p if p is not None and p.stage == restore_path.name else None
         raise Interrupted(GUARD.signum, interrupted_message(restore_path.name, p.done if p else None,
                                                            p.total if p else None, restore_path.parent.parent,
                                                            GUARD.signum))

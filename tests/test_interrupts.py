@@ -193,10 +193,12 @@ def _range_runs(exp: Path, trials: dict) -> dict[str, list[str]]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_sigterm_in_range_stage_is_a_pause(tmp_path, ray_tmp):
+@pytest.mark.parametrize("twice", [False, True], ids=["sigterm", "sigterm_then_ctrl_c"])
+def test_sigterm_in_range_stage_is_a_pause(tmp_path, ray_tmp, twice):
     """SIGTERM to the driver's group during the range tests: exit 143 with a resume line (no native abort,
     no traceback), no bounds computed from the finished ones, stage 1 not done; --resume runs only the
-    unfinished range tests and every range test is counted once."""
+    unfinished range tests and every range test is counted once. A second signal (Ctrl-C) stops at once,
+    without waiting for the running range tests, with the same outcome."""
     common, exp = _setup(tmp_path, "term")
     common += ["--stage", "range"]
     env = cli_env(ray_tmp, SCTUNE_FAULT_INJECT="range:delay=4")
@@ -208,7 +210,13 @@ def test_sigterm_in_range_stage_is_a_pause(tmp_path, ray_tmp):
             return "TERMINATED" in states and "RUNNING" in states
 
         cli.wait_until("a finished and a running range test", mid_range, timeout=300)
-        rc = _interrupt(cli, signal.SIGTERM)
+        if twice:
+            os.killpg(cli.proc.pid, signal.SIGTERM)
+            cli.wait_until("the first signal to be taken", lambda: "SIGTERM received: stopping" in cli.stderr,
+                           timeout=30, interval=0.05)
+            rc = _interrupt(cli, signal.SIGINT, timeout=60)
+        else:
+            rc = _interrupt(cli, signal.SIGTERM)
     finally:
         cli.kill()
     err = cli.stderr
@@ -220,7 +228,7 @@ def test_sigterm_in_range_stage_is_a_pause(tmp_path, ray_tmp):
     assert not (exp / "range_test" / "bounds.json").exists(), "bounds computed from an interrupted stage"
     assert json.loads((exp / "state.json").read_text())["done"] == []
     finished = {t: v for t, v in tune_trials(exp / "ray" / "range").items() if v["status"] == "TERMINATED"}
-    assert 1 <= len(finished) < 3
+    assert 1 <= len(finished) < 3, finished
     runs_before = _range_runs(exp, finished)
 
     res = run_cli([*common, "--resume"], env=env, log_dir=tmp_path, tag="resume", timeout=400)

@@ -4,7 +4,8 @@
   record (pid, host, process start time, command) in it. A second run or ``--resume`` of the same
   experiment is refused (exit 2) naming the holder. A record left by a process that is gone (same host:
   its pid is not running, or runs another program since) is stale and taken over; a record from another
-  host that still holds the ``flock`` is refused.
+  host is judged by the ``flock`` alone (held: refused; free: taken over), so on shared storage the two
+  hosts must see each other's ``flock`` (NFS with lockd, Lustre/EFS with locking on).
 * ``InterruptGuard``: SIGINT and SIGTERM are a pause, never a verdict. The first signal asks Ray Tune to
   stop the stage the way its own Ctrl-C does (no new trials, running ones stopped, its experiment state
   saved with them unfinished), then the stage raises ``Interrupted`` instead of reporting results; the

@@ -22,7 +22,8 @@ from typing import Any
 
 from .budget import format_plan
 from .config import ConfigError
-from .space import DEFAULT_SPACE_DIR, SpaceError, SpaceSpec, load_space
+from .lifecycle import GUARD, LOCK_NAME, Interrupted, interrupted_message
+from .space import DEFAULT_SPACE_DIR, SearchConfig, SpaceError, SpaceSpec, load_space
 
 log = logging.getLogger("sctune")
 
@@ -101,6 +102,18 @@ def prepare(space: str | Path | SpaceSpec | None = None, *, name: str | None = N
     """All validation, no side effects beyond reading files. Returns (spec, experiment dir, state)."""
     if stage not in ("range", "search", "final", "all", "plan"):
         raise UsageError("--stage", f"must be range, search, final, all or plan, got {stage!r}")
+    overrides = {"num_samples": num_samples, "max_concurrent": max_concurrent, "cpus_per_trial": cpus_per_trial,
+                 "gpus_per_trial": gpus_per_trial, "seed": seed, "budget": budget}
+    try:  # the options' own rules first: refused in milliseconds, before the space file pulls in torch
+        SearchConfig.from_dict({k: v for k, v in overrides.items() if v is not None}, "search")
+    except ConfigError as e:
+        raise UsageError(f"--{e.path.rsplit('.', 1)[-1].replace('_', '-')}", e.rule) from None
+    if lr_bounds is not None:
+        lo, hi = lr_bounds
+        if not (0 < lo < hi):
+            raise UsageError("--lr-bounds", f"need 0 < MIN_LR < MAX_LR, got {lo} {hi}")
+    if wd_prior is not None and wd_prior < 0:
+        raise UsageError("--wd-prior", f"must be >= 0, got {wd_prior}")
     root_storage = _check_storage(storage_path)
     address = _cluster_address(address)  # RAY_ADDRESS counts: inside `ray job submit` the local checks don't apply
     state: dict[str, Any] = {}
@@ -109,6 +122,8 @@ def prepare(space: str | Path | SpaceSpec | None = None, *, name: str | None = N
     if resume and name is None:
         raise UsageError("--resume", "needs --name of the experiment to resume "
                          f"(see the folders in {root_storage})")
+    if name is not None:
+        _check_not_in_use(root_storage / name)  # before the space file is read: refused in milliseconds
     if isinstance(space, SpaceSpec):
         spec = space
     else:
@@ -123,7 +138,8 @@ def prepare(space: str | Path | SpaceSpec | None = None, *, name: str | None = N
         name = f"{spec.name}{'-smoke' if smoke else ''}-{datetime.now():%Y%m%d-%H%M%S}"
     exp = root_storage / name
     state_file = exp / "state.json"
-    if exp.exists() and any(exp.iterdir()):
+    _check_not_in_use(exp)
+    if exp.exists() and any(p.name != LOCK_NAME for p in exp.iterdir()):
         if not state_file.exists():
             if resume:
                 raise UsageError("--resume", f"{exp} holds no sctune experiment state (state.json missing); "
@@ -157,12 +173,6 @@ def prepare(space: str | Path | SpaceSpec | None = None, *, name: str | None = N
                      gpus_per_trial=gpus_per_trial, seed=seed, budget=budget, refit=refit)
     if stage == "plan":  # a dry run: nothing below (Ray, GPUs, stage outputs) matters
         return spec, exp, state | {"name": name}
-    if lr_bounds is not None:
-        lo, hi = lr_bounds
-        if not (0 < lo < hi):
-            raise UsageError("--lr-bounds", f"need 0 < MIN_LR < MAX_LR, got {lo} {hi}")
-    if wd_prior is not None and wd_prior < 0:
-        raise UsageError("--wd-prior", f"must be >= 0, got {wd_prior}")
     if address is None and spec.search.gpus_per_trial > 0:
         gpus = _local_gpu_count()
         if gpus == 0:
@@ -195,6 +205,15 @@ def _with_cli(spec: SpaceSpec, *, refit: bool | None = None, **search) -> SpaceS
     return spec
 
 
+def _check_not_in_use(exp: Path) -> None:
+    from .lifecycle import holder
+
+    in_use = holder(exp) if exp.is_dir() else None
+    if in_use:
+        raise UsageError("--name", f"experiment {exp.name!r} in {exp.parent} is in use by {in_use}: one run per "
+                         "experiment. Wait for it to end, or stop it (Ctrl-C) and rerun with --resume.")
+
+
 def _start_ray(address: str | None, *, verbose: bool, dashboard: bool, num_cpus: int | None = None,
                runtime_env: dict[str, Any] | None = None) -> bool:
     """Connect to ``address`` or start a local Ray on loopback. Returns True if we started it.
@@ -210,8 +229,17 @@ def _start_ray(address: str | None, *, verbose: bool, dashboard: bool, num_cpus:
         return True
     # A local Ray serves this process only: its GCS, raylet and dashboard listen on loopback, never on the
     # machine's network address (Ray has no authentication).
-    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", log_to_driver=verbose, logging_level=level, runtime_env=runtime_env)
+    # Its processes are children of this one, in its process group: a Ctrl-C or SIGTERM sent to the group (a
+    # terminal, a job scheduler) must reach only this driver, which stops the stage and then Ray, in order.
+    # Blocked signals stay blocked across fork and exec (Ray blocks SIGINT in its processes the same way).
+    import signal
+
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", log_to_driver=verbose, logging_level=level, runtime_env=runtime_env)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return True
 
 
@@ -336,19 +364,76 @@ def _preflight(spec: SpaceSpec, *, cluster_yaml: str | None = None,
         log.warning("%s", warning)
 
 
-def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
-        storage_path: str | Path = DEFAULT_STORAGE, stage: str = "all", resume: bool = False, smoke: bool = False,
-        address: str | None = None, num_samples: int | None = None, max_concurrent: int | None = None,
-        cpus_per_trial: float | None = None, gpus_per_trial: float | None = None, seed: int | None = None,
-        lr_bounds: tuple[float, float] | None = None, wd_prior: float | None = None, verbose: bool = False,
-        quiet: bool = False, dashboard: bool = False, num_cpus: int | None = None,
-        cluster_yaml: str | None = None, budget: float | None = None, refit: bool | None = None) -> SearchResults:
+_PREPARE_KEYS = ("name", "storage_path", "stage", "resume", "smoke", "num_samples", "max_concurrent",
+                 "cpus_per_trial", "gpus_per_trial", "seed", "lr_bounds", "wd_prior", "budget", "refit")
+
+
+def run(space: str | Path | SpaceSpec | None = None, **options: Any) -> SearchResults:
     """Run sctune's stages and return their results (the CLI's engine).
 
-    ``space``: a search-space file (default: the embedded digits space) or a parsed ``SpaceSpec``.
-    Raises ``ConfigError`` (bad input, before Ray starts) or ``StageError`` (a stage cannot go on).
+    ``space``: a search-space file (default: the embedded digits space) or a parsed ``SpaceSpec``; options as
+    the CLI's (``name``, ``storage_path``, ``stage``, ``resume``, ``smoke``, ``address``, ``num_samples``,
+    ``max_concurrent``, ``cpus_per_trial``, ``gpus_per_trial``, ``seed``, ``lr_bounds``, ``wd_prior``,
+    ``verbose``, ``quiet``, ``dashboard``, ``num_cpus``, ``cluster_yaml``, ``budget``, ``refit``).
+    Raises ``ConfigError`` (bad input, before Ray starts; also when another run holds the experiment),
+    ``StageError`` (a stage cannot go on) or ``Interrupted`` (SIGINT/SIGTERM: the stage stopped, nothing is
+    lost, ``--resume`` continues it).
+
+    While it runs it holds the experiment's lock (one run per experiment folder), treats SIGINT/SIGTERM as a
+    pause (main thread), and when it starts Ray itself, a watchdog ends Ray's processes if this process dies.
     """
-    _quiet_ray_env(verbose)
+    import signal
+
+    from .lifecycle import MARKER_VAR, ExperimentLock, LockedError, new_marker, reap, start_watchdog
+
+    _quiet_ray_env(options.get("verbose", False))
+    if options.get("stage") == "plan":  # a dry run: no lock, no Ray, nothing written
+        return _run(space, **options)
+    address = _cluster_address(options.get("address"))
+    _, exp, state = prepare(space, address=address, **{k: v for k, v in options.items() if k in _PREPARE_KEYS})
+    options["name"] = state["name"]  # a generated name, fixed once
+    try:
+        lock = ExperimentLock(exp).acquire()
+    except LockedError as e:
+        raise UsageError("--name", str(e)) from None
+    marker = watchdog = None
+    try:
+        GUARD.reset()
+        GUARD.install()
+        ray_mod = sys.modules.get("ray")
+        if address is None and not (ray_mod is not None and ray_mod.is_initialized()):
+            # every process of the Ray we start carries the marker: the watchdog ends them if we die
+            marker = new_marker()
+            os.environ[MARKER_VAR] = marker
+            watchdog = start_watchdog(marker)
+        try:
+            return _run(space, **options)
+        except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM: stopped at once
+            from .stages import active_progress
+
+            p = active_progress()  # the stage running when stopped (None before the first one started)
+            raise Interrupted(GUARD.signum or signal.SIGINT, interrupted_message(
+                p.stage if p else None, p.done if p else None, p.total if p else None, exp,
+                GUARD.signum or signal.SIGINT)) from None
+    finally:
+        if marker is not None:
+            os.environ.pop(MARKER_VAR, None)
+            reap(marker, grace=1.0)  # Ray's agents can outlive ray.shutdown()
+            if watchdog is not None:
+                watchdog.kill()
+                watchdog.wait()
+        GUARD.uninstall()
+        lock.release()
+
+
+def _run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
+         storage_path: str | Path = DEFAULT_STORAGE, stage: str = "all", resume: bool = False, smoke: bool = False,
+         address: str | None = None, num_samples: int | None = None, max_concurrent: int | None = None,
+         cpus_per_trial: float | None = None, gpus_per_trial: float | None = None, seed: int | None = None,
+         lr_bounds: tuple[float, float] | None = None, wd_prior: float | None = None, verbose: bool = False,
+         quiet: bool = False, dashboard: bool = False, num_cpus: int | None = None,
+         cluster_yaml: str | None = None, budget: float | None = None, refit: bool | None = None) -> SearchResults:
+    """``run``'s stages, under the experiment lock (its validation is repeated here, under the lock)."""
     t0 = time.monotonic()
     address = _cluster_address(address)
     spec, exp, state = prepare(space, name=name, storage_path=storage_path, stage=stage, resume=resume,
@@ -389,6 +474,7 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
         raise SpaceError(spec.path, e.path, e.rule) from None
     started = _start_ray(address, verbose=verbose, dashboard=dashboard, num_cpus=num_cpus,
                          runtime_env=_user_runtime_env(spec, regs, address))
+    GUARD.install()  # again: ray.init replaces the SIGTERM handler (its own aborts with a stack dump)
     try:
         # Before any trial is queued and before the experiment folder exists: a refused request
         # leaves nothing behind, so the same command can be rerun with a fixed option.
@@ -418,6 +504,7 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
         bounds_file = paths.range_dir / "bounds.json"
         saved_bounds = _read_output(bounds_file, _read_dict)
         # Stage 1
+        _check_interrupt("range", exp)
         if "range" in want and not ("range" in state["done"] and saved_bounds is not None):
             results.bounds = run_range_stage(spec, paths, resume=resume, quiet=quiet, lr_bounds=lr_bounds,
                                              wd_prior=wd_prior,
@@ -441,6 +528,7 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
         range_fte = _range_cost_fte(results.bounds, paths, full_iters)
         results.compute = {"budget_fte": budget_fte, "range_fte": range_fte}
         # Stage 2
+        _check_interrupt("search", exp)
         summary_file = exp / "summary.csv"
         saved_summary = _read_output(summary_file, _read_summary)
         if "search" in want and not ("search" in state["done"] and saved_summary is not None):
@@ -464,6 +552,7 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
         elif saved_summary is not None:
             results.summary = saved_summary
         # Stage 3
+        _check_interrupt("final", exp)
         if "final" in want and results.summary is not None:
             best_row = pick_best(results.summary, spec)
             plan = search_plan(spec, anchors) if anchors is not None else {"dists": {}, "constants": {}}
@@ -511,6 +600,12 @@ def run(space: str | Path | SpaceSpec | None = None, *, name: str | None = None,
                  metric=tail_key(spec.search.metric), wall_s=time.monotonic() - t0, plan=cplan,
                  compute=results.compute)
     return results
+
+
+def _check_interrupt(stage: str, exp: Path) -> None:
+    """Between stages: an interrupt received since the last stage stops the run before this one starts."""
+    if GUARD.requested:
+        raise Interrupted(GUARD.signum, interrupted_message(stage, 0, None, exp, GUARD.signum))
 
 
 STAGE_ORDER = {"range": ("range",), "search": ("search",), "final": ("final",), "all": ("range", "search", "final")}
@@ -704,6 +799,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"sctune: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Interrupted as e:
+        print(f"sctune: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # before the run took hold of anything (while validating)
+        print("sctune: interrupted before the run started; nothing was changed", file=sys.stderr)
+        return 130
     except Exception as e:
         from .stages import StageError  # imported here: usage errors above report without loading torch
 

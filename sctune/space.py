@@ -34,6 +34,15 @@ import yaml
 from .config import ConfigError, RangeTestConfig, TaskConfig, TrainConfig, _Config, _require
 
 SECTIONS = ("task", "fixed", "range_test", "search", "final", "space", "smoke")
+# Budgets beyond these cannot end in reasonable time on any hardware sctune targets (the paper's longest
+# CIFAR run is 800 epochs; its range tests are a few thousand iterations); generous on purpose.
+LIMITS = {
+    "range_test.num_iter": 100_000,  # one range test
+    "range_test.tests": 1_000,  # range tests in all: len(weight_decays) x repeats
+    "fixed.epochs": 10_000,  # one training run (also any searched epochs)
+    "search.num_samples": 100_000,
+    "final.seeds": 1_000,
+}
 SCALES = ("max_lr_bound", "min_lr_bound", "wd_prior")
 DEFAULT_SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
@@ -77,6 +86,8 @@ class SearchConfig(_Config):
                  f"must be in (0, 3) (0 start, 1 LR peak, 2 cycle end, 3 run end), got {self.rung_phase}")
         _require(self.budget is None or self.budget > 0, "budget",
                  f"must be > 0 full-training equivalents, got {self.budget}")
+        _require(self.num_samples <= LIMITS["search.num_samples"], "num_samples",
+                 f"must be <= {LIMITS['search.num_samples']:,} (a search that cannot end), got {self.num_samples:,}")
         _require(self.max_concurrent >= 1, "max_concurrent", f"must be >= 1, got {self.max_concurrent}")
         _require(self.scheduler in ("asha", "none"), "scheduler",
                  f"must be 'asha' or 'none', got {self.scheduler!r}")
@@ -241,6 +252,7 @@ def parse_space(raw: Any, file: str = "<space>", *, smoke: bool = False) -> Spac
         raise
     except ConfigError as e:
         raise SpaceError(file, e.path, e.rule) from None
+    _check_budgets(file, base, rt, final)
     space: dict[str, Dist] = {}
     searchable = set(TrainConfig.flat_keys()) - set(TaskConfig.__dataclass_fields__)
     for name, spec in doc["space"].items():
@@ -251,6 +263,19 @@ def parse_space(raw: Any, file: str = "<space>", *, smoke: bool = False) -> Spac
     _check_names(file, base)
     return SpaceSpec(path=str(file), base=base, range_test=rt, search=search, final=final, space=space,
                      raw={k: v for k, v in raw.items()})
+
+
+def _check_budgets(file: str, base: TrainConfig, rt: RangeTestConfig, final: FinalConfig) -> None:
+    """Refuse budgets that cannot end in reasonable time (``LIMITS``), naming the key."""
+    checks = [("range_test.num_iter", rt.num_iter, ""),
+              ("range_test.repeats", len(rt.weight_decays) * rt.repeats,
+               f" range tests in all (len(weight_decays) {len(rt.weight_decays)} x repeats {rt.repeats})"),
+              ("fixed.epochs", base.epochs, ""), ("final.seeds", final.seeds, "")]
+    for path, value, what in checks:
+        limit = LIMITS["range_test.tests" if path == "range_test.repeats" else path]
+        if value > limit:
+            raise SpaceError(file, path, f"must be <= {limit:,}{' ' + what.strip() if what else ''} (a budget that "
+                             f"cannot end in reasonable time; see LIMITS in sctune/space.py), got {value:,}")
 
 
 def _check_space_consistency(file: str, base: TrainConfig, space: dict[str, Dist]) -> None:
@@ -283,17 +308,69 @@ def _check_names(file: str, base: TrainConfig) -> None:
         raise SpaceError(file, e.path, e.rule) from None
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path, self.rule = path, message
+
+
+class StrictSafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (plain YAML only) that refuses duplicate mapping keys at any level: PyYAML keeps
+    the last one silently, so a repeated ``fixed:`` would drop the first without a word."""
+
+    def construct_document(self, node):
+        _refuse_duplicates(node, "")
+        return super().construct_document(node)
+
+
+def _refuse_duplicates(node: yaml.Node, path: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, str] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key != "<<":
+                where = f"{path}.{key}" if path else str(key)
+                line = f"{key_node.start_mark.line + 1}:{key_node.start_mark.column + 1}"
+                if key in seen:
+                    raise DuplicateKeyError(where, f"duplicate key (at line:column {seen[key]} and {line}); YAML "
+                                                   "would silently keep only the last one")
+                seen[key] = line
+                _refuse_duplicates(value_node, where)
+            else:
+                _refuse_duplicates(value_node, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicates(item, f"{path}[{i}]")
+
+
+def safe_load_strict(text: str) -> Any:
+    """``yaml.safe_load`` that also refuses duplicate keys (``DuplicateKeyError``, with the key path)."""
+    loader = StrictSafeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_space(path: str | Path, *, smoke: bool = False) -> SpaceSpec:
-    """Read and validate a search-space file with ``yaml.safe_load``."""
+    """Read and validate a search-space file with a ``yaml.SafeLoader`` that refuses duplicate keys."""
     p = Path(path)
     if not p.is_file():
         raise SpaceError(p, "", "file not found" if not p.exists() else "is not a file")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = safe_load_strict(p.read_text())
+    except DuplicateKeyError as e:
+        raise SpaceError(p, e.path, e.rule) from None
     except yaml.YAMLError as e:
         raise SpaceError(p, "", f"invalid YAML (only plain YAML is accepted, no Python tags): {e}") from None
     except UnicodeDecodeError as e:
         raise SpaceError(p, "", f"not a text file: {e}") from None
+    if raw is None:
+        raise SpaceError(p, "", "is empty (no sections); a space file needs at least task: {dataset: ..., "
+                                "model: ...}, see search_spaces/digits.yaml")
+    if smoke and isinstance(raw, Mapping) and not raw.get("smoke"):
+        raise SpaceError(p, "smoke", "--smoke needs a smoke: section in the space file (the tiny budgets it "
+                                     "runs with), e.g. smoke: {fixed: {epochs: 2}, search: {num_samples: 2}}")
     return parse_space(raw, str(p), smoke=smoke)
 
 

@@ -44,6 +44,7 @@ from .bounds import (
     choose_weight_decay,
     jsonable,
 )
+from .lifecycle import GUARD, Interrupted, interrupted_message
 from .space import Anchors, SpaceSpec, recipe_point, resolve, rung_plan, to_optuna
 from .tasks import registrations
 from .train import TEST_ACC, VAL_ACC, tail_key
@@ -51,6 +52,11 @@ from .train import TEST_ACC, VAL_ACC, tail_key
 log = logging.getLogger(__name__)
 
 STAGES = ("range", "search", "final")
+_ACTIVE: dict[str, Any] = {}  # the progress callback of the stage running now (the restored one on --resume)
+
+
+def active_progress() -> StageProgress | None:
+    return _ACTIVE.get("progress")
 
 
 class StageError(RuntimeError):
@@ -159,6 +165,12 @@ class StageProgress(_callback_base()):
         # tuner, old clock included): restart the clock; counts are rebuilt from the trials.
         self._t0 = time.monotonic()
         self._last_line = ""
+        self.recovered = set()
+        _ACTIVE["progress"] = self
+
+    def on_step_begin(self, iteration, trials, **info):
+        # An interrupt (SIGINT/SIGTERM, see lifecycle) asks Tune's loop to stop the way its own Ctrl-C does.
+        GUARD.poke_tune()
 
     def _pruned(self, trial) -> bool:
         last = trial.last_result or {}
@@ -213,8 +225,10 @@ class StageProgress(_callback_base()):
 
     def _print(self) -> None:
         best = f" | best {self.metric} {self.best:.4f}" if self.best is not None and self.metric else ""
-        extra = f" ({self.pruned} pruned, {self.errored} errored)" if self.stage == "search" else (
-            f" ({self.errored} errored)" if self.errored else "")
+        n_rec = len(getattr(self, "recovered", ()))
+        rec = f", {n_rec} resumed from an older checkpoint" if n_rec else ""
+        extra = f" ({self.pruned} pruned, {self.errored} errored{rec})" if self.stage == "search" else (
+            f" ({self.errored} errored{rec})" if self.errored or n_rec else "")
         spent = self.fte_spent
         fte = "" if spent is None else (f" | FTE {spent:.2f}/{self.fte_budget:g}" if self.fte_budget is not None
                                         else f" | FTE {spent:.2f}")
@@ -230,6 +244,13 @@ class StageProgress(_callback_base()):
         self._print()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        note = result.get("checkpoint_recovered")
+        recovered = getattr(self, "recovered", None)
+        if note and recovered is not None and trial.trial_id not in recovered:
+            recovered.add(trial.trial_id)
+            if not self.quiet:
+                print(f"[{self.stage}] trial {trial.trial_id}: damaged checkpoint: {note}", file=sys.stderr, flush=True)
+            self._print()
         before = self.fte_spent
         self._count(trial, result)
         # a line per new best, and per half FTE spent (a 200-epoch trial reports 200 times)
@@ -345,7 +366,16 @@ def _fit(tuner_factory, restore_path: Path, trainable, *, resume: bool):
     tune_logger = logging.getLogger("ray.tune.tune")
     if _INCOMPLETE_FILTER not in tune_logger.filters:
         tune_logger.addFilter(_INCOMPLETE_FILTER)
-    return tuner.fit()
+    grid = tuner.fit()
+    if GUARD.requested:
+        # Tune stopped on the interrupt and saved its state with the unfinished trials unfinished: the stage is
+        # not done, its outputs are not written, and --resume continues it (Tuner.restore).
+        p = active_progress()
+        p = p if p is not None and p.stage == restore_path.name else None
+        raise Interrupted(GUARD.signum, interrupted_message(restore_path.name, p.done if p else None,
+                                                           p.total if p else None, restore_path.parent.parent,
+                                                           GUARD.signum))
+    return grid
 
 
 def _corrupted_tune_state(stage_dir: Path, why: str) -> str:
@@ -399,6 +429,17 @@ def _replace_missing_checkpoints(stage_dir: Path, trial_data: list) -> None:
             log.warning("trial %s: its latest checkpoint %s is missing; it resumes from its previous good "
                         "checkpoint, or from the start if there is none", state.get("trial_id"), path)
             path.mkdir(parents=True)
+            continue
+        try:
+            from .trainables import load_checkpoint_state
+
+            load_checkpoint_state(path)
+        except Exception as e:
+            from .trainables import CHECKPOINT_FILE
+
+            log.warning("trial %s: its latest checkpoint %s cannot be read (%s: %s); it resumes from its previous "
+                        "good checkpoint, or from the start if there is none", state.get("trial_id"),
+                        path / CHECKPOINT_FILE, type(e).__name__, str(e)[:200])
 
 
 def _resources(spec: SpaceSpec):

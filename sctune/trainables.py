@@ -125,15 +125,17 @@ def load_checkpoint_state(directory: str | Path) -> dict[str, Any]:
     return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
-def _load_state(checkpoint: tune.Checkpoint) -> dict[str, Any] | None:
+def _load_state(checkpoint: tune.Checkpoint, problems: list[str] | None = None) -> dict[str, Any] | None:
     """The state of the checkpoint Tune hands back; if that one is unusable (missing, truncated, refused),
     the newest other checkpoint of the same trial that is usable (Tune keeps two); None if there is none,
-    and the trial starts over."""
+    and the trial starts over. What was unusable, and what was used instead, is appended to ``problems``."""
+    problems = problems if problems is not None else []
     try:
         with checkpoint.as_directory() as d:
             return load_checkpoint_state(d)
     except Exception as e:
         log.warning("checkpoint %s is unusable (%s: %s)", checkpoint.path, type(e).__name__, e)
+        problems.append(f"{Path(checkpoint.path) / CHECKPOINT_FILE} unreadable ({type(e).__name__})")
     here = Path(checkpoint.path)
     others = sorted((p for p in here.parent.glob("checkpoint_*") if p.name != here.name), reverse=True) \
         if here.parent.is_dir() else []
@@ -144,8 +146,10 @@ def _load_state(checkpoint: tune.Checkpoint) -> dict[str, Any] | None:
             log.warning("checkpoint %s is unusable too (%s: %s)", path, type(e).__name__, e)
             continue
         log.warning("continuing from the previous good checkpoint %s (epoch %d)", path, state["epoch"])
+        problems.append(f"resumed from {path.name} (epoch {state['epoch']})")
         return state
     log.warning("no usable checkpoint left: the trial starts over from epoch 0")
+    problems.append("no usable checkpoint left: restarted from epoch 0")
     return None
 
 
@@ -164,7 +168,10 @@ def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdi
     install(cfg.task, user_task)
     data = cached_dataset(cfg.task)
     checkpoint = tune.get_checkpoint()
-    state = _load_state(checkpoint) if checkpoint else None
+    problems: list[str] = []
+    state = _load_state(checkpoint, problems) if checkpoint else None
+    # a damaged checkpoint is named in every report of this run of the trial (the driver prints it once)
+    recovered = {"checkpoint_recovered": "; ".join(problems)} if problems else {}
     if state is not None:
         log.info("resuming from the checkpoint of epoch %d", state["epoch"])
     trial_id = tune.get_context().get_trial_id() or "local"
@@ -188,7 +195,7 @@ def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdi
             logger.scalars({k: v for k, v in report.items() if k not in ("epoch", "diverged", PHASE)}, epoch)
         with tempfile.TemporaryDirectory() as d:
             torch.save(state_fn(), Path(d) / CHECKPOINT_FILE)
-            tune.report(report | {"node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report(report | {"node_id": node_id} | recovered, checkpoint=tune.Checkpoint.from_directory(d))
         if hook is not None:
             hook(stage, epoch, trial_id)
         return False

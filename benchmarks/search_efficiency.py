@@ -68,6 +68,8 @@ FULL = {
     "tasks": {
         "mnist1d": {"space": "search_spaces/mnist1d.yaml", "budget_fte": 32},
         "digits": {"space": "search_spaces/digits.yaml", "budget_fte": 32},
+        # the paper's limited-data regime (its gains were largest with little data): 1,000 training signals
+        "mnist1d_1k": {"space": "search_spaces/mnist1d.yaml", "budget_fte": 32, "train_subset": 1000},
     },
     "repeats": 3,
 }
@@ -96,8 +98,9 @@ def _spec(task: dict[str, Any], rep: int):
 
     spec = load_space(REPO / task["space"], smoke=bool(task.get("smoke")))
     spec = spec.with_search(seed=rep)
-    return spec.__class__(spec.path, spec.base.with_flat(seed=rep), spec.range_test, spec.search, spec.final,
-                          spec.space, spec.raw)
+    extra = {"train_subset": task["train_subset"]} if task.get("train_subset") else {}
+    return spec.__class__(spec.path, spec.base.with_flat(seed=rep, **extra), spec.range_test, spec.search,
+                          spec.final, spec.space, spec.raw)
 
 
 @functools.lru_cache(maxsize=4)

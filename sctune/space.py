@@ -390,10 +390,14 @@ class Anchors:
     wd_prior: float
     max_lr_lower_bound: bool = False
     ramp_end_lr: float | None = None
+    # The recipe's max_lr (stage 2's first point); None: max_lr_bound. Stage 1 sets it below the bound when
+    # super-convergence is not likely: there the top of the high band is the edge of the fall.
+    recipe_max_lr: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"max_lr_bound": self.max_lr_bound, "min_lr_bound": self.min_lr_bound, "wd_prior": self.wd_prior,
-                "max_lr_lower_bound": self.max_lr_lower_bound, "ramp_end_lr": self.ramp_end_lr}
+                "max_lr_lower_bound": self.max_lr_lower_bound, "ramp_end_lr": self.ramp_end_lr,
+                "recipe_max_lr": self.recipe_max_lr}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Anchors:
@@ -471,7 +475,8 @@ def recipe_point(dists: Mapping[str, Dist], anchors: Anchors, *, divisor: float)
     from .config import OneCycleConfig, RegularizationConfig
 
     recipe = OneCycleConfig().to_dict() | RegularizationConfig().to_dict()
-    recipe |= {"max_lr": anchors.max_lr_bound, "div_factor": divisor, "weight_decay": anchors.wd_prior}
+    max_lr = anchors.recipe_max_lr if anchors.recipe_max_lr is not None else anchors.max_lr_bound
+    recipe |= {"max_lr": max_lr, "div_factor": divisor, "weight_decay": anchors.wd_prior}
     point: dict[str, Any] = {}
     for name, d in dists.items():
         if d.kind == "categorical":

@@ -43,6 +43,7 @@ from .bounds import (
     bounds_kwargs,
     choose_weight_decay,
     jsonable,
+    recipe_max_lr,
 )
 from .lifecycle import GUARD, Interrupted, interrupted_message
 from .space import Anchors, SpaceSpec, recipe_point, resolve, rung_plan, to_optuna
@@ -591,7 +592,8 @@ def summarize_range_tests(spec: SpaceSpec, paths: ExperimentPaths, curves: pd.Da
     else:
         prior = wd_prior if wd_prior is not None else chosen["weight_decay"]
         anchors = Anchors(max_lr_bound=chosen["max_lr"], min_lr_bound=chosen["min_lr"], wd_prior=prior,
-                          max_lr_lower_bound=bool(chosen.get("lower_bound")), ramp_end_lr=spec.range_test.end_lr)
+                          max_lr_lower_bound=bool(chosen.get("lower_bound")), ramp_end_lr=spec.range_test.end_lr,
+                          recipe_max_lr=recipe_max_lr(chosen))
         source = "range test"
     if chosen is None or chosen.get("verdict") is None:
         verdict = {"possible": None, "message": "no usable range test: no verdict"}

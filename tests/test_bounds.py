@@ -16,6 +16,7 @@ from sctune.bounds import (
     aggregate_bounds,
     bounds_from_frame,
     choose_weight_decay,
+    recipe_max_lr,
     smith_bounds,
     super_convergence_verdict,
 )
@@ -323,3 +324,16 @@ def test_weight_decay_prior_is_chosen_on_peak_accuracy_and_confidence():
     per_wd["1e-05"]["peak_acc"] = 0.85  # now clearly worse: the larger max_lr does not buy it the prior
     assert choose_weight_decay(per_wd)["weight_decay"] == 1e-4
     assert choose_weight_decay({"0": per_wd["0"]}) is None
+
+
+def test_recipe_max_lr_leaves_the_edge_only_where_super_convergence_is_unlikely():
+    likely = aggregate_bounds([smith_bounds(LR, ragged(LR, learn_at=0.3, swing=0.0))])
+    assert recipe_max_lr(likely) is None  # the paper's recipe: train at the top of the band
+    unlikely = aggregate_bounds([smith_bounds(LR, ragged(LR, learn_at=0.2, fall_at=0.8, swing=0.0))])
+    assert unlikely["verdict"]["possible"] is False
+    mid = recipe_max_lr(unlikely)
+    learn, top = unlikely["verdict"]["learn_lr"], unlikely["max_lr"]
+    assert mid == pytest.approx(max((learn * top) ** 0.5, unlikely["min_lr"]))
+    assert unlikely["min_lr"] <= mid < top
+    learning = aggregate_bounds([smith_bounds(LR, 0.1 + 0.6 * (LR / 3.0) ** 2)])
+    assert recipe_max_lr(learning) is None  # undetermined: nothing says the top is an edge

@@ -52,6 +52,11 @@ def test_recipe_point_is_smith_clipped_into_the_space():
     assert point["weight_decay"] == pytest.approx(1e-4) and point["dropout"] == 0.0
     for name, d in dists.items():
         assert d.low <= point[name] <= d.high, name
+    # where stage 1 found no super-convergence, the first point starts inside the band, the range unchanged
+    inside = Anchors(max_lr_bound=2.0, min_lr_bound=0.5, wd_prior=1e-4, recipe_max_lr=0.9)
+    assert resolve(SPEC, inside)[0]["max_lr"] == dists["max_lr"]
+    assert recipe_point(dists, inside, divisor=4.0)["max_lr"] == pytest.approx(0.9)
+    assert Anchors.from_dict(inside.to_dict()) == inside
 
 
 def test_optuna_distributions_match_the_space():

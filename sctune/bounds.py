@@ -67,15 +67,9 @@ LEARNING_TAIL_FRAC = 0.25
 # collapses at 30-50% of a 0->3 sweep; every curve of the authors' stays high to the end (100%).
 SC_MIN_HEADROOM = 3.0
 SC_MIN_COVERAGE = 0.6
-# Ties in a running median resolve to the *last* maximal point.
-_TIE_EPS = 1e-12
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _peak_index(s: np.ndarray) -> int:
-    return int(np.flatnonzero(s >= s.max() - _TIE_EPS)[-1])
-
-
 def _robust_std(x: np.ndarray) -> float:
     """1.4826 x the median absolute deviation: the std of Gaussian noise, blind to a few outliers."""
     if len(x) == 0:

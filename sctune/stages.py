@@ -547,7 +547,7 @@ def _bounds_for(spec: SpaceSpec, df: pd.DataFrame, *, diverged: bool = False) ->
                              **bounds_kwargs(spec.range_test, diverged=diverged))
 
 
-def range_cost_fte(spec: SpaceSpec, per_trial: list[dict]) -> float | None:
+def range_cost_fte(per_trial: list[dict]) -> float | None:
     """Stage 1's cost in full-training equivalents: the sum of the range tests' measured costs."""
     costs = [row.get("cost_fte") for row in per_trial]
     measured = [c for c in costs if isinstance(c, (int, float)) and math.isfinite(c)]
@@ -575,7 +575,7 @@ def summarize_range_tests(spec: SpaceSpec, paths: ExperimentPaths, curves: pd.Da
         per_wd[f"{wd:g}"] = {"weight_decay": float(wd), **aggregate_bounds(results)}
     chosen = choose_weight_decay(per_wd)
     override = lr_bounds is not None
-    cost = range_cost_fte(spec, per_trial)
+    cost = range_cost_fte(per_trial)
     if chosen is None and not override:
         statuses = {k: v["status"] for k, v in per_wd.items()}
         msgs = "; ".join(f"wd={k}: {v['message']}" for k, v in per_wd.items())

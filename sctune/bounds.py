@@ -459,7 +459,7 @@ def recipe_max_lr(chosen: dict[str, Any]) -> float | None:
     Measured (BENCHMARKS.md finding 4; ``recipe_point``'s one-cycle from max/10 with dropout at its range's
     middle; 3 stage-1 repeats x 3 seeds, mean test accuracy): MNIST-1D 96.9% at the band's start, 97.0% at
     the min bound; 1,000 samples (70-iteration tests) 79.4% and 80.9%. The previous first point (the band's
-    geometric middle, min = max/4, no dropout) reached 93.7% on MNIST-1D.
+    geometric middle, min = max/4, no dropout) reached 94.5% on MNIST-1D.
     """
     verdict = chosen.get("verdict") or {}
     if verdict.get("possible") is not False or not chosen.get("min_lr") or not chosen.get("max_lr"):

@@ -486,7 +486,7 @@ def recipe_point(dists: Mapping[str, Dist], anchors: Anchors, *, divisor: float)
     * every other one-cycle value from the config defaults (``OneCycleConfig``: cycle 90% of the run,
       annihilation x1000, cyclical momentum 0.95 -> 0.85).
 
-    Measured (BENCHMARKS.md finding 4): the recipe with the CLR divisor 4 and no dropout trained to 93.7%
+    Measured (BENCHMARKS.md finding 4): the recipe with the CLR divisor 4 and no dropout trained to 94.5%
     (MNIST-1D) and 98.2% (digits) where random draws from the same space reached ~97% and ~99.4%; its LR was
     too high over the cycle, and on MNIST-1D, where the LR cannot be large, the missing dropout cost a point.
     """

@@ -3,7 +3,8 @@
 Arms (same task, same data split, same training loop ``sctune.train.fit``; repeat r seeds everything):
 
 * ``sctune``: stage 1 exactly as sctune runs it (the space file's range tests: every weight decay x
-  ``repeats`` seeds through ``sctune.range_test.run_range_test``), bounds and WD prior from
+  ``repeats`` seeds through ``sctune.range_test.run_range_test``, each at most ``range_test.max_fte`` of
+  one training, as ``sctune.budget.plan_compute`` shortens them), bounds and WD prior from
   ``sctune.stages.summarize_range_tests``, then stage 2's plan from ``sctune.stages.search_plan``
   (``space.resolve`` / ``recipe_point`` / ``rung_plan``): Optuna multivariate TPE seeded with
   Smith's recipe as the first point + ASHA with rungs at equal schedule phase (the end of every
@@ -118,12 +119,15 @@ def job_range(task: dict[str, Any], rep: int) -> dict[str, Any]:
     """sctune's stage 1, in-process: every (weight decay, seed) range test, then the stage's summary."""
     import pandas as pd
 
+    from sctune.budget import plan_compute
     from sctune.range_test import run_range_test
     from sctune.stages import ExperimentPaths, StageError, summarize_range_tests
 
     _init_worker()
     spec = _spec(task, rep)
     data = _data(spec.base.task)
+    # the range tests sctune runs: the space file's, shortened to range_test.max_fte of one training
+    spec, _ = plan_compute(spec, data.sizes())
     rt = spec.range_test
     seeds = [spec.search.seed + i for i in range(rt.repeats)]
     t0 = time.perf_counter()
@@ -145,7 +149,7 @@ def job_range(task: dict[str, Any], rep: int) -> dict[str, Any]:
             error = str(e)
     spe = _steps_per_epoch(spec, data)
     return {"iters": iters, "cost_epochs": iters / spe, "steps_per_epoch": spe, "wall_s": wall,
-            "n_tests": len(per_trial), "error": error,
+            "n_tests": len(per_trial), "num_iter": rt.num_iter, "eval_every": rt.eval_every, "error": error,
             "chosen": None if bounds is None else bounds["chosen"],
             "verdict": None if bounds is None else bounds["verdict"], "loadavg": loadavg()}
 

@@ -10,11 +10,16 @@ With a budget (``--budget FTE`` / ``search.budget``) the three stages share it:
 
 * stage 1 gets at most ``RANGE_SHARE`` of it: repeats are cut first (down to 1), then weight decays
   (the ones farthest from the config's default, 1e-4, the authors' best on ResNet-56, go first);
-  the range test's own length is left as the space file says (shorter tests read the top badly);
+  the range test's own length is not cut for a budget (shorter tests read the top badly);
 * the final fit gets at most ``FINAL_SHARE``: fewer seeds, down to 0, where the search's best trial
   itself is the final model and is tested once (its checkpoint; no extra training);
 * the search gets the rest, measured after stage 1 ran (its real cost), and starts a trial only
   while a full run of it still fits (``stages.BudgetLimiter``), so the budget is never exceeded.
+
+With or without a budget, one range test is at most ``range_test.max_fte`` (default 0.5) of one
+training (``range_test_length``): a space file's ``num_iter`` sized for the full dataset would otherwise
+cost more than the trainings it sizes when the data shrink (``train_subset: 1000`` of MNIST-1D: two
+160-iteration tests = 2.3 FTE of a 140-iteration training).
 
 This module needs neither Ray nor torch; dataset sizes are passed in.
 """
@@ -44,6 +49,27 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
     return max(1, n_train // max(1, min(batch_size, n_train)))
 
 
+def range_test_length(rt, full_iters: int | None) -> tuple[int, int]:
+    """``(num_iter, eval_every)`` of one range test, capped at ``rt.max_fte`` of a training of ``full_iters``.
+
+    The paper's range tests took 5k-20k iterations for trainings of 10k-80k: about half a training or less.
+    A range test needs enough iterations for the model to learn at all before the LR grows large (the
+    ``still_learning`` verdict says when it did not), so the cap is a share of the training, not a fixed
+    count: on 1,000 MNIST-1D samples (140 iterations an FTE) 70-iteration tests read the same bounds as
+    160-iteration ones within their seed spread (BENCHMARKS.md, benchmark 1). A shortened test keeps its
+    number of held-out evaluations (``eval_every`` scaled down, at least 1) so the curve is read as finely.
+    A test within one evaluation interval of the cap is left alone (the paper's 5,000 iterations for its
+    9,996-iteration training stay 5,000).
+    """
+    if rt.max_fte is None or not full_iters:
+        return rt.num_iter, rt.eval_every
+    cap = max(10, math.ceil(rt.max_fte * full_iters))
+    if rt.num_iter <= math.ceil(cap / rt.eval_every) * rt.eval_every:
+        return rt.num_iter, rt.eval_every
+    evals = max(1, rt.num_iter // rt.eval_every)
+    return cap, max(1, cap // evals)
+
+
 def plan_compute(spec, sizes: dict[str, int] | None, *, budget: float | None = None,
                  budget_key: str = "search.budget"):
     """``(spec, plan)``: the spec trimmed to fit ``budget`` (unchanged without one) and its plan.
@@ -62,6 +88,13 @@ def plan_compute(spec, sizes: dict[str, int] | None, *, budget: float | None = N
         spe = steps_per_epoch(sizes["train"], base.batch_size)
         full = E * spe
     trimmed: dict[str, Any] = {}
+    num_iter, eval_every = range_test_length(rt, full)
+    if num_iter != rt.num_iter:
+        why = f"to fit range_test.max_fte ({rt.max_fte:g} of one training)"
+        trimmed["range_test.num_iter"] = (rt.num_iter, num_iter, why)
+        if eval_every != rt.eval_every:
+            trimmed["range_test.eval_every"] = (rt.eval_every, eval_every, why)
+        rt = rt.replace(num_iter=num_iter, eval_every=eval_every)
     wds, repeats, seeds = list(rt.weight_decays), rt.repeats, final.seeds
     refit_fte, refit_epochs, refit_spe = 1.0, E, spe
     if final.refit and sizes is not None:
@@ -79,12 +112,13 @@ def plan_compute(spec, sizes: dict[str, int] | None, *, budget: float | None = N
             far = max(wds, key=lambda w: (abs(math.log10(w / default_wd)) if w > 0 else math.inf, w))
             wds.remove(far)
         seeds = min(seeds, math.floor(FINAL_SHARE * budget / refit_fte + 1e-9))
+        why = "to fit the budget"
         if repeats != rt.repeats:
-            trimmed["range_test.repeats"] = (rt.repeats, repeats)
+            trimmed["range_test.repeats"] = (rt.repeats, repeats, why)
         if wds != list(rt.weight_decays):
-            trimmed["range_test.weight_decays"] = (list(rt.weight_decays), wds)
+            trimmed["range_test.weight_decays"] = (list(rt.weight_decays), wds, why)
         if seeds != final.seeds:
-            trimmed["final.seeds"] = (final.seeds, seeds)
+            trimmed["final.seeds"] = (final.seeds, seeds, why)
     range_fte = test_fte(len(wds), repeats)
     final_fte = seeds * refit_fte
     search_fte = None if budget is None else budget - range_fte - final_fte
@@ -93,7 +127,7 @@ def plan_compute(spec, sizes: dict[str, int] | None, *, budget: float | None = N
             f"{budget:g} FTE cannot hold stage 1 ({range_fte:.2f} FTE: {len(wds)} weight decay(s) x {repeats} "
             f"repeat(s) x {rt.num_iter} iterations, already cut to its minimum), the final fit ({final_fte:.2f} "
             f"FTE) and one full search trial (1 FTE); give at least {math.ceil((range_fte + final_fte + 1) * 10) / 10:g}, "
-            "or shorten range_test.num_iter"))
+            "or shorten range_test.num_iter (or range_test.max_fte)"))
     if trimmed:
         spec = dataclasses.replace(spec, range_test=rt.replace(weight_decays=tuple(wds), repeats=repeats),
                                    final=final.replace(seeds=seeds))
@@ -110,7 +144,7 @@ def plan_compute(spec, sizes: dict[str, int] | None, *, budget: float | None = N
         "final": {"seeds": seeds, "refit": final.refit, "epochs": refit_epochs,
                   "iterations_each": None if refit_spe is None else refit_epochs * refit_spe,
                   "fte": final_fte},
-        "trimmed": {k: {"from": a, "to": b} for k, (a, b) in trimmed.items()},
+        "trimmed": {k: {"from": a, "to": b, "why": why} for k, (a, b, why) in trimmed.items()},
     }
     return spec, plan
 
@@ -147,5 +181,5 @@ def format_plan(plan: dict[str, Any]) -> list[str]:
     lines.append(f"total:   {_f(total)} FTE" + (f" of a budget of {budget:g} FTE" if budget is not None else
                                                  " at most (no budget set: --budget FTE)"))
     for key, ch in plan.get("trimmed", {}).items():
-        lines.append(f"to fit the budget: {key} {ch['from']} -> {ch['to']}")
+        lines.append(f"{ch.get('why', 'to fit the budget')}: {key} {ch['from']} -> {ch['to']}")
     return lines

@@ -321,6 +321,10 @@ class RangeTestConfig(_Config):
     high_frac: float = 0.2  # accuracy within this share of its learned range below the best is "still high"
     sc_min_headroom: float = 3.0  # super-convergence: the high band reaches >= this x the LR where it learned
     sc_min_coverage: float = 0.6  # ...and covers >= this share of the sweep past that LR (bounds.py)
+    # One test's length at most this share of one full training's iterations (the paper: 5k-iteration tests
+    # for a 10k-iteration training); longer tests are shortened by ``budget.plan_compute``, ``eval_every``
+    # scaled so the curve keeps its number of evaluations. null: as long as ``num_iter`` says.
+    max_fte: float | None = 0.5
 
     def __post_init__(self):
         _require(self.step_mode in ("linear", "exp"), "step_mode",
@@ -338,6 +342,7 @@ class RangeTestConfig(_Config):
         _require(self.eval_samples >= 1, "eval_samples", f"must be >= 1, got {self.eval_samples}")
         _require(self.recal_samples >= 1, "recal_samples", f"must be >= 1, got {self.recal_samples}")
         _require(self.divisor >= 1, "divisor", f"must be >= 1, got {self.divisor}")
+        _require(self.max_fte is None or self.max_fte > 0, "max_fte", f"must be > 0 or null, got {self.max_fte}")
         _require(self.method in ("smith", "steepest", "valley", "divergence"), "method",
                  f"must be smith, steepest, valley or divergence, got {self.method!r}")
         _require(len(self.weight_decays) >= 1, "weight_decays", "must list at least one value")

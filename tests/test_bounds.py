@@ -331,9 +331,9 @@ def test_recipe_max_lr_leaves_the_edge_only_where_super_convergence_is_unlikely(
     assert recipe_max_lr(likely) is None  # the paper's recipe: train at the top of the band
     unlikely = aggregate_bounds([smith_bounds(LR, ragged(LR, learn_at=0.2, fall_at=0.8, swing=0.0))])
     assert unlikely["verdict"]["possible"] is False
-    mid = recipe_max_lr(unlikely)
+    start = recipe_max_lr(unlikely)
     learn, top = unlikely["verdict"]["learn_lr"], unlikely["max_lr"]
-    assert mid == pytest.approx(max((learn * top) ** 0.5, unlikely["min_lr"]))
-    assert unlikely["min_lr"] <= mid < top
+    assert start == pytest.approx(max(learn, unlikely["min_lr"]))  # the band's start, where it had learned
+    assert unlikely["min_lr"] <= start < top
     learning = aggregate_bounds([smith_bounds(LR, 0.1 + 0.6 * (LR / 3.0) ** 2)])
     assert recipe_max_lr(learning) is None  # undetermined: nothing says the top is an edge

@@ -91,6 +91,36 @@ def test_the_paper_space_in_iterations():
     assert plan["range"]["fte"] == pytest.approx(plan["range"]["iterations"] / 9_996)
 
 
+def test_a_range_test_longer_than_half_a_training_is_shortened_with_its_evaluations_kept():
+    # the paper's limited-data regime: the MNIST-1D space sized for 3,400 samples on 1,000 of them
+    spec = load_space(REPO / "search_spaces" / "mnist1d.yaml")
+    spec = type(spec)(spec.path, spec.base.with_flat(train_subset=1000), spec.range_test, spec.search,
+                      spec.final, spec.space, spec.raw)
+    rt0 = spec.range_test
+    sizes = {"train": 1000, "val": 600}
+    full = spec.base.epochs * (1000 // spec.base.batch_size)
+    assert rt0.num_iter > rt0.max_fte * full  # as shipped, one test would cost more than half a training
+    for budget in (None, 4.0):
+        trimmed, plan = plan_compute(spec, sizes, budget=budget)
+        rt = trimmed.range_test
+        assert rt.num_iter <= math.ceil(rt0.max_fte * full)
+        assert plan["range"]["iterations_each"] == rt.num_iter
+        assert plan["range"]["fte"] <= len(rt.weight_decays) * rt.repeats * rt0.max_fte + 1e-9
+        assert rt.num_iter // rt.eval_every >= rt0.num_iter // rt0.eval_every  # as many evaluations
+        lines = "\n".join(format_plan(plan))
+        assert f"range_test.num_iter {rt0.num_iter} -> {rt.num_iter}" in lines and "to fit range_test.max_fte" in lines
+    # a user who wants the long test says so
+    long = type(spec)(spec.path, spec.base, rt0.replace(max_fte=None), spec.search, spec.final, spec.space, spec.raw)
+    assert plan_compute(long, sizes)[0].range_test.num_iter == rt0.num_iter
+
+
+def test_shipped_range_tests_fit_half_a_training():
+    for name in ("digits", "mnist1d", "cifar10_resnet56", "cifar100_resnet56"):
+        spec = load_space(REPO / "search_spaces" / f"{name}.yaml")
+        sizes = known_split_sizes(spec.base.task) or load_dataset(spec.base.task).sizes()
+        assert plan_compute(spec, sizes)[1]["trimmed"] == {}, name  # their num_iter already fits
+
+
 def test_known_split_sizes_follow_the_real_split_rule():
     y = torch.arange(50_000) % 10
     tr, va = _stratified_val_split(y, 0.15, 0)

@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from sctune.config import OneCycleConfig
-from sctune.space import Anchors, load_space, recipe_point, resolve, to_optuna
+from sctune.space import RECIPE_DIV_FACTOR, Anchors, load_space, recipe_point, resolve, to_optuna
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = load_space(REPO / "search_spaces" / "digits.yaml")
@@ -44,18 +44,29 @@ def test_recipe_point_is_smith_clipped_into_the_space():
     dists, _ = resolve(SPEC, anchors)
     point = recipe_point(dists, anchors, divisor=4.0)
     assert point["max_lr"] == pytest.approx(2.0)  # the range test's max bound
-    assert point["div_factor"] == pytest.approx(4.0)
+    # one cycle starts at max/10 (Smith's 0.08 -> 0.8), not at CLR's max/3..4 ...
+    assert point["div_factor"] == pytest.approx(RECIPE_DIV_FACTOR) and dists["div_factor"].low < 4.0 < RECIPE_DIV_FACTOR
+    # ... unless the range test's divisor asks for a lower start
+    assert recipe_point(dists, anchors, divisor=15.0)["div_factor"] == pytest.approx(15.0)
     # the config defaults are the recipe: 90% cycle, x1000 annihilation, momentum 0.95 -> 0.85 (METHOD.md 3)
     assert point["cycle_frac"] == pytest.approx(0.9) == OneCycleConfig().cycle_frac
     assert point["annihilation_factor"] == pytest.approx(1000.0) == OneCycleConfig().annihilation_factor
     assert point["max_momentum"] == pytest.approx(0.95) and point["min_momentum"] == pytest.approx(0.85)
+    # large LRs regularize: the rest is reduced (no dropout)
     assert point["weight_decay"] == pytest.approx(1e-4) and point["dropout"] == 0.0
     for name, d in dists.items():
         assert d.low <= point[name] <= d.high, name
-    # where stage 1 found no super-convergence, the first point starts inside the band, the range unchanged
+    # where stage 1 found no super-convergence, the first point starts inside the band, the range unchanged,
+    # and regularization is not reduced: the LR cannot stand in for it (dropout at its range's middle)
     inside = Anchors(max_lr_bound=2.0, min_lr_bound=0.5, wd_prior=1e-4, recipe_max_lr=0.9)
     assert resolve(SPEC, inside)[0]["max_lr"] == dists["max_lr"]
-    assert recipe_point(dists, inside, divisor=4.0)["max_lr"] == pytest.approx(0.9)
+    modest = recipe_point(dists, inside, divisor=4.0)
+    assert modest["max_lr"] == pytest.approx(0.9)
+    drop = dists["dropout"]
+    assert modest["dropout"] == pytest.approx((drop.low + drop.high) / 2) and drop.low < modest["dropout"] < drop.high
+    assert modest["weight_decay"] == pytest.approx(1e-4)  # the range tests' WD either way
+    assert {k: v for k, v in modest.items() if k not in ("max_lr", "dropout")} == \
+        {k: v for k, v in point.items() if k not in ("max_lr", "dropout")}
     assert Anchors.from_dict(inside.to_dict()) == inside
 
 

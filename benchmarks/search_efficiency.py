@@ -4,7 +4,7 @@ Arms (same task, same data split, same training loop ``sctune.train.fit``; repea
 
 * ``sctune``: stage 1 exactly as sctune runs it (the space file's range tests: every weight decay x
   ``repeats`` seeds through ``sctune.range_test.run_range_test``), bounds and WD prior from
-  ``sctune.stages.summarize_range_tests``, then stage 2's plan from ``sctune.stages.search_plan``
+  ``sctune.stages.summarize_range_tests``, then stage 2's plan from ``sctune.experiment.search_plan``
   (``space.resolve`` / ``recipe_point`` / ``rung_plan``): Optuna multivariate TPE seeded with
   Smith's recipe as the first point + ASHA with rungs at equal schedule phase (the end of every
   trial's cycle), trials ranked by the mean of their last ``search.select_last`` evaluations.
@@ -212,8 +212,8 @@ def _search(spec, data, *, dists, constants: dict, base_over: dict, sampler, rec
 def job_search(task: dict[str, Any], rep: int, arm: str, range_result: dict[str, Any] | None) -> dict[str, Any]:
     import optuna
 
+    from sctune.experiment import search_plan
     from sctune.space import Anchors, Dist
-    from sctune.stages import search_plan
 
     _init_worker()
     spec = _spec(task, rep)

@@ -268,7 +268,7 @@ def _final(spec: SpaceSpec, paths: ExperimentPaths, state: dict[str, Any], o: Op
 
     budget_fte = spec.search.budget
     best_row = pick_best(results.summary, spec)
-    keys = set(plan["dists"]) | set(plan["constants"]) if plan is not None else set()
+    keys = (set(plan["dists"]) | set(plan["constants"])) if plan is not None else set()  # what the search chose
     params = {k: _py(best_row[k]) for k in keys if k in best_row}
     saved_best = read_output(paths.best, read_dict) if "final" in state["done"] else None
     spent_search = search_fte(results.summary, spec)

@@ -342,7 +342,7 @@ def write_report(root: Path, *, spec_path: str, bounds: dict[str, Any] | None, s
                       + (" The max_lr bound is a lower bound: accuracy was still high where the ramp ended, so "
                          "the search also tries LRs above it." if verdict.get("lower_bound") else ""), ""]
         if paths.range_png.exists():
-            lines += ["![range test](range_test/range_test.png)", ""]
+            lines += [f"![range test]({paths.range_png.relative_to(root)})", ""]
     if summary is not None and not summary.empty:
         counts = summary["status"].value_counts().to_dict()
         shown = summary.drop(columns=[c for c in ("checkpoint", "node_id") if c in summary])
@@ -351,7 +351,7 @@ def write_report(root: Path, *, spec_path: str, bounds: dict[str, Any] | None, s
                   f"Ranked by `{metric}` (the mean of a trial's last evaluations: what selects the best).", "",
                   shown.head(10).to_markdown(index=False, floatfmt=".4g"), ""]
         if paths.search_png.exists():
-            lines += ["![search](search.png)", ""]
+            lines += [f"![search]({paths.search_png.relative_to(root)})", ""]
     if best is not None:
         final = best.get("final") or {}
         lines += ["## Best configuration and final fit", "",

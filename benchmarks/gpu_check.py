@@ -296,9 +296,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from sctune.config import ConfigError
     from sctune.data import load_dataset
+    from sctune.experiment import StageError
     from sctune.search import run
     from sctune.space import load_space
-    from sctune.stages import StageError
 
     try:
         spec = load_space(space_file)

@@ -120,7 +120,8 @@ def steady(ends: list[float]) -> float | None:
 def _tuner(trainable, param_space: dict, *, root: Path, stage: str, reuse: bool, callbacks: list):
     from ray import tune
 
-    from sctune.stages import ExperimentPaths, _run_config
+    from sctune.experiment import ExperimentPaths
+    from sctune.stages import _run_config
 
     return tune.Tuner(trainable, param_space=param_space,
                       tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=reuse),
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = envelope(NAME, args, conf)
     t_start = time.perf_counter()
 
-    from sctune.search import _quiet_ray_env
+    from sctune.pipeline import _quiet_ray_env
 
     _quiet_ray_env(False)
     import torch

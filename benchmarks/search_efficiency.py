@@ -5,7 +5,7 @@ Arms (same task, same data split, same training loop ``sctune.train.fit``; repea
 * ``sctune``: stage 1 exactly as sctune runs it (the space file's range tests: every weight decay x
   ``repeats`` seeds through ``sctune.range_test.run_range_test``, each at most ``range_test.max_fte`` of
   one training, as ``sctune.budget.plan_compute`` shortens them), bounds and WD prior from
-  ``sctune.stages.summarize_range_tests``, then stage 2's plan from ``sctune.stages.search_plan``
+  ``sctune.stages.summarize_range_tests``, then stage 2's plan from ``sctune.experiment.search_plan``
   (``space.resolve`` / ``recipe_point`` / ``rung_plan``): Optuna multivariate TPE seeded with
   Smith's recipe as the first point + ASHA with rungs at equal schedule phase (the end of every
   trial's cycle), trials ranked by the mean of their last ``search.select_last`` evaluations.
@@ -121,7 +121,8 @@ def job_range(task: dict[str, Any], rep: int) -> dict[str, Any]:
 
     from sctune.budget import plan_compute
     from sctune.range_test import run_range_test
-    from sctune.stages import ExperimentPaths, StageError, summarize_range_tests
+    from sctune.experiment import ExperimentPaths, StageError
+    from sctune.stages import summarize_range_tests
 
     _init_worker()
     spec = _spec(task, rep)
@@ -216,8 +217,8 @@ def _search(spec, data, *, dists, constants: dict, base_over: dict, sampler, rec
 def job_search(task: dict[str, Any], rep: int, arm: str, range_result: dict[str, Any] | None) -> dict[str, Any]:
     import optuna
 
+    from sctune.experiment import search_plan
     from sctune.space import Anchors, Dist
-    from sctune.stages import search_plan
 
     _init_worker()
     spec = _spec(task, rep)

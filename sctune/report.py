@@ -7,8 +7,11 @@
 * :func:`search_figure`: stage 2 (``search.png``): final metric vs each searched parameter, by status.
 * :func:`bounds_markdown`: one range test's bounds as a markdown table with their messages (TensorBoard
   text).
-* :func:`write_report`: ``report.md``, with the tables and the two plots. (``best.json`` and the other
-  machine-readable outputs are written by stages.py and search.py.)
+* :func:`write_report`: ``report.md``, with the tables and the two plots. (The machine-readable outputs,
+  bounds.json, summary.csv, best.json, are written by stages.py and pipeline.py.)
+* the console text of a run: :func:`print_plan` (the ``[plan]`` lines), :func:`print_bounds` (stage 1's
+  ``[range]`` lines) and :func:`print_summary` (what the CLI prints at the end). The live progress lines of
+  a running stage are progress.py's.
 
 Figures are bare matplotlib ``Figure`` objects (no pyplot, no global backend): savefig renders them through
 Agg, so they are safe in Ray workers and never pile up in pyplot's registry. No torch, no ray here.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -308,6 +312,9 @@ def _range(spread: dict[str, Any]) -> str:
 def write_report(root: Path, *, spec_path: str, bounds: dict[str, Any] | None, summary: pd.DataFrame | None,
                  best: dict[str, Any] | None, metric: str, wall_s: float | None = None,
                  plan: dict[str, Any] | None = None, compute: dict[str, Any] | None = None) -> Path:
+    from .experiment import ExperimentPaths
+
+    paths = ExperimentPaths(root)
     lines = [f"# sctune report: {root.name}", "", f"Search space: `{spec_path}`", ""]
     if wall_s is not None:
         lines += [f"Wall time of this invocation: {wall_s:.0f} s", ""]
@@ -334,8 +341,8 @@ def write_report(root: Path, *, spec_path: str, bounds: dict[str, Any] | None, s
                       f"min_lr bound **{chosen['min_lr_bound']:.4g}**, weight-decay prior **{chosen['wd_prior']:g}**."
                       + (" The max_lr bound is a lower bound: accuracy was still high where the ramp ended, so "
                          "the search also tries LRs above it." if verdict.get("lower_bound") else ""), ""]
-        if (root / "range_test" / "range_test.png").exists():
-            lines += ["![range test](range_test/range_test.png)", ""]
+        if paths.range_png.exists():
+            lines += [f"![range test]({paths.range_png.relative_to(root)})", ""]
     if summary is not None and not summary.empty:
         counts = summary["status"].value_counts().to_dict()
         shown = summary.drop(columns=[c for c in ("checkpoint", "node_id") if c in summary])
@@ -343,8 +350,8 @@ def write_report(root: Path, *, spec_path: str, bounds: dict[str, Any] | None, s
                   f"{len(summary)} trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ". "
                   f"Ranked by `{metric}` (the mean of a trial's last evaluations: what selects the best).", "",
                   shown.head(10).to_markdown(index=False, floatfmt=".4g"), ""]
-        if (root / "search.png").exists():
-            lines += ["![search](search.png)", ""]
+        if paths.search_png.exists():
+            lines += [f"![search]({paths.search_png.relative_to(root)})", ""]
     if best is not None:
         final = best.get("final") or {}
         lines += ["## Best configuration and final fit", "",
@@ -359,8 +366,67 @@ def write_report(root: Path, *, spec_path: str, bounds: dict[str, Any] | None, s
             where = " on train + validation" if final.get("refit") else ""
             lines += [f"Final fit over {final['n']} seeds{where}: test accuracy **{final['test_acc_mean']:.4f}** "
                       f"± {final['test_acc_std']:.4f} (std).", ""]
-    lines += ["## TensorBoard", "", "```", f"tensorboard --logdir {(root / 'tensorboard').resolve()} "
-              "--host 127.0.0.1 --port 6006", "```", ""]
-    out = root / "report.md"
-    out.write_text("\n".join(lines))
-    return out
+    lines += ["## TensorBoard", "", "```", paths.tensorboard_command(), "```", ""]
+    paths.report.write_text("\n".join(lines))
+    return paths.report
+
+
+# --------------------------------------------------------------------------------------------- console
+
+
+def print_plan(plan: dict[str, Any], *, file=None) -> None:
+    """The plan (``budget.plan_compute``) as ``[plan]`` lines: to stderr during a run, to stdout for --stage plan."""
+    from .budget import format_plan
+
+    for line in format_plan(plan):
+        print(f"[plan] {line}", file=file or sys.stderr, flush=True)
+
+
+def print_bounds(bounds: dict[str, Any]) -> None:
+    """Stage 1's outcome (bounds.json) as ``[range]`` lines on stderr."""
+    chosen = bounds.get("chosen")
+    verdict = (bounds.get("verdict") or {}).get("message")
+    if chosen:
+        print(f"[range] LR bounds: min {chosen['min_lr_bound']:.4g}, max {chosen['max_lr_bound']:.4g}; "
+              f"weight-decay prior {chosen['wd_prior']:g} ({bounds.get('source')})", file=sys.stderr)
+    if (bounds.get("verdict") or {}).get("lower_bound"):
+        print("[range] max_lr is a lower bound: accuracy was still high at the end of the ramp, so the search "
+              "also tries LRs above it", file=sys.stderr)
+    if verdict:
+        print(f"[range] {verdict}", file=sys.stderr)
+    if bounds.get("cost_fte") is not None:
+        print(f"[range] cost: {bounds['cost_fte']:.2f} FTE (full-training equivalents, measured)", file=sys.stderr)
+
+
+def print_summary(root: Path, *, bounds: dict[str, Any] | None, best: dict[str, Any] | None,
+                  compute: dict[str, Any] | None) -> None:
+    """What the CLI prints on stdout when a run ends: the best configuration, the final fit, compute, files."""
+    from .experiment import ExperimentPaths
+
+    paths = ExperimentPaths(root)
+    print()
+    if best:
+        b = best
+        metric = b["metric"]
+        last = f", the mean of its last {b['select_last']} evaluations" if b.get("select_last") else ""
+        print(f"Best configuration (trial {b['trial_id']}, {metric} {b['value']:.4f}{last}):")
+        for k, v in sorted(b["searched"].items()):
+            print(f"  {k:<20} {v:.4g}" if isinstance(v, float) else f"  {k:<20} {v}")
+        f = b.get("final") or {}
+        if f.get("test_acc_mean") is not None and f.get("test_acc_std") is None:
+            print(f"Best trial tested as it is (no final fit): test/acc {f['test_acc_mean']:.4f}")
+        elif f.get("test_acc_mean") is not None:
+            where = " on train + validation" if f.get("refit") else ""
+            print(f"Final fit over {f['n']} seed(s){where}: test/acc {f['test_acc_mean']:.4f} ± {f['test_acc_std']:.4f}")
+    elif bounds and bounds.get("chosen"):
+        c = bounds["chosen"]
+        print(f"LR bounds: min {c['min_lr_bound']:.4g}, max {c['max_lr_bound']:.4g}, wd prior {c['wd_prior']:g}")
+    c = compute
+    if c and c.get("spent_fte"):
+        sp = c["spent_fte"]
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in sp.items() if k != "total" and v is not None)
+        print(f"Compute:     {sp['total']:.2f} FTE ({parts})" + (f" of a budget of {c['budget_fte']:g}"
+                                                                 if c.get("budget_fte") is not None else ""))
+    print(f"Results:     {root}")
+    print(f"Report:      {paths.report}")
+    print(f"TensorBoard: {paths.tensorboard_command()}")

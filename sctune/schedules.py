@@ -82,7 +82,8 @@ class OneCyclePhases:
 
     A trial reports at the end of each epoch (epoch e ends at e), so ``first_report_after_peak`` is the first
     report taken after the LR peak: the earliest point at which trials of different max_lr are compared past
-    their high-LR dip (where space.rung_grace_period puts ASHA's first rung).
+    their high-LR dip. (ASHA's rungs are on ``schedule_phase``'s axis instead, by default at
+    ``PHASE_CYCLE_END``: see ``space.rung_plan``.)
     """
 
     epochs: int
@@ -150,6 +151,10 @@ def build_schedule(optimizer: Optimizer, cfg: TrainConfig, *, steps_per_epoch: i
     raise ValueError(f"unknown schedule {cfg.schedule!r}")
 
 
+# ``schedule_phase``'s landmarks: the LR peak, the cycle's end (min LR), the run's end (after annihilation)
+PHASE_PEAK, PHASE_CYCLE_END, PHASE_RUN_END = 1.0, 2.0, 3.0
+
+
 def schedule_phase(cfg: TrainConfig, progress: float) -> float:
     """Where a run is in its own schedule, phase-normalised: 0 start, 1 LR peak, 2 end of the cycle,
     3 end of the run (annihilation); linear in iterations within each part.
@@ -160,11 +165,11 @@ def schedule_phase(cfg: TrainConfig, progress: float) -> float:
     """
     p = min(max(progress, 0.0), 1.0)
     if cfg.schedule != "onecycle":
-        return 3.0 * p
+        return PHASE_RUN_END * p
     c = cfg.onecycle.cycle_frac
     if p <= c:
-        return 2.0 * p / c
-    return 2.0 + (p - c) / (1.0 - c)
+        return PHASE_CYCLE_END * p / c
+    return PHASE_CYCLE_END + (PHASE_RUN_END - PHASE_CYCLE_END) * (p - c) / (1.0 - c)
 
 
 def current_momentum(optimizer: Optimizer) -> float:

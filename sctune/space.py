@@ -525,13 +525,10 @@ def rung_plan(spec: SpaceSpec) -> dict[str, Any]:
     because rankings during one-cycle flip up to the cycle's end. An explicit ``search.grace_period``
     (epochs) restores epoch rungs.
     """
+    from .schedules import PHASE_RUN_END  # imported here: schedules loads torch, space files must not
+
     s = spec.search
     if s.grace_period is not None:
         return {"time_attr": "epoch", "grace_period": min(s.grace_period, spec.base.epochs),
                 "max_t": spec.base.epochs}
-    return {"time_attr": "phase", "grace_period": s.rung_phase, "max_t": 3.0}
-
-
-def rung_grace_period(spec: SpaceSpec, dists: Mapping[str, Dist] | None = None) -> float:
-    """The first rung on ``rung_plan``'s time axis (phase units, or epochs with ``search.grace_period``)."""
-    return rung_plan(spec)["grace_period"]
+    return {"time_attr": "phase", "grace_period": s.rung_phase, "max_t": PHASE_RUN_END}

@@ -65,6 +65,7 @@ from tensorboard.plugins.text.summary_v2 import text_pb
 from torch.utils.tensorboard import SummaryWriter
 
 # The figure and the bounds table are presentation (report.py); this module writes them as events.
+from .experiment import ExperimentPaths
 from .report import _bound_dict, _finite_positive, bounds_markdown, range_test_figure
 from .train import (  # noqa: F401  (re-exported: one definition, in train.py)
     HF_LR,
@@ -85,7 +86,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TB_DIRNAME = "tensorboard"
+TB_DIRNAME = ExperimentPaths(Path()).tensorboard.name  # the experiment's layout names it (experiment.py)
 
 # Range-test tags (log_range_test).
 RANGE_LOSS = "range_test/loss"
@@ -121,8 +122,8 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._=+\-]")
 
 
 def experiment_logdir(exp_dir: str | Path) -> Path:
-    """The TensorBoard logdir of an experiment: ``exp_dir / "tensorboard"``."""
-    return Path(exp_dir) / TB_DIRNAME
+    """The TensorBoard logdir of an experiment: ``ExperimentPaths(exp_dir).tensorboard``."""
+    return ExperimentPaths(Path(exp_dir)).tensorboard
 
 
 def _safe_component(text: str) -> str:

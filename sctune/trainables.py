@@ -1,10 +1,11 @@
-"""Ray Tune trainables: the only place the core meets ``ray.tune``.
+"""Ray Tune trainables: what runs inside a trial, and the driver-side end of its TensorBoard run.
 
 * ``range_test_trainable``: one LR range test (one weight decay, one seed); reports its curve and
   bounds once, at the end, and logs the curve to TensorBoard.
 * ``onecycle_trainable``: one training run of a ``TrainConfig`` built from the base config plus
   the sampled parameters; reports and checkpoints every epoch, resumes from its checkpoint on
   retry, and writes its TensorBoard run (HParams session from the first moment).
+* ``TensorBoardSessions``: a Tune callback (in the driver) that ends each search/final trial's HParams session.
 * ``trial_hook``: an optional callback both call once per reported epoch, named by ``SCTUNE_TRIAL_HOOK``
   (the fault tests inject their faults through it).
 
@@ -206,7 +207,7 @@ def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdi
         if logger is not None:
             # No session end here: Tune may retry the trial from its checkpoint (the retry continues this
             # run), and TensorBoard keeps the first session end. The driver ends the session when the trial
-            # errors for good or the scheduler stops it (StageProgress).
+            # errors for good or the scheduler stops it (TensorBoardSessions).
             logger.close()
         raise
     if logger is not None:
@@ -214,3 +215,35 @@ def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdi
                    {k: v for k, v in result.final.items() if k in (VAL_ACC, TEST_ACC)}
                    | ({tail_key(select_metric): tail_mean(seen, select_last)} if seen else {}))
         logger.close()
+
+
+# -- the driver's side of the trials' TensorBoard runs -----------------------------------------
+
+class TensorBoardSessions(tune.Callback):
+    """Ends the HParams session of every search and final trial as Tune finishes it.
+
+    A trial the scheduler stops at its last report (ASHA at max_t) never gets to write its own end, and a
+    trial that errored cannot: the driver writes it. A no-op when the trial did write one (the first session
+    end wins). Status: failure (diverged or errored), aborted (pruned), success.
+    """
+
+    def __init__(self, stage: str, tb_logdir: str | Path, *, epochs: int | None):
+        self.stage, self.tb_logdir, self.epochs = stage, Path(tb_logdir), epochs
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        from .summaries import is_pruned
+
+        last = trial.last_result or {}
+        status = "failure" if last.get("diverged") else ("aborted" if is_pruned(last, self.epochs) else "success")
+        self._end(trial, status)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, "failure")
+
+    def _end(self, trial, status: str) -> None:
+        name = (tb.run_name("search", trial=trial.trial_id) if self.stage == "search"
+                else tb.run_name("final", seed=(trial.config or {}).get("seed")))
+        try:
+            tb.end_session(self.tb_logdir, name, status=status)
+        except Exception as e:  # TensorBoard bookkeeping must never break the search
+            log.warning("could not close the TensorBoard session of %s: %s", trial.trial_id, e)

@@ -146,7 +146,7 @@ def test_tail_mean():
 
 
 def test_pick_best_ranks_by_the_tail_not_the_last_epoch():
-    from sctune.stages import pick_best
+    from sctune.summaries import pick_best
 
     key = tail_key("val/acc")
     summary = pd.DataFrame([
@@ -159,10 +159,10 @@ def test_pick_best_ranks_by_the_tail_not_the_last_epoch():
 
 
 def test_progress_line_shows_only_finished_trials_scores_and_the_fte_spent(capsys):
-    from sctune.stages import StageProgress
+    from sctune.progress import StageProgress
 
     key = tail_key("val/acc")
-    p = StageProgress("search", None, metric=key, mode="max", epochs=3, tb_logdir=None,
+    p = StageProgress("search", None, metric=key, mode="max", epochs=3,
                       fte=(1.5, 4.0, 1 / 3))
     a, b = SimpleNamespace(trial_id="a"), SimpleNamespace(trial_id="b")
     p.on_trial_result(0, [], a, {"epoch": 1, key: 0.99})  # mid-run: not comparable with a finished trial
@@ -282,8 +282,8 @@ def test_budget_in_the_space_file_is_named_in_its_error(tmp_path):
 
 
 def test_stage_1_cost_is_read_from_bounds_json_or_counted_from_its_curves(tmp_path):
-    from sctune.search import _range_cost_fte
-    from sctune.stages import ExperimentPaths
+    from sctune.experiment import ExperimentPaths
+    from sctune.pipeline import _range_cost_fte
 
     paths = ExperimentPaths(tmp_path)
     paths.range_dir.mkdir(parents=True)

@@ -14,9 +14,8 @@ import pytest
 
 from sctune.cluster import PreflightError
 from sctune.config import ConfigError, TaskConfig
-from sctune.search import UsageError
+from sctune.experiment import StageError, UsageError
 from sctune.space import SpaceError
-from sctune.stages import StageError
 
 CASES = [
     (ConfigError("task.dataset", "unknown dataset 'x'"), "task.dataset: unknown dataset 'x'",

@@ -14,6 +14,7 @@ What needs a real GPU (CUDA placement, bf16 autocast, packing 4 trials per devic
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import logging
 import shutil
@@ -24,8 +25,10 @@ import pytest
 import torch
 from ray_util import ROOT, in_process_cluster, patched_environ
 
+from sctune import experiment, pipeline
 from sctune.config import ConfigError, TrainConfig
 from sctune.data import DeviceLoader, resolve_device
+from sctune.experiment import search_plan
 from sctune.models import build_model
 from sctune.space import Anchors, load_space
 from sctune.train import amp_dtype_for, evaluate, fit
@@ -56,10 +59,10 @@ def _capture_trainables(monkeypatch, spec, tmp_path) -> dict[str, object]:
 
     monkeypatch.setattr(tune, "Tuner", fake_tuner)
     paths = stages.ExperimentPaths(tmp_path / "exp")
-    anchors = Anchors(max_lr_bound=1.0, min_lr_bound=0.25, wd_prior=1e-4)
+    plan = search_plan(spec, Anchors(max_lr_bound=1.0, min_lr_bound=0.25, wd_prior=1e-4))
     calls = {
         "range": lambda: stages.run_range_stage(spec, paths),
-        "search": lambda: stages.run_search_stage(spec, paths, anchors),
+        "search": lambda: stages.run_search_stage(spec, paths, plan),
         "final": lambda: stages.run_final_stage(spec, paths, {"max_lr": 0.5}),
     }
     out = {}
@@ -88,8 +91,8 @@ def test_gpus_per_trial_reaches_every_stages_tune_resources(gpus, monkeypatch, t
 def test_cli_gpus_per_trial_flows_into_the_spec(monkeypatch, tmp_path):
     seen = {}
 
-    def fake_run(space, **kw):
-        seen.update(kw)
+    def fake_run(space, options):
+        seen.update(dataclasses.asdict(options))
         raise search.UsageError("--test", "stop here")
 
     monkeypatch.setattr(search, "run", fake_run)
@@ -101,7 +104,7 @@ def test_cli_gpus_per_trial_flows_into_the_spec(monkeypatch, tmp_path):
 
 
 def test_local_run_without_gpu_is_refused_before_ray(monkeypatch, tmp_path):
-    monkeypatch.setattr(search, "_local_gpu_count", lambda: 0)
+    monkeypatch.setattr(experiment, "_local_gpu_count", lambda: 0)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(search.UsageError, match="no CUDA GPU") as e:
         search.prepare(SPACE, smoke=True, gpus_per_trial=0.25, storage_path=tmp_path)
@@ -111,7 +114,7 @@ def test_local_run_without_gpu_is_refused_before_ray(monkeypatch, tmp_path):
 def test_job_driver_uses_ray_address_not_the_local_gpus(monkeypatch, tmp_path):
     # `ray job submit` runs the driver on the head with RAY_ADDRESS set; a GPU cluster's head has
     # no GPU itself, so the local check must not refuse --gpus-per-trial there.
-    monkeypatch.setattr(search, "_local_gpu_count", lambda: 0)
+    monkeypatch.setattr(experiment, "_local_gpu_count", lambda: 0)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     spec, _, _ = search.prepare(SPACE, smoke=True, gpus_per_trial=0.25, storage_path=tmp_path)
     assert spec.search.gpus_per_trial == 0.25
@@ -177,7 +180,7 @@ def test_preflight_with_cluster_yaml_node_types(cpu_cluster, tmp_path, caplog):
     ray.init(address=cpu_cluster.address)
     try:
         with caplog.at_level(logging.WARNING, logger="sctune"):
-            search._preflight(spec, cluster_yaml=str(CLUSTER_YAML))
+            pipeline._preflight(spec, cluster_yaml=str(CLUSTER_YAML))
     finally:
         ray.shutdown()
     assert any("autoscaler" in r.getMessage() for r in caplog.records), caplog.text
@@ -204,7 +207,7 @@ def test_cli_exits_2_on_impossible_gpu_request(cpu_cluster, tmp_path, capsys):
 @pytest.mark.ray
 def test_job_driver_preflight_is_against_the_cluster(cpu_cluster, tmp_path, monkeypatch):
     # as inside `ray job submit`: no --address, RAY_ADDRESS set; refused by the *cluster's* preflight
-    monkeypatch.setattr(search, "_local_gpu_count", lambda: 0)
+    monkeypatch.setattr(experiment, "_local_gpu_count", lambda: 0)
     with patched_environ({"RAY_ADDRESS": cpu_cluster.address}, drop=()):
         err, _ = _refused(cpu_cluster, tmp_path, gpus_per_trial=0.25)
     assert "the cluster has 0 GPUs" in str(err) and "no CUDA GPU" not in str(err)

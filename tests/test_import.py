@@ -1,10 +1,13 @@
-"""Importing the core must not pull in Ray: only the trainables/stages layer may import it."""
+"""Importing the core must not pull in Ray: only trainables.py imports it at import time; the CLI, the
+experiment, the stages' wiring and their summaries load it only when a stage runs."""
 
 import subprocess
 import sys
 
 CORE = ["sctune", "sctune.config", "sctune.schedules", "sctune.range_test", "sctune.curvature", "sctune.data",
-        "sctune.models", "sctune.train", "sctune.tasks", "sctune.bounds", "sctune.loss_bounds"]
+        "sctune.models", "sctune.train", "sctune.tasks", "sctune.bounds", "sctune.loss_bounds", "sctune.space",
+        "sctune.budget", "sctune.report", "sctune.experiment", "sctune.summaries", "sctune.progress",
+        "sctune.tune_state", "sctune.stages", "sctune.pipeline", "sctune.search"]
 
 
 def test_core_imports_without_ray():

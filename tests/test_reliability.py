@@ -132,7 +132,7 @@ def test_trial_fault_retried_from_checkpoint_and_divergence_isolated(tmp_path, r
     for tid in huge["trial_id"]:
         assert tb_session_status(runs[tid]) == "STATUS_FAILURE"
     from sctune.space import load_space
-    from sctune.stages import pick_best
+    from sctune.summaries import pick_best
 
     best = pick_best(summary, load_space(space))
     assert best["max_lr"] < 100 and best["status"] == "completed", best

@@ -1,0 +1,122 @@
+"""Forensics on Ray Tune's saved state of a stage (``ray/<stage>/``), before a ``--resume`` restores it.
+
+A Tune that cannot read its own state logs a traceback and silently runs the whole stage again; a trial
+whose latest checkpoint folder vanished fails. So the state is read here first: corrupted state stops with
+a ``StageError`` saying what to do, and a missing checkpoint folder is re-created empty so the trial resumes
+from its previous good checkpoint (``trainables._load_state``). This reads Tune's private formats (the
+experiment-state JSON, the checkpoint manager's pickle): if they change, the checks step aside and leave it
+to Tune. Also here: the two log filters that keep Tune's by-design warnings off the console.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from .experiment import StageError
+
+# its warnings read as they did when this lived in stages.py (the console text is unchanged)
+log = logging.getLogger("sctune.stages")
+
+
+def corrupted_tune_state(stage_dir: Path, why: str) -> str:
+    return (f"Ray Tune's state of this stage in {stage_dir} cannot be restored ({why[:300]}). Move that folder "
+            f"aside and rerun with --resume to run this stage again from scratch (finished stages are kept), "
+            f"or start over with a new --name.")
+
+
+def check_restorable(stage_dir: Path) -> bool:
+    """True if Tune's state in ``stage_dir`` (ray/<stage>) can be restored, False if there is none yet
+    (the driver stopped before Tune recorded anything: the stage starts fresh); StageError if it is
+    corrupted. Re-creates the newest checkpoint folder of an unfinished trial if it went missing, so the
+    trial resumes from its previous good checkpoint instead of failing (``trainables._load_state``)."""
+    states = sorted(stage_dir.glob("experiment_state-*.json"))
+    if not states:
+        log.warning("%s holds no Tune experiment state yet: this stage starts fresh", stage_dir)
+        return False
+    newest = states[-1]
+    session = newest.name[len("experiment_state-"):-len(".json")]
+    try:
+        import ray.cloudpickle as cloudpickle
+
+        trial_data = json.loads(newest.read_text())["trial_data"]
+        for f in stage_dir.glob(f"*-{session}.*"):  # the searcher's and variant generator's state: pickles
+            if f != newest:
+                cloudpickle.loads(f.read_bytes())
+    except Exception as e:
+        raise StageError(corrupted_tune_state(stage_dir, f"{type(e).__name__}: {e}")) from None
+    replace_missing_checkpoints(stage_dir, trial_data)
+    return True
+
+
+def replace_missing_checkpoints(stage_dir: Path, trial_data: list) -> None:
+    import ray.cloudpickle as cloudpickle
+
+    for state, meta in trial_data:
+        try:
+            state = json.loads(state) if isinstance(state, str) else state
+            if state.get("status") == "TERMINATED":
+                continue  # finished trials are not restored
+            meta = json.loads(meta) if isinstance(meta, str) else meta
+            manager = cloudpickle.loads(bytes.fromhex(meta["checkpoint_manager"]["value"]))
+            latest = manager.latest_checkpoint_result
+            if latest is None:
+                continue
+            path = stage_dir / state["relative_logdir"] / Path(latest.checkpoint.path).name
+        except Exception as e:  # Tune's format changed: leave it to Tune
+            log.debug("cannot check the checkpoints of a trial in %s: %s", stage_dir, e)
+            continue
+        if not path.exists():
+            log.warning("trial %s: its latest checkpoint %s is missing; it resumes from its previous good "
+                        "checkpoint, or from the start if there is none", state.get("trial_id"), path)
+            path.mkdir(parents=True)
+            continue
+        try:
+            from .trainables import load_checkpoint_state
+
+            load_checkpoint_state(path)
+        except Exception as e:
+            from .trainables import CHECKPOINT_FILE
+
+            log.warning("trial %s: its latest checkpoint %s cannot be read (%s: %s); it resumes from its previous "
+                        "good checkpoint, or from the start if there is none", state.get("trial_id"),
+                        path / CHECKPOINT_FILE, type(e).__name__, str(e)[:200])
+
+
+class _NoResultFilesFilter(logging.Filter):
+    """Drops Tune's "Failed to fetch metrics ... both result.json and progress.csv were not found" warning
+    (one line per trial). sctune turns Tune's own result files off (``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS``:
+    it writes TensorBoard itself and reads results from the ResultGrid), so the files are missing by design.
+    Any other failure to fetch metrics is still shown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if not msg.startswith("Failed to fetch metrics"):
+            return True
+        items = [ln for ln in msg.splitlines()[1:] if ln.startswith("- ")]
+        return not items or not all("FileNotFoundError" in ln and "were not found" in ln for ln in items)
+
+
+class _NoIncompleteTrialsFilter(logging.Filter):
+    """Drops Tune's "Trials did not complete: [...]" error when trial errors are not printed
+    (``TUNE_PRINT_ALL_TRIAL_ERRORS=0``): StageProgress has printed each failed trial's reason already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage().startswith("Trials did not complete")
+                    and os.environ.get("TUNE_PRINT_ALL_TRIAL_ERRORS") == "0")
+
+
+_RESULT_FILES_FILTER = _NoResultFilesFilter()
+_INCOMPLETE_FILTER = _NoIncompleteTrialsFilter()
+
+
+def install_log_filters() -> None:
+    """Once per process (a filter added twice would still filter once, but the check keeps the list short)."""
+    logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    if os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS") == "1" and _RESULT_FILES_FILTER not in logger.filters:
+        logger.addFilter(_RESULT_FILES_FILTER)
+    tune_logger = logging.getLogger("ray.tune.tune")
+    if _INCOMPLETE_FILTER not in tune_logger.filters:
+        tune_logger.addFilter(_INCOMPLETE_FILTER)

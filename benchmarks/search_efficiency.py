@@ -120,8 +120,8 @@ def job_range(task: dict[str, Any], rep: int) -> dict[str, Any]:
     import pandas as pd
 
     from sctune.budget import plan_compute
-    from sctune.range_test import run_range_test
     from sctune.experiment import ExperimentPaths, StageError
+    from sctune.range_test import run_range_test
     from sctune.stages import summarize_range_tests
 
     _init_worker()

@@ -187,22 +187,32 @@ def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdi
     node_id = _node_id()  # once per trial; not a scalar, so it goes to Tune only, never to TensorBoard
     hook = trial_hook()
 
-    def on_epoch(metrics: dict[str, float], state_fn) -> bool:
+    reported: list[int] = []
+
+    def on_epoch(metrics: dict[str, float], state_fn, *, again: bool = False) -> bool:
         epoch = int(metrics["epoch"])
-        seen.append(metrics.get(select_metric, math.nan))
+        if not again:
+            seen.append(metrics.get(select_metric, math.nan))
         report = dict(metrics) | {tail_key(select_metric): tail_mean(seen, select_last),
                                   PHASE: schedule_phase(cfg, epoch / cfg.epochs)}
-        if logger is not None:
+        if logger is not None and not again:
             logger.scalars({k: v for k, v in report.items() if k not in ("epoch", "diverged", PHASE)}, epoch)
         with tempfile.TemporaryDirectory() as d:
             torch.save(state_fn(), Path(d) / CHECKPOINT_FILE)
             tune.report(report | {"node_id": node_id} | recovered, checkpoint=tune.Checkpoint.from_directory(d))
-        if hook is not None:
+        reported.append(epoch)
+        if hook is not None and not again:
             hook(stage, epoch, trial_id)
         return False
 
     try:
         result = fit(cfg, data=data, on_epoch=on_epoch, state=state, test_at_end=stage == "final")
+        if not reported and state is not None and state["history"]:
+            # Resumed from a checkpoint of the run's last epoch (the trial finished just before the driver
+            # died, and Tune's saved state still held an older result; _load_state fell back to the newest
+            # good checkpoint): nothing is left to train. Its last epoch is reported again, unchanged, so
+            # Tune's last result is the finished run's, not the older one (which would read as pruned).
+            on_epoch(dict(state["history"][-1]), lambda: state, again=True)
     except BaseException:
         if logger is not None:
             # No session end here: Tune may retry the trial from its checkpoint (the retry continues this

@@ -264,6 +264,74 @@ def test_driver_killed_at_three_points_resumes_without_rerunning(tmp_path, ray_t
     assert len(_tb_runs(exp, "final")) == 1
 
 
+LAST_EPOCH = DIGITS + """
+fixed: {epochs: 3, batch_size: 64}
+range_test: {num_iter: 20, eval_every: 2, weight_decays: [0.0], repeats: 1}
+search: {num_samples: 1, max_concurrent: 1, scheduler: none, seed: 0}
+final: {seeds: 1}
+space:
+  max_lr: {type: float, low: 0.25, high: 1.0, log: true, scale: max_lr_bound}
+"""
+
+
+@pytest.mark.slow
+def test_trial_finished_before_tune_recorded_it_resumes_as_completed(tmp_path, ray_tmp):
+    """The race the kill tests hit now and then, made certain: a trial wrote its last epoch's checkpoint,
+    then the driver died while Tune's saved state still said "running, epoch 2", and the checkpoint that
+    state names went missing. On --resume the trial falls back to its newest good checkpoint, the last
+    epoch's: nothing is left to train, and it must still end as a completed trial, not a pruned one."""
+    from sctune.trainables import CHECKPOINT_FILE
+
+    space = _space(tmp_path, "last", LAST_EPOCH)
+    storage = tmp_path / "s"
+    exp = storage / "last"
+    search = exp / "ray" / "search"
+    env = cli_env(ray_tmp, **fault_env("search:delay=2"))  # 2 s after every epoch's report: time to look
+    common = [space, "--storage-path", storage, "--name", "last", "--lr-bounds", "0.25", "1.0"]
+
+    snap = tmp_path / "snapshot"
+    snap.mkdir()
+
+    def at_epoch_2():  # one read of Tune's newest state, parsed from the copy: what we check is what we keep
+        files = sorted(search.glob("experiment_state-*.json"))
+        if not files:
+            return None
+        try:
+            text = files[-1].read_text()
+            (snap / files[-1].name).write_text(text)
+            trials = list(tune_trials(snap).values())
+        except (OSError, ValueError):  # caught mid-write
+            return None
+        finally:
+            for f in snap.iterdir():
+                f.unlink()
+        if len(trials) == 1 and trials[0]["status"] == "RUNNING" and trials[0]["epoch"] == 2:
+            return files[-1], text
+        return None
+
+    def last_checkpoint_written():
+        return next((c for c in search.glob("*/checkpoint_000002") if (c / CHECKPOINT_FILE).is_file()), None)
+
+    cli = Cli(common, env=env, log_dir=tmp_path, tag="race")
+    try:
+        state_file, stale = cli.wait_until("the trial at epoch 2", at_epoch_2, timeout=240)
+        cli.wait_until("the last epoch's checkpoint", last_checkpoint_written, timeout=120)
+    finally:
+        cli.kill()
+    assert pids_mentioning(str(ray_tmp)) == []
+    for f in search.glob("experiment_state-*.json"):  # Tune's state as it was at epoch 2 ...
+        f.unlink()
+    state_file.write_text(stale)
+    (trial_dir,) = [p for p in search.iterdir() if p.is_dir() and p.name.startswith("onecycle")]
+    shutil.rmtree(trial_dir / "checkpoint_000001")  # ... and the checkpoint it names, gone
+
+    final = run_cli([*common, "--resume"], env=env, log_dir=tmp_path, tag="resume", timeout=300)
+    assert final.proc.returncode == 0, final.stderr[-3000:]
+    summary = _summary(exp)
+    assert summary["status"].tolist() == ["completed"] and summary["epochs_run"].tolist() == [3], summary
+    assert json.loads((exp / "best.json").read_text())["trial_id"] == summary["trial_id"][0]
+
+
 # -- 4: a range test whose loss diverges is cut; bounds come from finite points only ------------------------
 
 @pytest.fixture

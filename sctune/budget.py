@@ -162,7 +162,7 @@ def format_plan(plan: dict[str, Any]) -> list[str]:
              f"({u['train_samples'] or '?'} training samples, batch {u['batch_size']}, last partial batch dropped)"]
     lines.append(f"stage 1: {r['tests']} range tests ({len(r['weight_decays'])} weight decay(s) x {r['repeats']} "
                  f"seed(s)) x {r['iterations_each']:,} iterations = {r['iterations']:,} iterations = "
-                 f"{_f(r['fte'])} FTE (at most: a diverging test stops early)")
+                 f"{_f(r['fte'])} FTE of training steps; its held-out evaluations add to it (measured as it runs)")
     if s["fte"] is not None:
         lines.append(f"search:  {_f(s['fte'])} FTE (what the budget leaves after stage 1 and the final fit; trials "
                      "start while a full run still fits)")
@@ -179,7 +179,7 @@ def format_plan(plan: dict[str, Any]) -> list[str]:
         s["fte"] if s["fte"] is not None else s["fte_without_budget"])
     budget = plan.get("budget_fte")
     lines.append(f"total:   {_f(total)} FTE" + (f" of a budget of {budget:g} FTE" if budget is not None else
-                                                 " at most (no budget set: --budget FTE)"))
+                                                 " planned (no budget set: --budget FTE)"))
     for key, ch in plan.get("trimmed", {}).items():
         lines.append(f"{ch.get('why', 'to fit the budget')}: {key} {ch['from']} -> {ch['to']}")
     return lines

@@ -92,7 +92,7 @@ class Options:
 
 def as_options(options: Options | None = None, **changes: Any) -> Options:
     """``options`` with ``changes`` (keyword options of the Python API); a TypeError names an unknown one."""
-    return (options or Options()).replace(**changes) if changes else (options or Options())
+    return dataclasses.replace(options or Options(), **changes)
 
 
 # -- files --------------------------------------------------------------------------------------------

@@ -282,9 +282,8 @@ def _final(spec: SpaceSpec, paths: ExperimentPaths, state: dict[str, Any], o: Op
         mark_done(state, "final")
         results.stages_run.append("final")
     metric = best_row["_score_column"]
-    final_fte = (sum(float(r.get("epochs") or 0) for r in (final or {}).get("runs", [])
-                     if not r.get("search_trial")) * cplan["final"]["fte"] / max(1, spec.final.seeds)
-                 / cplan["final"]["epochs"])
+    final_fte = fte_per_epoch * sum(float(r.get("epochs") or 0) for r in (final or {}).get("runs", [])
+                                    if not r.get("search_trial"))  # the best trial tested as it is: 0
     results.compute = _compute_summary(budget_fte, range_fte, spent_search, final_fte, cplan)
     results.best = {
         "trial_id": best_row["trial_id"], "config": spec.base.with_flat(**params).to_flat(),

@@ -86,7 +86,12 @@ def check_end_to_end(res: dict, out: Path) -> None:
     assert _is_stats(res["wall_s"]) and _is_stats(res["range_share_of_iterations"])
 
 
-CHECKS = {"search_efficiency": check_search_efficiency, "super_convergence": check_super_convergence,
+def check_readme_examples(res: dict, out: Path) -> None:
+    assert len(res["runs"]) == 2 and all(len(r["numbers"]) == len(r["lines"]) for r in res["runs"])
+    assert all(s["runs_with_same_words"] <= s["of"] for s in res["spread"])
+
+
+CHECKS = {"search_efficiency": check_search_efficiency, "readme_examples": check_readme_examples, "super_convergence": check_super_convergence,
           "overhead": check_overhead, "data_path": check_data_path, "end_to_end": check_end_to_end}
 
 

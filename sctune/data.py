@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, TaskConfig
+from .tasks import DATASETS, import_modules
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ class DatasetSplits:
 # the validation split is carved from train+val by ``load_dataset`` with a fixed seed.
 RawData = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, bool]
 DatasetFn = Callable[[TaskConfig], RawData]
-_DATASETS: dict[str, DatasetFn] = {}
 
 
 def register_dataset(name: str, fn: DatasetFn | None = None, *, overwrite: bool = False):
@@ -66,18 +66,11 @@ def register_dataset(name: str, fn: DatasetFn | None = None, *, overwrite: bool 
 
     Usable as a decorator. ``x_*`` are float tensors (N, C, ...) already normalised, ``y_*`` int64.
     """
-
-    def deco(f: DatasetFn) -> DatasetFn:
-        if name in _DATASETS and not overwrite:
-            raise ValueError(f"dataset {name!r} is already registered (pass overwrite=True to replace it)")
-        _DATASETS[name] = f
-        return f
-
-    return deco(fn) if fn is not None else deco
+    return DATASETS.register(name, fn, overwrite=overwrite)
 
 
 def dataset_names() -> list[str]:
-    return sorted(_DATASETS)
+    return DATASETS.names()
 
 
 def _stratified_val_split(y: torch.Tensor, val_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,9 +83,7 @@ def _stratified_val_split(y: torch.Tensor, val_frac: float, seed: int) -> tuple[
 
 def dataset_fn(name: str) -> DatasetFn:
     """The loader a dataset name stands for: registered, or ``module:function`` (imported here)."""
-    from .tasks import lookup
-
-    return lookup(_DATASETS, name, key="task.dataset", noun="dataset", attr="function", known=dataset_names())
+    return DATASETS.lookup(name)
 
 
 # Training-set sizes of datasets that live on disk, so a plan can count iterations on a machine without the
@@ -114,8 +105,6 @@ def known_split_sizes(task: TaskConfig) -> dict[str, int] | None:
 
 def load_dataset(task: TaskConfig) -> DatasetSplits:
     """Load ``task.dataset`` and split train/val with ``task.data_seed`` (same split in every trial)."""
-    from .tasks import import_modules
-
     import_modules(task)
     x, y, x_test, y_test, num_classes, augment = dataset_fn(task.dataset)(task)
     x, y = x.float(), y.long()

@@ -19,33 +19,24 @@ import torch
 from torch import nn
 
 from .config import ConfigError
+from .tasks import MODELS
 
 # builder(num_classes, input_shape (C, ...), dropout) -> nn.Module
 ModelFn = Callable[[int, tuple[int, ...], float], nn.Module]
-_MODELS: dict[str, ModelFn] = {}
 
 
 def register_model(name: str, fn: ModelFn | None = None, *, overwrite: bool = False):
     """Register ``fn(num_classes, input_shape, dropout) -> nn.Module``; usable as a decorator."""
-
-    def deco(f: ModelFn) -> ModelFn:
-        if name in _MODELS and not overwrite:
-            raise ValueError(f"model {name!r} is already registered (pass overwrite=True to replace it)")
-        _MODELS[name] = f
-        return f
-
-    return deco(fn) if fn is not None else deco
+    return MODELS.register(name, fn, overwrite=overwrite)
 
 
 def model_names() -> list[str]:
-    return sorted(_MODELS) + ["torchvision:<name>"]
+    return MODELS.names()
 
 
 def model_fn(name: str) -> ModelFn:
     """The builder a model name stands for: registered, or ``module:builder`` (imported here)."""
-    from .tasks import lookup
-
-    return lookup(_MODELS, name, key="task.model", noun="model", attr="builder", known=model_names())
+    return MODELS.lookup(name)
 
 
 def build_model(name: str, *, num_classes: int, input_shape: tuple[int, ...], dropout: float = 0.0) -> nn.Module:

@@ -78,26 +78,65 @@ def resolve_reference(ref: str, key: str) -> Any:
     return obj
 
 
-def lookup(registry: dict[str, Any], name: str, *, key: str, noun: str, attr: str, known: list[str]) -> Any:
-    """What a dataset or model name stands for: a registration in `registry`, or ``module:<attr>`` imported
-    here; else a ConfigError at `key` listing the `known` names."""
-    if name in registry:
-        return registry[name]
-    if is_reference(name):
-        return resolve_reference(name, key)
-    raise ConfigError(key, f"unknown {noun} {name!r} (known: {', '.join(known)}; or module:{attr}, or "
-                           "register it in a module listed under task.modules)")
+class Registry:
+    """Names a space file can use for one kind of thing (datasets, models) -> the function behind each.
+
+    ``data.py`` and ``models.py`` fill theirs at import with sctune's built-ins; users add their own with
+    ``register_dataset`` / ``register_model``. A name that is not registered may still be ``module:<attr>``.
+    """
+
+    def __init__(self, noun: str, *, attr: str, key: str, builtins: str, extra_names: tuple[str, ...] = ()):
+        self.noun, self.attr, self.key, self.extra_names = noun, attr, key, extra_names
+        self.builtins = builtins  # the module that registers sctune's own names, loaded on first use
+        self.entries: dict[str, Any] = {}
+
+    def _load_builtins(self) -> None:
+        # by name, not an import statement: data.py and models.py import this module, not the reverse
+        importlib.import_module(self.builtins)
+
+    def register(self, name: str, fn: Any = None, *, overwrite: bool = False):
+        """Register ``fn`` under ``name``; usable as a decorator."""
+
+        def deco(f: Any) -> Any:
+            if name in self.entries and not overwrite:
+                raise ValueError(f"{self.noun} {name!r} is already registered (pass overwrite=True to replace it)")
+            self.entries[name] = f
+            return f
+
+        return deco(fn) if fn is not None else deco
+
+    def names(self) -> list[str]:
+        self._load_builtins()
+        return sorted(self.entries) + list(self.extra_names)
+
+    def lookup(self, name: str) -> Any:
+        """What ``name`` stands for: a registration, or ``module:<attr>`` imported here; else a ConfigError
+        at this registry's key listing the known names."""
+        self._load_builtins()
+        if name in self.entries:
+            return self.entries[name]
+        if is_reference(name):
+            return resolve_reference(name, self.key)
+        raise ConfigError(self.key, f"unknown {self.noun} {name!r} (known: {', '.join(self.names())}; or "
+                                    f"module:{self.attr}, or register it in a module listed under task.modules)")
+
+    def user_entry(self, name: str) -> Any | None:
+        """The function registered under ``name`` if a user (not sctune) registered it."""
+        fn = self.entries.get(name)
+        return fn if fn is not None and not _is_ours(fn) else None
+
+
+DATASETS = Registry("dataset", attr="function", key="task.dataset", builtins="sctune.data")
+MODELS = Registry("model", attr="builder", key="task.model", builtins="sctune.models",
+                  extra_names=("torchvision:<name>",))
 
 
 def check_task(task: TaskConfig) -> None:
     """Everything the task names resolves in this process (imports ``task.modules`` first)."""
-    from .data import dataset_fn
-    from .models import model_fn
-
     import_modules(task)
-    dataset_fn(task.dataset)
+    DATASETS.lookup(task.dataset)
     if not task.model.startswith(RESERVED_PREFIXES):
-        model_fn(task.model)
+        MODELS.lookup(task.model)
 
 
 # -- driver-side registrations ------------------------------------------------------------------
@@ -109,14 +148,11 @@ def _is_ours(fn: Any) -> bool:
 def registrations(task: TaskConfig) -> dict[str, dict[str, Any]]:
     """The registered dataset/model functions this task names that sctune does not provide itself: what
     the workers must register too. Sent with every trial (``install``)."""
-    from .data import _DATASETS
-    from .models import _MODELS
-
     out: dict[str, dict[str, Any]] = {"datasets": {}, "models": {}}
-    if task.dataset in _DATASETS and not _is_ours(_DATASETS[task.dataset]):
-        out["datasets"][task.dataset] = _DATASETS[task.dataset]
-    if task.model in _MODELS and not _is_ours(_MODELS[task.model]):
-        out["models"][task.model] = _MODELS[task.model]
+    for kind, registry, name in (("datasets", DATASETS, task.dataset), ("models", MODELS, task.model)):
+        fn = registry.user_entry(name)
+        if fn is not None:
+            out[kind][name] = fn
     return out
 
 
@@ -136,14 +172,11 @@ def check_shippable(task: TaskConfig, regs: dict[str, dict[str, Any]]) -> None:
 
 def install(task: TaskConfig, regs: dict[str, dict[str, Any]] | None) -> None:
     """In a worker: import ``task.modules`` and register what the driver registered."""
-    from .data import register_dataset
-    from .models import register_model
-
     import_modules(task)
     for name, fn in (regs or {}).get("datasets", {}).items():
-        register_dataset(name, fn, overwrite=True)
+        DATASETS.register(name, fn, overwrite=True)
     for name, fn in (regs or {}).get("models", {}).items():
-        register_model(name, fn, overwrite=True)
+        MODELS.register(name, fn, overwrite=True)
 
 
 def check_in_worker(task: TaskConfig, regs: dict[str, dict[str, Any]] | None) -> str:

@@ -21,13 +21,14 @@ from sctune.data import (
     register_dataset,
     resolve_device,
 )
+from sctune.tasks import DATASETS
 
 
 @pytest.fixture
 def registry(monkeypatch):
     """A private copy of the dataset registry, so registering in a test leaks nowhere."""
-    monkeypatch.setattr(data_mod, "_DATASETS", dict(data_mod._DATASETS))
-    return data_mod._DATASETS
+    monkeypatch.setattr(DATASETS, "entries", dict(DATASETS.entries))
+    return DATASETS.entries
 
 
 def _indexed(task: TaskConfig):

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from sctune import models as models_mod
 from sctune.config import ConfigError
 from sctune.models import CifarResNet, _BasicBlock, build_model, model_names, register_model
+from sctune.tasks import MODELS
 
 # name -> an input shape the model is meant for
 BUILTIN_INPUTS = {
@@ -27,8 +27,8 @@ def _n_params(m: nn.Module) -> int:
 
 @pytest.fixture
 def registry(monkeypatch):
-    monkeypatch.setattr(models_mod, "_MODELS", dict(models_mod._MODELS))
-    return models_mod._MODELS
+    monkeypatch.setattr(MODELS, "entries", dict(MODELS.entries))
+    return MODELS.entries
 
 
 def test_builtins_listed():

@@ -7,7 +7,15 @@ import sys
 import pytest
 
 from sctune.config import ConfigError, TaskConfig
-from sctune.tasks import check_task, is_reference, py_modules_to_ship, registrations, resolve_reference
+from sctune.tasks import (
+    DATASETS,
+    MODELS,
+    check_task,
+    is_reference,
+    py_modules_to_ship,
+    registrations,
+    resolve_reference,
+)
 
 MODULE = '''\
 import torch
@@ -96,5 +104,5 @@ def test_driver_registrations_are_what_the_task_names(user_module):
                                   local=True, job_working_dir=False)
         assert ship == [str(user_module / "sct_user_mod.py")]
     finally:
-        data._DATASETS.pop("sct_cells", None)
-        models._MODELS.pop("sct_net", None)
+        DATASETS.entries.pop("sct_cells", None)
+        MODELS.entries.pop("sct_net", None)

@@ -11,6 +11,7 @@ from torch import nn
 
 from sctune.config import TaskConfig, TrainConfig
 from sctune.data import load_dataset
+from sctune.tasks import MODELS
 from sctune.train import (
     HF_LR,
     HF_LR_EMA,
@@ -285,7 +286,7 @@ class _Scaled(nn.Module):
 def test_fit_flags_finite_exploded_loss(small, monkeypatch, scale, diverged):
     from sctune import models
 
-    monkeypatch.setattr(models, "_MODELS", dict(models._MODELS))
+    monkeypatch.setattr(MODELS, "entries", dict(MODELS.entries))
     models.register_model("scaled", lambda nc, shape, dropout: _Scaled(nc, shape, scale))
     result = fit(_cfg(epochs=2, model="scaled", schedule="constant", lr=1e-6), data=small)
     assert math.isfinite(result.history[0][TRAIN_LOSS]) and math.isfinite(result.history[0][VAL_LOSS])

@@ -61,6 +61,19 @@ def _node_id() -> str | None:
         return None
 
 
+class TrialSetupError(RuntimeError):
+    """A trial could not set up in its worker (its task's code, its data): every trial would fail the same
+    way, so the driver stops the stage at the first one (``storage.StorageWatch``) instead of retrying."""
+
+
+def _setup(task: TaskConfig, user_task: dict | None) -> DatasetSplits:
+    try:
+        install(task, user_task)
+        return cached_dataset(task)
+    except Exception as e:
+        raise TrialSetupError(f"{type(e).__name__}: {e}") from e
+
+
 # -- the trial hook ---------------------------------------------------------------------------
 
 HOOK_ENV = "SCTUNE_TRIAL_HOOK"
@@ -90,10 +103,10 @@ def range_test_trainable(config: dict[str, Any], *, train: dict[str, Any], range
     """``user_task``: the driver's own dataset/model registrations (``sctune.tasks.registrations``)."""
     _threads(cpus)
     train_cfg = TrainConfig.from_flat(train)
-    install(train_cfg.task, user_task)
+    data = _setup(train_cfg.task, user_task)
     rt_cfg = RangeTestConfig.from_dict(range_test)
     wd, seed = float(config["weight_decay"]), int(config["seed"])
-    result = run_range_test(train_cfg, rt_cfg, weight_decay=wd, seed=seed, data=cached_dataset(train_cfg.task))
+    result = run_range_test(train_cfg, rt_cfg, weight_decay=wd, seed=seed, data=data)
     bounds = result.bounds()
     hook = trial_hook()
     if hook is not None:
@@ -166,8 +179,7 @@ def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdi
     _threads(cpus)
     params = {k: v for k, v in config.items() if not k.startswith("_")}
     cfg = TrainConfig.from_flat({**base, **params})
-    install(cfg.task, user_task)
-    data = cached_dataset(cfg.task)
+    data = _setup(cfg.task, user_task)
     checkpoint = tune.get_checkpoint()
     problems: list[str] = []
     state = _load_state(checkpoint, problems) if checkpoint else None

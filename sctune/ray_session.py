@@ -31,6 +31,8 @@ def quiet_ray_env(verbose: bool) -> None:
         os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000")
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        # a trial stopped with a failed result nobody fetches (a stage stopped for a full disk) is not news
+        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 

@@ -122,13 +122,17 @@ class ExperimentLock:
         self.path = self.exp / LOCK_NAME
         self._fd: int | None = None
         self._created_dir = False
+        self._created_top = self.exp
 
     def acquire(self) -> ExperimentLock:
         import fcntl
 
+        top = self.exp  # the highest folder this run creates (the storage path too, when it is new)
+        while not top.parent.exists() and top.parent != top:
+            top = top.parent
         try:
             self.exp.mkdir(parents=True)
-            self._created_dir = True
+            self._created_dir, self._created_top = True, top
         except FileExistsError:
             pass
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -174,6 +178,12 @@ class ExperimentLock:
             if self._created_dir and [p.name for p in self.exp.iterdir()] == [LOCK_NAME]:
                 self.path.unlink()
                 self.exp.rmdir()
+                d = self.exp.parent
+                while self._created_top != self.exp and d != d.parent and not any(d.iterdir()):
+                    d.rmdir()  # the storage folders this run created, left empty
+                    if d == self._created_top:
+                        break
+                    d = d.parent
         os.close(self._fd)  # drops the flock
         self._fd = None
 

@@ -56,6 +56,7 @@ from .ray_session import (
 from .safeguards import kept_options, space_sha256
 from .space import SpaceError, SpaceSpec
 from .storage import disk_full_message
+from .tune_state import note_orphans
 
 # the names tests and benchmarks reach for
 _preflight, _quiet_ray_env = preflight_check, quiet_ray_env
@@ -276,6 +277,8 @@ def _run_stages(spec: SpaceSpec, paths: ExperimentPaths, state: dict[str, Any], 
         results.summary = run_search_stage(spec, paths, plan, resume=o.resume, quiet=o.quiet, budget_fte=search_budget,
                                            fte=(range_fte or 0.0, budget_fte, 1.0 / spec.base.epochs))
         _stage_done(state, "search", paths, results)
+        note_orphans(paths.ray_stage("search"), paths.tensorboard, "search",
+                     set(map(str, results.summary["trial_id"])))
         search_figure(results.summary, tail_key(spec.search.metric), paths.search_png)
     elif saved_summary is not None:
         results.summary = saved_summary

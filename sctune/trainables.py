@@ -228,7 +228,8 @@ def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdi
         note_restart(Path(tb_logdir) / name)
     logger = tb.TrialLogger(tb_logdir, name, hparams=hparams | {"stage": stage}) if tb_logdir else None
     # the keys logged at each step: the session's final metrics are not written again at the same step
-    logged: dict[int, set[str]] = {}
+    # (and epochs a run before a kill logged beyond the checkpoint Tune recorded are not logged again)
+    logged: dict[int, set[str]] = tb.logged_scalars(Path(tb_logdir) / name) if tb_logdir else {}
     if logger is not None and state is not None:
         logger._seen_step(int(state["epoch"]))  # a resumed run's final metrics go to its last epoch, not step 0
         if state["history"]:  # logged by the run that wrote the checkpoint

@@ -143,6 +143,45 @@ def replace_missing_checkpoints(stage_dir: Path, trial_data: list) -> None:
                         path / CHECKPOINT_FILE, type(e).__name__, str(e)[:200])
 
 
+ORPHAN_NOTE = "NOT_IN_RESULTS.txt"
+
+
+def note_orphans(stage_dir: Path, tb_dir: Path, stage: str, trial_ids: set[str]) -> list[str]:
+    """After a stage: the Tune trial folders and TensorBoard runs of trials its results do not hold (a trial
+    the driver started just before it was killed, which Tune's saved state never recorded and so started
+    again under another id) get a note saying so, and their TensorBoard sessions end as aborted (else they
+    read as running forever). Returns the orphans' ids."""
+    from . import tensorboard as tb
+
+    text = (f"This trial is not in the results of stage {stage!r}: the driver was stopped (e.g. killed) before "
+            "Tune recorded it, and --resume ran its configuration again under another trial id. Its records "
+            "here are incomplete; summary.csv lists the trials that count.\n")
+    orphans = []
+    runs = sorted(p for p in (tb_dir / stage).iterdir() if p.is_dir()) if (tb_dir / stage).is_dir() else []
+    for run in runs:
+        if run.name in trial_ids or (run / ORPHAN_NOTE).exists():
+            continue
+        orphans.append(run.name)
+        try:
+            (run / ORPHAN_NOTE).write_text(text)
+            tb.end_session(tb_dir, tb.run_name(stage, trial=run.name), status="aborted")
+        except (OSError, ValueError) as e:
+            log.warning("could not note the orphaned TensorBoard run %s: %s", run, e)
+    for folder in sorted(p for p in stage_dir.iterdir() if p.is_dir()) if stage_dir.is_dir() else []:
+        # Tune names a trial's folder <trainable>_<8-hex trial id>_<n>_<params>_<date>
+        ids = [p for p in folder.name.split("_") if len(p) == 8 and all(c in "0123456789abcdef" for c in p)]
+        if ids and ids[0] not in trial_ids and not (folder / ORPHAN_NOTE).exists():
+            orphans.append(ids[0])
+            try:
+                (folder / ORPHAN_NOTE).write_text(text)
+            except OSError as e:
+                log.warning("could not note the orphaned trial folder %s: %s", folder, e)
+    if orphans:
+        log.warning("stage %s: %d trial record(s) of a stopped run are not in the results (%s); noted in %s",
+                    stage, len(set(orphans)), ", ".join(sorted(set(orphans))), ORPHAN_NOTE)
+    return sorted(set(orphans))
+
+
 class _NoResultFilesFilter(logging.Filter):
     """Drops Tune's "Failed to fetch metrics ... both result.json and progress.csv were not found" warning
     (one line per trial). sctune turns Tune's own result files off (``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS``:

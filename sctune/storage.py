@@ -174,13 +174,25 @@ class StorageWatchLogic:
 
         GUARD.stop_stage(StageError(
             f"trial {trial.trial_id} of stage {self.stage!r} could not set up in its worker: "
-            f"{error_line(err) or 'unknown error'}. Every trial would fail the same way, so the stage stopped "
+            f"{(error_line(err) or 'unknown error').removeprefix('TrialSetupError: ')}. Every trial would fail the same way, so the stage stopped "
             f"(see {getattr(trial, 'path', None) or 'its folder'}/error.txt; rerun with --verbose for Ray's "
             "logs). Fix it, then continue with --resume"))
 
 
 def _trial_error(trial) -> Any:
-    for read in (trial.get_pickled_error, trial.get_error):
+    """The trial's latest error: from the driver's copy Tune has just written (the storage path gets it on
+    the next sync), else from the storage path."""
+    import ray.cloudpickle as cloudpickle
+
+    def local_pickle():
+        path = getattr(trial, "pickled_error_file", None)
+        return cloudpickle.loads(Path(path).read_bytes()) if path and Path(path).is_file() else None
+
+    def local_text():
+        path = getattr(trial, "error_file", None)
+        return Path(path).read_text() if path and Path(path).is_file() else None
+
+    for read in (local_pickle, local_text, trial.get_pickled_error, trial.get_error):
         try:
             err = read()
         except Exception:  # written on a full disk: unreadable

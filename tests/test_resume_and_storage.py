@@ -266,9 +266,13 @@ def test_full_disk_is_a_pause_and_resume_completes(tmp_path, ray_tmp):
         bounds_mtime = (exp / "range_test" / "bounds.json").stat().st_mtime_ns
         resume = _resume_command(err)
 
+        # 300 KB freed: room for the lock and state.json, not for stage 2 (~3 MB of checkpoints)
+        os.truncate(ballast, ballast.stat().st_size - 300 * 1024)
         still_full = run_cli(resume, env=env, log_dir=tmp_path, tag="full", timeout=300)
         assert still_full.proc.returncode == 28, still_full.stderr[-3000:]
-        assert "needs about" in still_full.stderr and "stage 2 (search)" in still_full.stderr
+        line = [ln for ln in still_full.stderr.splitlines() if "no space left on device" in ln]
+        assert len(line) == 1 and "needs about" in line[0] and "stage 2 (search)" in line[0], still_full.stderr
+        assert "[search] 0/" not in still_full.stderr, "stage 2 started on a full disk"
         _no_traceback(still_full.stderr)
 
         ballast.unlink()

@@ -292,14 +292,18 @@ def test_full_disk_is_a_pause_and_resume_completes(tmp_path, ray_tmp):
 WORKER_ONLY_LOADER = '''
 import sys
 
-from sctune.data import dataset_fn
+import torch
+from sklearn.datasets import load_digits
 
 
 def load(task):
     """Loads in the driver, fails in every Ray worker (data only the driver's machine can see)."""
     if "default_worker" in sys.argv[0]:
         raise FileNotFoundError("/data/cells.npz: only on the driver's machine")
-    return dataset_fn("digits")(task)
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    return x[:1400], y[:1400], x[1400:], y[1400:], 10, False
 '''
 
 

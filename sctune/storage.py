@@ -130,6 +130,10 @@ class StorageWatchLogic:
         self._backed_up: dict[str, tuple[int, int]] = {}
         self._last_backup = 0.0
 
+    def setup(self, **info):
+        # every fit, a restored one too: the clock and the files seen were another process's
+        self._backed_up, self._last_backup = {}, 0.0
+
     def on_step_end(self, iteration, trials, **info):
         # Tune's state files, copied whole at most once a second (Tune writes them as often): what --resume
         # restores if a full disk cuts the ones on the storage path short (tune_state.check_restorable)

@@ -129,7 +129,7 @@ def run(space: str | Path | SpaceSpec | None = None, options: Options | None = N
             return _run(space, o)
         except Interrupted:
             raise
-        except (OSError, EOFError, ValueError) as e:  # on a full disk, Ray's own files read back truncated
+        except (OSError, EOFError) as e:  # on a full disk, Ray's own files read back truncated (EOFError)
             from .storage import as_disk_full
 
             full = GUARD.pending if isinstance(GUARD.pending, DiskFull) else as_disk_full(e, exp, _RESERVE_MIN)

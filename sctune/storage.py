@@ -113,7 +113,7 @@ def as_disk_full(exc: BaseException, exp: Path, reserve: int) -> DiskFull | None
     Ray wrote (EOFError, a truncated file) while the storage path has less than ``reserve`` free."""
     free = free_bytes(exp)
     low = free is not None and free < reserve
-    if is_enospc(exc) or (low and isinstance(exc, (EOFError, OSError, ValueError))):
+    if is_enospc(exc) or (low and isinstance(exc, EOFError)):
         from .progress import active_progress
 
         p = active_progress()

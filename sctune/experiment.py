@@ -36,6 +36,7 @@ from typing import Any
 
 from .config import ConfigError
 from .lifecycle import LOCK_NAME
+from .safeguards import check_same_space, check_storage, restore_options
 from .space import DEFAULT_SPACE_DIR, Anchors, Dist, SearchConfig, SpaceError, SpaceSpec, load_space
 
 log = logging.getLogger("sctune")
@@ -242,6 +243,9 @@ def mark_done(state: dict[str, Any], stage: str) -> None:
         state["done"].append(stage)
 
 
+_WARNED: set[str] = set()  # corruption warnings already printed (prepare runs twice: before and under the lock)
+
+
 def _load_state(paths: ExperimentPaths, name: str, root_storage: Path, resume: bool) -> dict[str, Any]:
     """state.json of an existing experiment; corrupted: a UsageError, or on --resume rebuilt from the outputs."""
     try:
@@ -254,24 +258,30 @@ def _load_state(paths: ExperimentPaths, name: str, root_storage: Path, resume: b
             raise UsageError("--name", f"experiment {name!r} already exists in {root_storage}, and its "
                              f"{paths.state} is corrupted ({e}). Resume it with --resume --name {name} (the "
                              "state is rebuilt from the stage outputs), or pick a new --name.") from None
-        log.warning("%s is corrupted (%s): rebuilding the experiment state from the stage outputs",
-                    paths.state, e)
+        if str(paths.state) not in _WARNED:
+            _WARNED.add(str(paths.state))
+            log.warning("%s is corrupted (%s): rebuilding the experiment state from the stage outputs",
+                        paths.state, e)
         return rebuild_state(paths)
 
 
+def resumed_options(o: Options) -> Options:
+    """On ``--resume --name``: ``o`` with what the experiment's state.json kept (``restore_options``);
+    unchanged when there is nothing to resume (``prepare`` then says why)."""
+    if not o.resume or not o.name or "/" in o.name or o.name.startswith("."):
+        return o
+    exp = Path(o.storage_path).expanduser() / o.name
+    paths = ExperimentPaths(exp)
+    if not paths.state.is_file():
+        return o
+    try:
+        state = _load_state(paths, o.name, exp.parent, resume=True)
+    except UsageError:
+        return o
+    return restore_options(o, state, exp)
+
+
 # -- validation of a request --------------------------------------------------------------------------
-
-def _check_storage(storage_path: str | Path) -> Path:
-    p = Path(storage_path).expanduser()
-    probe = p
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UsageError("--storage-path", f"{p}: {probe} exists and is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError("--storage-path", f"{p}: {probe} is not writable")
-    return p.resolve()
-
 
 def _local_gpu_count() -> int:
     import torch
@@ -337,7 +347,8 @@ def prepare(space: str | Path | SpaceSpec | None = None, options: Options | None
     ``options``, or the same as keywords (``prepare(space, smoke=True, name=...)``)."""
     o = as_options(options, **changes)
     _check_options(o)
-    root_storage = _check_storage(o.storage_path)
+    root_storage = check_storage(o.storage_path)
+    o = resumed_options(o)  # a resumed experiment runs with the options it started with
     address = cluster_address(o.address)  # RAY_ADDRESS counts: inside `ray job submit` the local checks don't apply
     name, resume = o.name, o.resume
     state: dict[str, Any] = {}
@@ -356,6 +367,7 @@ def prepare(space: str | Path | SpaceSpec | None = None, options: Options | None
             # a resumed experiment runs with the space it started with
             saved = ExperimentPaths(root_storage / name).space
             if saved.exists():
+                check_same_space(space, saved, ExperimentPaths(root_storage / name).state, name)
                 space_path = saved
         spec = load_space(space_path, smoke=o.smoke)
     if name is None:

@@ -122,13 +122,17 @@ class ExperimentLock:
         self.path = self.exp / LOCK_NAME
         self._fd: int | None = None
         self._created_dir = False
+        self._created_top = self.exp
 
     def acquire(self) -> ExperimentLock:
         import fcntl
 
+        top = self.exp  # the highest folder this run creates (the storage path too, when it is new)
+        while not top.parent.exists() and top.parent != top:
+            top = top.parent
         try:
             self.exp.mkdir(parents=True)
-            self._created_dir = True
+            self._created_dir, self._created_top = True, top
         except FileExistsError:
             pass
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -174,6 +178,12 @@ class ExperimentLock:
             if self._created_dir and [p.name for p in self.exp.iterdir()] == [LOCK_NAME]:
                 self.path.unlink()
                 self.exp.rmdir()
+                d = self.exp.parent
+                while self._created_top != self.exp and d != d.parent and not any(d.iterdir()):
+                    d.rmdir()  # the storage folders this run created, left empty
+                    if d == self._created_top:
+                        break
+                    d = d.parent
         os.close(self._fd)  # drops the flock
         self._fd = None
 
@@ -198,6 +208,23 @@ class Interrupted(Exception):
         return 128 + self.signum
 
 
+EXIT_DISK_FULL = 28  # after errno ENOSPC
+
+
+class DiskFull(Interrupted):
+    """The storage path has no room left: the run stopped as on an interrupt (nothing is lost, ``--resume``
+    continues once space is freed). ``exit_code`` is 28, after errno ENOSPC."""
+
+    def __init__(self, path: Path, needed: int | None, message: str):
+        Exception.__init__(self, message)
+        self.signum = None
+        self.path, self.needed = Path(path), needed
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_DISK_FULL
+
+
 class InterruptGuard:
     """SIGINT/SIGTERM handlers for the run (main thread only). ``signum`` is the first signal received."""
 
@@ -208,6 +235,7 @@ class InterruptGuard:
         self._saved: dict[int, Any] = {}
         self._saved_env: str | None = None
         self.active = False
+        self.pending: BaseException | None = None  # why stop_stage stopped the stage
 
     def install(self) -> None:
         """(Re)install the handlers: called before Ray starts and again after, since ``ray.init`` installs
@@ -270,8 +298,23 @@ class InterruptGuard:
         else:
             raise KeyboardInterrupt("interrupted")
 
+    def stop_stage(self, reason: BaseException) -> None:
+        """Stop the running stage as an interrupt does, then raise ``reason`` (``raise_pending``) instead of
+        its results: a full disk, a failure every trial would hit. Called from Tune's loop (a callback)."""
+        if self.pending is None:
+            self.pending = reason
+        handler = signal.getsignal(signal.SIGUSR1)  # Tune's stop handler (see poke_tune)
+        if callable(handler):
+            handler(signal.SIGUSR1, None)
+
+    def raise_pending(self) -> None:
+        """After ``Tuner.fit`` returns: what ``stop_stage`` stopped it for, if anything."""
+        reason, self.pending = self.pending, None
+        if reason is not None:
+            raise reason
+
     def reset(self) -> None:
-        self.signum, self.count, self._poked = None, 0, False
+        self.signum, self.count, self._poked, self.pending = None, 0, False, None
 
 
 GUARD = InterruptGuard()

@@ -17,6 +17,7 @@ trials of an unfinished stage, so nothing is retrained.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -40,15 +41,30 @@ from .experiment import (
     read_dict,
     read_output,
     read_summary,
+    resumed_options,
     write_json,
 )
-from .lifecycle import GUARD, Interrupted, interrupted_message
+from .lifecycle import GUARD, DiskFull, Interrupted, interrupted_message
+from .ray_session import (
+    check_task_on_workers,
+    preflight_check,
+    quiet_ray_env,
+    read_cluster_yaml,
+    start_ray,
+    user_runtime_env,
+)
+from .safeguards import kept_options, space_sha256
 from .space import SpaceError, SpaceSpec
+from .storage import disk_full_message
+from .tune_state import note_orphans
+
+# the names tests and benchmarks reach for
+_preflight, _quiet_ray_env = preflight_check, quiet_ray_env
 
 log = logging.getLogger("sctune")
 
 STAGE_ORDER = {"range": ("range",), "search": ("search",), "final": ("final",), "all": ("range", "search", "final")}
-TASK_PROBE_TIMEOUT_S = 120.0
+_RESERVE_MIN = 2 * 1024 * 1024  # an error reading Ray's files back with less than this free: the disk was full
 
 
 @dataclass
@@ -85,16 +101,20 @@ def run(space: str | Path | SpaceSpec | None = None, options: Options | None = N
     from .lifecycle import MARKER_VAR, ExperimentLock, LockedError, new_marker, reap, start_watchdog
 
     o = as_options(options, **changes)
-    _quiet_ray_env(o.verbose)
+    quiet_ray_env(o.verbose)
     if o.stage == "plan":  # a dry run: no lock, no Ray, nothing written
         return _run(space, o)
     address = cluster_address(o.address)
     _, exp, state = prepare(space, o.replace(address=address))
-    o = o.replace(name=state["name"])  # a generated name, fixed once
+    o = resumed_options(o.replace(name=state["name"]))  # a generated name, fixed once; --resume: the kept options
     try:
         lock = ExperimentLock(exp).acquire()
     except LockedError as e:
         raise UsageError("--name", str(e)) from None
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise DiskFull(exp, None, disk_full_message(exp, None, None, exp)) from None
+        raise UsageError("--storage-path", f"cannot create the experiment folder {exp}: {e.strerror or e}") from None
     marker = watchdog = None
     try:
         GUARD.reset()
@@ -107,6 +127,15 @@ def run(space: str | Path | SpaceSpec | None = None, options: Options | None = N
             watchdog = start_watchdog(marker)
         try:
             return _run(space, o)
+        except Interrupted:
+            raise
+        except (OSError, EOFError) as e:  # on a full disk, Ray's own files read back truncated (EOFError)
+            from .storage import as_disk_full
+
+            full = GUARD.pending if isinstance(GUARD.pending, DiskFull) else as_disk_full(e, exp, _RESERVE_MIN)
+            if full is None:
+                raise
+            raise full from None
         except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM: stopped at once
             from .progress import active_progress
 
@@ -133,11 +162,14 @@ def _run(space: str | Path | SpaceSpec | None, o: Options) -> SearchResults:
 
     t0 = time.monotonic()
     address = cluster_address(o.address)
+    o = resumed_options(o)
     spec, exp, state = prepare(space, o.replace(address=address))
-    autoscale = _read_cluster_yaml(o.cluster_yaml)  # a bad --cluster-yaml fails before anything else is done
+    kept = kept_options(o, spec)  # recorded in state.json: --resume restores them
+    autoscale = read_cluster_yaml(o.cluster_yaml)  # a bad --cluster-yaml fails before anything else is done
     # The plan (iterations and FTE of each stage; with a budget, stage 1 and the final fit cut to fit it)
     # is made and shown before Ray starts; a budget that cannot hold one search trial is refused here.
-    spec, cplan = make_plan(spec, budget_from_cli=o.budget is not None)
+    driver = _load_in_driver(spec, local=address is None)  # a task that fails here stops the run: exit 2
+    spec, cplan = make_plan(spec, budget_from_cli=o.budget is not None, sizes=driver.get("sizes", False))
     if o.stage == "plan":
         print_plan(cplan, file=sys.stdout)
         return SearchResults(root=exp, plan=cplan)
@@ -148,14 +180,14 @@ def _run(space: str | Path | SpaceSpec | None, o: Options) -> SearchResults:
         check_shippable(spec.base.task, regs)
     except ConfigError as e:
         raise SpaceError(spec.path, e.path, e.rule) from None
-    started = _start_ray(address, verbose=o.verbose, dashboard=o.dashboard, num_cpus=o.num_cpus,
-                         runtime_env=_user_runtime_env(spec, regs, address))
+    started = start_ray(address, verbose=o.verbose, dashboard=o.dashboard, num_cpus=o.num_cpus,
+                         runtime_env=user_runtime_env(spec, regs, address))
     GUARD.install()  # again: ray.init replaces the SIGTERM handler (its own aborts with a stack dump)
     try:
         # Before any trial is queued and before the experiment folder exists: a refused request
         # leaves nothing behind, so the same command can be rerun with a fixed option.
-        _preflight(spec, cluster_yaml=o.cluster_yaml, autoscale=autoscale)
-        _check_task_on_workers(spec, regs)
+        preflight_check(spec, cluster_yaml=o.cluster_yaml, autoscale=autoscale)
+        check_task_on_workers(spec, regs)
     except BaseException:
         if started:
             import ray
@@ -170,14 +202,21 @@ def _run(space: str | Path | SpaceSpec | None, o: Options) -> SearchResults:
     state.update({"smoke": o.smoke, "space": str(space if space is not None and not isinstance(space, SpaceSpec)
                                                   else spec.path)})
     state["budget"] = spec.search.budget  # --resume plans with the same budget
+    state["options"] = kept | {"budget": spec.search.budget}
+    state["space_sha256"] = space_sha256(paths.space) if paths.space.exists() else None
     write_json(paths.state, state)
     results = SearchResults(root=exp, plan=cplan)
+    from .storage import configure, reserve_bytes, stage_need
+
+    configure(reserve_bytes(spec, driver.get("param_bytes")))  # each stage stops before the disk is full
+    needs = {st: stage_need(st, spec, cplan, driver.get("param_bytes")) for st in ("range", "search", "final")}
     try:
-        _run_stages(spec, paths, state, o, cplan, results)
+        _run_stages(spec, paths, state, o, cplan, results, needs)
     except StageError as e:
         raise StageError(f"{e}\nFinished work is kept in {exp}; continue it with: python -m sctune.search --resume "
                          f"--name {exp.name} --storage-path {exp.parent} [more options]") from None
     finally:
+        configure(None)
         if started:
             import ray
 
@@ -191,8 +230,12 @@ def _run(space: str | Path | SpaceSpec | None, o: Options) -> SearchResults:
 # -- the stages -----------------------------------------------------------------------------------
 
 def _run_stages(spec: SpaceSpec, paths: ExperimentPaths, state: dict[str, Any], o: Options,
-                cplan: dict[str, Any], results: SearchResults) -> None:
-    """Each stage asked for (``--stage``) that is not done yet runs; a done one is read back from its output."""
+                cplan: dict[str, Any], results: SearchResults, needs: dict[str, int] | None = None) -> None:
+    """Each stage asked for (``--stage``) that is not done yet runs; a done one is read back from its output.
+    ``needs``: bytes each stage is expected to write; less free space stops the run before it (exit 28)."""
+    from .storage import check_free
+
+    needs = needs or {}
     from .experiment import search_anchors, stored_search_plan
     from .report import print_bounds, search_figure
     from .stages import run_range_stage, run_search_stage
@@ -206,6 +249,7 @@ def _run_stages(spec: SpaceSpec, paths: ExperimentPaths, state: dict[str, Any], 
     # Stage 1
     _check_interrupt("range", paths.root)
     if "range" in want and not ("range" in state["done"] and saved_bounds is not None):
+        check_free(paths.root, "range", needs.get("range", 0))
         results.bounds = run_range_stage(spec, paths, resume=o.resume, quiet=o.quiet, lr_bounds=o.lr_bounds,
                                          wd_prior=o.wd_prior,
                                          fte=(0.0, budget_fte, 1.0 / full_iters if full_iters else None))
@@ -228,16 +272,21 @@ def _run_stages(spec: SpaceSpec, paths: ExperimentPaths, state: dict[str, Any], 
         if plan is None:
             raise StageError("no LR bounds to search within; give --lr-bounds MIN_LR MAX_LR")
         search_budget = _search_budget(budget_fte, range_fte, cplan)
+        check_free(paths.root, "search", needs.get("search", 0))
         write_tb_config(spec, paths, plan["dists"])  # now with the searched ranges
         results.summary = run_search_stage(spec, paths, plan, resume=o.resume, quiet=o.quiet, budget_fte=search_budget,
                                            fte=(range_fte or 0.0, budget_fte, 1.0 / spec.base.epochs))
         _stage_done(state, "search", paths, results)
+        note_orphans(paths.ray_stage("search"), paths.tensorboard, "search",
+                     set(map(str, results.summary["trial_id"])))
         search_figure(results.summary, tail_key(spec.search.metric), paths.search_png)
     elif saved_summary is not None:
         results.summary = saved_summary
     # Stage 3
     _check_interrupt("final", paths.root)
     if "final" in want and results.summary is not None:
+        if "final" not in state["done"]:
+            check_free(paths.root, "final", needs.get("final", 0))
         _final(spec, paths, state, o, cplan, results, plan, anchors, range_fte)
         write_json(paths.state, state)
 
@@ -326,14 +375,50 @@ def _dataset_sizes(spec: SpaceSpec) -> dict[str, int] | None:
     return sizes
 
 
-def make_plan(spec: SpaceSpec, *, budget_from_cli: bool = False) -> tuple[SpaceSpec, dict[str, Any]]:
-    """``budget.plan_compute`` on the task's real split sizes; a budget it cannot meet is a UsageError
-    (exit 2) naming ``--budget`` or the space file's ``search.budget``."""
+def _load_in_driver(spec: SpaceSpec, *, local: bool) -> dict[str, Any]:
+    """The task's dataset and model, made once in the driver: ``{"sizes": split sizes, "param_bytes": the
+    model's}``. On a local Ray the workers are this machine, so a dataset or model that fails here fails in
+    every trial: a SpaceError (exit 2) with the user's exception, before Ray starts. With ``--address`` the
+    data may live on the workers only: a warning, and {} (the plan then shows epochs only)."""
+    from .data import known_split_sizes, load_dataset
+    from .models import build_model
+    from .progress import error_line
+
+    task = spec.base.task
+    try:
+        data = load_dataset(task)
+    except Exception as e:
+        if local:
+            raise SpaceError(spec.path, "task.dataset", f"{task.dataset} fails to load: {error_line(e)}") from None
+        sizes = known_split_sizes(task)
+        if sizes is None:
+            log.warning("could not load %s here to count iterations (%s); the plan shows epochs only",
+                        task.dataset, e)
+        return {"sizes": sizes}
+    try:
+        model = build_model(task.model, num_classes=data.num_classes, input_shape=data.input_shape,
+                            dropout=spec.base.reg.dropout)
+        param_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    except Exception as e:
+        if local:
+            raise SpaceError(spec.path, "task.model", f"{task.model} cannot be built for {task.dataset} "
+                                                      f"({data.input_shape}, {data.num_classes} classes): "
+                                                      f"{error_line(e)}") from None
+        log.warning("could not build %s here (%s)", task.model, e)
+        param_bytes = None
+    return {"sizes": data.sizes(), "param_bytes": param_bytes}
+
+
+def make_plan(spec: SpaceSpec, *, budget_from_cli: bool = False,
+              sizes: dict[str, int] | None | bool = False) -> tuple[SpaceSpec, dict[str, Any]]:
+    """``budget.plan_compute`` on the task's real split sizes (``sizes``, loaded here if not given); a budget
+    it cannot meet is a UsageError (exit 2) naming ``--budget`` or the space file's ``search.budget``."""
     from .budget import BudgetError, plan_compute
 
     key = "--budget" if budget_from_cli else f"{spec.path}: search.budget"
     try:
-        return plan_compute(spec, _dataset_sizes(spec), budget=spec.search.budget, budget_key=key)
+        return plan_compute(spec, _dataset_sizes(spec) if sizes is False else sizes, budget=spec.search.budget,
+                            budget_key=key)
     except BudgetError as e:
         raise UsageError(key, e.rule) from None
 
@@ -404,152 +489,3 @@ def write_tb_config(spec: SpaceSpec, paths: ExperimentPaths, dists: dict | None 
         tb.write_hparams_config(paths.tensorboard, hparams=hparams, metrics=metrics)
     except (ValueError, OSError) as e:  # TensorBoard bookkeeping must never stop a search
         log.warning("could not write the TensorBoard HParams config: %s", e)
-
-
-# -- Ray: start, the user's code on the workers, the preflight --------------------------------------------
-
-def _quiet_ray_env(verbose: bool) -> None:
-    # Local Ray binds loopback only, never phones home, and keeps its console noise down.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # sctune writes TensorBoard itself
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # Tune's experiment state (which trials finished, the searcher's state) reaches the storage path at most
-    # ~1 s late, so a killed driver's --resume reruns only trials that finished in its last second (Tune's
-    # "auto" period is 10 s or more). Writing the state of a few hundred trials takes milliseconds.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    if not verbose:
-        # a failed trial's traceback stays in its error.txt; the progress output names the reason in one line
-        os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
-        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000")
-        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-        os.environ.setdefault("PYTHONWARNINGS", "ignore")
-
-
-def _start_ray(address: str | None, *, verbose: bool, dashboard: bool, num_cpus: int | None = None,
-               runtime_env: dict[str, Any] | None = None) -> bool:
-    """Connect to ``address`` or start a local Ray on loopback. Returns True if we started it.
-
-    ``runtime_env`` (the user's modules as ``py_modules``) applies to every worker of this driver."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    level = logging.INFO if verbose else logging.ERROR
-    if address:
-        ray.init(address=address, log_to_driver=verbose, logging_level=level, runtime_env=runtime_env)
-        return True
-    # A local Ray serves this process only: its GCS, raylet and dashboard listen on loopback, never on the
-    # machine's network address (Ray has no authentication).
-    # Its processes are children of this one, in its process group: a Ctrl-C or SIGTERM sent to the group (a
-    # terminal, a job scheduler) must reach only this driver, which stops the stage and then Ray, in order.
-    # Blocked signals stay blocked across fork and exec (Ray blocks SIGINT in its processes the same way).
-    import signal
-
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", log_to_driver=verbose, logging_level=level, runtime_env=runtime_env)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-    return True
-
-
-def _job_runtime_env() -> dict[str, Any]:
-    """The runtime environment of the Ray job this driver runs in (``ray job submit``), else {}."""
-    import json
-
-    try:
-        return json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
-    except (ValueError, AttributeError):
-        return {}
-
-
-def _user_runtime_env(spec: SpaceSpec, regs: dict[str, Any], address: str | None) -> dict[str, Any] | None:
-    """``{"py_modules": [...]}`` for the user's code the workers could not import by themselves."""
-    from .tasks import py_modules_to_ship
-
-    job_env = _job_runtime_env()
-    ship = py_modules_to_ship(spec.base.task, regs, local=address is None,
-                              job_working_dir="working_dir" in job_env)
-    if not ship:
-        return None
-    if "py_modules" in job_env:  # Ray refuses to merge a second py_modules into the job's
-        log.warning("not shipping %s: the job's runtime environment sets py_modules already; add them there",
-                    ", ".join(ship))
-        return None
-    log.info("shipping to Ray's workers (runtime_env py_modules): %s", ", ".join(ship))
-    return {"py_modules": ship}
-
-
-def _check_task_on_workers(spec: SpaceSpec, regs: dict[str, Any]) -> None:
-    """One Ray task resolves the dataset and model the way a trial will, before any trial is queued: a task
-    the workers cannot import (a module only the driver can see) is refused with exit 2, not 12 failed trials."""
-    import ray
-    from ray.exceptions import GetTimeoutError
-
-    from .tasks import check_in_worker, is_reference
-
-    task = spec.base.task
-    if not (task.modules or is_reference(task.dataset) or is_reference(task.model) or any(regs.values())):
-        return  # sctune's own datasets and models: nothing of the user's to find
-    probe = ray.remote(num_cpus=0, max_retries=0)(check_in_worker)
-    ref = probe.remote(spec.base.task, regs)
-    try:
-        ray.get(ref, timeout=TASK_PROBE_TIMEOUT_S)
-    except GetTimeoutError:
-        ray.cancel(ref, force=True)
-        log.warning("could not check the task in a Ray worker within %.0fs; starting the trials anyway",
-                    TASK_PROBE_TIMEOUT_S)
-    except Exception as e:  # ConfigError from the worker; or the driver's registrations could not be unpickled there
-        from .progress import error_line
-
-        cause = getattr(e, "cause", None) or e
-        path = cause.path if isinstance(cause, ConfigError) else "task"
-        why = cause.rule if isinstance(cause, ConfigError) else f"cannot be loaded: {error_line(cause)}"
-        raise SpaceError(spec.path, path, f"{why} (in a Ray worker; the driver resolved it: make the module importable "
-                                          "on every node, e.g. ray job submit --working-dir with the module in it)") from None
-
-
-def _read_cluster_yaml(cluster_yaml: str | None) -> tuple[dict[str, float] | None, list[dict[str, float]] | None]:
-    """(autoscale_limits, autoscale_node_types) of a launcher YAML, or UsageError naming --cluster-yaml."""
-    if not cluster_yaml:
-        return None, None
-    import yaml
-
-    from .cluster import autoscale_limits, autoscale_node_types
-
-    try:
-        return autoscale_limits(cluster_yaml), autoscale_node_types(cluster_yaml)
-    except (OSError, ValueError, yaml.YAMLError) as e:
-        raise UsageError("--cluster-yaml", f"{cluster_yaml}: {e}") from None
-
-
-def _preflight(spec: SpaceSpec, *, cluster_yaml: str | None = None,
-               autoscale: tuple[dict[str, float] | None, list[dict[str, float]] | None] | None = None) -> None:
-    """Refuse (UsageError, exit code 2) per-trial resources that no node of the connected cluster, nor any
-    node the launcher config (``--cluster-yaml``) can add, will ever hold; warn about queueing.
-
-    Runs right after Ray connects and before any trial or experiment file is created: an impossible
-    request would otherwise sit PENDING forever."""
-    from .cluster import PreflightError, cluster_snapshot, preflight
-
-    limits, node_types = autoscale if autoscale is not None else _read_cluster_yaml(cluster_yaml)
-    available, per_node = cluster_snapshot()
-    try:
-        warnings = preflight(cpus_per_trial=spec.search.cpus_per_trial, gpus_per_trial=spec.search.gpus_per_trial,
-                             max_concurrent=spec.search.max_concurrent, available=available,
-                             autoscale_max=limits, per_node=per_node, autoscale_node_types=node_types)
-    except PreflightError as e:
-        if cluster_yaml and limits is None:
-            # The YAML declares no node resources (the launcher detects them at `ray up`): the
-            # autoscaler may still add a node that fits, so this cannot be refused offline.
-            log.warning("%s; %s does not declare node resources, so the autoscaler may still add a node "
-                        "that fits: trials will wait for it", e, cluster_yaml)
-            return
-        msg = str(e)
-        where = next((opt for opt in ("--gpus-per-trial", "--cpus-per-trial") if msg.startswith(opt)),
-                     "--gpus-per-trial" if spec.search.gpus_per_trial > 0 else "--cpus-per-trial")
-        raise UsageError(where, msg) from None
-    for warning in warnings:
-        log.warning("%s", warning)

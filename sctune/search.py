@@ -26,11 +26,11 @@ from .experiment import (
     UsageError,
     prepare,
 )
-from .lifecycle import Interrupted
+from .lifecycle import EXIT_DISK_FULL, Interrupted
 from .pipeline import SearchResults, run
 from .space import DEFAULT_SPACE_DIR
 
-__all__ = ["EXIT_STAGE", "EXIT_USAGE", "Options", "SearchResults", "UsageError", "main", "prepare", "run"]
+__all__ = ["EXIT_DISK_FULL", "EXIT_STAGE", "EXIT_USAGE", "Options", "SearchResults", "UsageError", "main", "prepare", "run"]
 
 EXIT_USAGE = 2  # bad input: nothing was started
 EXIT_STAGE = 3  # a stage could not go on (e.g. no usable bounds); finished work is kept

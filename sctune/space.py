@@ -371,6 +371,10 @@ def load_space(path: str | Path, *, smoke: bool = False) -> SpaceSpec:
     if smoke and isinstance(raw, Mapping) and not raw.get("smoke"):
         raise SpaceError(p, "smoke", "--smoke needs a smoke: section in the space file (the tiny budgets it "
                                      "runs with), e.g. smoke: {fixed: {epochs: 2}, search: {num_samples: 2}}")
+    if smoke:  # the main sections must be valid on their own too: a full run uses them as written
+        import copy
+
+        parse_space(copy.deepcopy(raw), str(p), smoke=False)
     return parse_space(raw, str(p), smoke=smoke)
 
 

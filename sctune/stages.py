@@ -24,6 +24,7 @@ from .experiment import ExperimentPaths, StageError, clean, write_json
 from .lifecycle import GUARD, Interrupted, interrupted_message
 from .progress import active_progress, error_line
 from .space import SpaceSpec
+from .storage import stage_callbacks
 from .summaries import final_fit_summary, no_bounds_message, range_bounds, summarize_search
 from .tasks import registrations
 from .train import TEST_ACC, VAL_ACC
@@ -49,7 +50,7 @@ def _run_config(paths: ExperimentPaths, stage: str, callbacks: list, *, max_fail
         storage_path=str(paths.ray.resolve()),
         failure_config=tune.FailureConfig(max_failures=max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=keep) if keep else None,
-        callbacks=callbacks,
+        callbacks=[*callbacks, *stage_callbacks(paths.root, stage)],  # a full disk, a failing setup: stop
         verbose=0,
     )
 
@@ -80,6 +81,7 @@ def _fit(tuner_factory, restore_path: Path, trainable, *, resume: bool):
         tuner = tuner_factory()
     install_log_filters()
     grid = tuner.fit()
+    GUARD.raise_pending()  # stopped for a full disk or a setup failure (storage.StorageWatch)
     if GUARD.requested:
         # Tune stopped on the interrupt and saved its state with the unfinished trials unfinished: the stage is
         # not done, its outputs are not written, and --resume continues it (Tuner.restore).

@@ -208,6 +208,23 @@ def _scan_run(run_dir: Path) -> _RunScan:
     return _RunScan(last_step, has_start, has_end)
 
 
+def logged_scalars(run_dir: str | Path) -> dict[int, set[str]]:
+    """The scalar tags a run's event files hold, per step (a trial that starts again skips what is there)."""
+    out: dict[int, set[str]] = {}
+    run_dir = Path(run_dir)
+    for path in sorted(run_dir.glob("*tfevents*")) if run_dir.is_dir() else []:
+        try:
+            for event in EventFileLoader(str(path)).Load():
+                if event.HasField("summary"):
+                    tags = {v.tag for v in event.summary.value if v.HasField("simple_value")
+                            or v.metadata.plugin_data.plugin_name == "scalars"}
+                    if tags:
+                        out.setdefault(int(event.step), set()).update(tags)
+        except Exception as e:  # a file cut short by a kill: what was read counts
+            log.debug("%s: %s", path, e)
+    return out
+
+
 class TrialLogger:
     """One TensorBoard run (``logdir/name``) written from the trial's own process.
 

@@ -61,6 +61,50 @@ def _node_id() -> str | None:
         return None
 
 
+class TrialSetupError(RuntimeError):
+    """A trial could not set up in its worker (its task's code, its data): every trial would fail the same
+    way, so the driver stops the stage at the first one (``storage.StorageWatch``) instead of retrying."""
+
+
+def _setup(task: TaskConfig, user_task: dict | None) -> DatasetSplits:
+    try:
+        install(task, user_task)
+        return cached_dataset(task)
+    except Exception as e:
+        raise TrialSetupError(f"{type(e).__name__}: {e}") from e
+
+
+RESTART_NOTE = "RESTARTED.txt"
+
+
+def note_restart(run_dir: Path) -> None:
+    """A trial starting from scratch whose TensorBoard run (or Tune folder) already holds an earlier attempt's
+    records (a range test or a trial without a usable checkpoint, after the driver was killed): a note in
+    both says so, since TensorBoard shows the two attempts' points in one run."""
+    if not any(run_dir.glob("events.out.tfevents.*")):
+        return
+    import time
+
+    text = (f"{time.strftime('%Y-%m-%d %H:%M:%S')}: this trial started again from scratch (no usable checkpoint; "
+            "e.g. the driver was killed while it ran). The records before this time are an earlier attempt's; "
+            "where both logged a step, the later event file holds this attempt's value.\n")
+    dirs = [run_dir]
+    try:
+        trial_dir = tune.get_context().get_trial_dir()
+        if trial_dir:
+            dirs.append(Path(trial_dir))
+    except Exception:  # outside Tune
+        pass
+    for d in dirs:
+        try:
+            with open(d / RESTART_NOTE, "a") as f:
+                f.write(text)
+        except OSError as e:  # a note must never fail the trial
+            log.warning("could not write %s: %s", d / RESTART_NOTE, e)
+    log.warning("trial restarted from scratch; its earlier attempt's TensorBoard records stay in %s (%s)",
+                run_dir, RESTART_NOTE)
+
+
 # -- the trial hook ---------------------------------------------------------------------------
 
 HOOK_ENV = "SCTUNE_TRIAL_HOOK"
@@ -90,16 +134,17 @@ def range_test_trainable(config: dict[str, Any], *, train: dict[str, Any], range
     """``user_task``: the driver's own dataset/model registrations (``sctune.tasks.registrations``)."""
     _threads(cpus)
     train_cfg = TrainConfig.from_flat(train)
-    install(train_cfg.task, user_task)
+    data = _setup(train_cfg.task, user_task)
     rt_cfg = RangeTestConfig.from_dict(range_test)
     wd, seed = float(config["weight_decay"]), int(config["seed"])
-    result = run_range_test(train_cfg, rt_cfg, weight_decay=wd, seed=seed, data=cached_dataset(train_cfg.task))
+    result = run_range_test(train_cfg, rt_cfg, weight_decay=wd, seed=seed, data=data)
     bounds = result.bounds()
     hook = trial_hook()
     if hook is not None:
         hook("range", 1, tune.get_context().get_trial_id() or "local")
     if tb_logdir:
         name = tb.run_name("range", wd=wd, seed=seed)
+        note_restart(Path(tb_logdir) / name)
         with tb.TrialLogger(tb_logdir, name, hparams={"weight_decay": wd, "seed": seed, "stage": "range"},
                             group=tb.run_name("range", wd=wd)) as logger:
             tb.log_range_test(logger, result.frame, bounds, log_x=rt_cfg.step_mode == "exp")
@@ -166,8 +211,7 @@ def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdi
     _threads(cpus)
     params = {k: v for k, v in config.items() if not k.startswith("_")}
     cfg = TrainConfig.from_flat({**base, **params})
-    install(cfg.task, user_task)
-    data = cached_dataset(cfg.task)
+    data = _setup(cfg.task, user_task)
     checkpoint = tune.get_checkpoint()
     problems: list[str] = []
     state = _load_state(checkpoint, problems) if checkpoint else None
@@ -180,9 +224,16 @@ def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdi
     # the final fit trains the best searched values (in ``base``): list them as its hparams too
     shown = {k: cfg.to_flat()[k] for k in hparam_keys} | params
     hparams = {k: v for k, v in shown.items() if isinstance(v, (int, float, str, bool))}
+    if tb_logdir and state is None:
+        note_restart(Path(tb_logdir) / name)
     logger = tb.TrialLogger(tb_logdir, name, hparams=hparams | {"stage": stage}) if tb_logdir else None
+    # the keys logged at each step: the session's final metrics are not written again at the same step
+    # (and epochs a run before a kill logged beyond the checkpoint Tune recorded are not logged again)
+    logged: dict[int, set[str]] = tb.logged_scalars(Path(tb_logdir) / name) if tb_logdir else {}
     if logger is not None and state is not None:
         logger._seen_step(int(state["epoch"]))  # a resumed run's final metrics go to its last epoch, not step 0
+        if state["history"]:  # logged by the run that wrote the checkpoint
+            logged[int(state["epoch"])] = set(state["history"][-1]) | {tail_key(select_metric)}
     seen = [h.get(select_metric, math.nan) for h in state["history"]] if state else []
     node_id = _node_id()  # once per trial; not a scalar, so it goes to Tune only, never to TensorBoard
     hook = trial_hook()
@@ -195,8 +246,10 @@ def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdi
             seen.append(metrics.get(select_metric, math.nan))
         report = dict(metrics) | {tail_key(select_metric): tail_mean(seen, select_last),
                                   PHASE: schedule_phase(cfg, epoch / cfg.epochs)}
-        if logger is not None and not again:
-            logger.scalars({k: v for k, v in report.items() if k not in ("epoch", "diverged", PHASE)}, epoch)
+        if logger is not None and not again and epoch not in logged:  # a resumed trial's epoch: logged already
+            shown = {k: v for k, v in report.items() if k not in ("epoch", "diverged", PHASE)}
+            logger.scalars(shown, epoch)
+            logged[epoch] = set(shown)
         with tempfile.TemporaryDirectory() as d:
             torch.save(state_fn(), Path(d) / CHECKPOINT_FILE)
             tune.report(report | {"node_id": node_id} | recovered, checkpoint=tune.Checkpoint.from_directory(d))
@@ -221,9 +274,10 @@ def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdi
             logger.close()
         raise
     if logger is not None:
-        logger.end("failure" if result.diverged else "success",
-                   {k: v for k, v in result.final.items() if k in (VAL_ACC, TEST_ACC)}
-                   | ({tail_key(select_metric): tail_mean(seen, select_last)} if seen else {}))
+        final = ({k: v for k, v in result.final.items() if k in (VAL_ACC, TEST_ACC)}
+                 | ({tail_key(select_metric): tail_mean(seen, select_last)} if seen else {}))
+        done = logged.get(logger.last_step if logger.last_step is not None else 0, set())
+        logger.end("failure" if result.diverged else "success", {k: v for k, v in final.items() if k not in done})
         logger.close()
 
 

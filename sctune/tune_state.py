@@ -27,6 +27,62 @@ def corrupted_tune_state(stage_dir: Path, why: str) -> str:
             f"or start over with a new --name.")
 
 
+BACKUP_DIR = ".sctune-good"  # the last readable copy of Tune's stage-level state files
+
+
+def _readable(path: Path) -> bool:
+    try:
+        data = path.read_bytes()
+        if path.suffix == ".json":
+            json.loads(data)
+        else:
+            import ray.cloudpickle as cloudpickle
+
+            cloudpickle.loads(data)
+        return bool(data)
+    except Exception:
+        return False
+
+
+def backup_state(stage_dir: Path, seen: dict[str, tuple[int, int]]) -> None:
+    """Copy Tune's stage-level state files (experiment state, searcher) that changed since the last call
+    (``seen``: name -> (mtime_ns, size)) and read back whole into ``stage_dir/.sctune-good``, each replaced
+    atomically: Tune copies them onto the storage path in place, so a full disk leaves them truncated,
+    and then this copy is what ``--resume`` restores (``check_restorable``)."""
+    import shutil
+
+    backup = stage_dir / BACKUP_DIR
+    for f in stage_dir.iterdir() if stage_dir.is_dir() else ():
+        if not f.is_file() or f.suffix not in (".json", ".pkl") or f.name.startswith("."):
+            continue
+        st = f.stat()
+        key = (st.st_mtime_ns, st.st_size)
+        if seen.get(f.name) == key or not _readable(f):
+            continue
+        backup.mkdir(exist_ok=True)
+        tmp = backup / (f.name + ".tmp")
+        try:
+            shutil.copyfile(f, tmp)
+            os.replace(tmp, backup / f.name)
+            seen[f.name] = key
+        except OSError:  # a full disk: the previous copy stays
+            tmp.unlink(missing_ok=True)
+
+
+def _restore_backup(stage_dir: Path) -> bool:
+    """Put back the copies in ``.sctune-good`` of state files that no longer read back; True if any was."""
+    import shutil
+
+    backup, restored = stage_dir / BACKUP_DIR, False
+    for b in sorted(backup.glob("*")) if backup.is_dir() else ():
+        target = stage_dir / b.name
+        if b.suffix in (".json", ".pkl") and not _readable(target) and _readable(b):
+            log.warning("%s was cut short (a full disk?): restoring its last whole copy", target)
+            shutil.copyfile(b, target)
+            restored = True
+    return restored
+
+
 def check_restorable(stage_dir: Path) -> bool:
     """True if Tune's state in ``stage_dir`` (ray/<stage>) can be restored, False if there is none yet
     (the driver stopped before Tune recorded anything: the stage starts fresh); StageError if it is
@@ -46,6 +102,8 @@ def check_restorable(stage_dir: Path) -> bool:
             if f != newest:
                 cloudpickle.loads(f.read_bytes())
     except Exception as e:
+        if _restore_backup(stage_dir):
+            return check_restorable(stage_dir)
         raise StageError(corrupted_tune_state(stage_dir, f"{type(e).__name__}: {e}")) from None
     replace_missing_checkpoints(stage_dir, trial_data)
     return True
@@ -85,6 +143,45 @@ def replace_missing_checkpoints(stage_dir: Path, trial_data: list) -> None:
                         path / CHECKPOINT_FILE, type(e).__name__, str(e)[:200])
 
 
+ORPHAN_NOTE = "NOT_IN_RESULTS.txt"
+
+
+def note_orphans(stage_dir: Path, tb_dir: Path, stage: str, trial_ids: set[str]) -> list[str]:
+    """After a stage: the Tune trial folders and TensorBoard runs of trials its results do not hold (a trial
+    the driver started just before it was killed, which Tune's saved state never recorded and so started
+    again under another id) get a note saying so, and their TensorBoard sessions end as aborted (else they
+    read as running forever). Returns the orphans' ids."""
+    from . import tensorboard as tb
+
+    text = (f"This trial is not in the results of stage {stage!r}: the driver was stopped (e.g. killed) before "
+            "Tune recorded it, and --resume ran its configuration again under another trial id. Its records "
+            "here are incomplete; summary.csv lists the trials that count.\n")
+    orphans = []
+    runs = sorted(p for p in (tb_dir / stage).iterdir() if p.is_dir()) if (tb_dir / stage).is_dir() else []
+    for run in runs:
+        if run.name in trial_ids or (run / ORPHAN_NOTE).exists():
+            continue
+        orphans.append(run.name)
+        try:
+            (run / ORPHAN_NOTE).write_text(text)
+            tb.end_session(tb_dir, tb.run_name(stage, trial=run.name), status="aborted")
+        except (OSError, ValueError) as e:
+            log.warning("could not note the orphaned TensorBoard run %s: %s", run, e)
+    for folder in sorted(p for p in stage_dir.iterdir() if p.is_dir()) if stage_dir.is_dir() else []:
+        # Tune names a trial's folder <trainable>_<8-hex trial id>_<n>_<params>_<date>
+        ids = [p for p in folder.name.split("_") if len(p) == 8 and all(c in "0123456789abcdef" for c in p)]
+        if ids and ids[0] not in trial_ids and not (folder / ORPHAN_NOTE).exists():
+            orphans.append(ids[0])
+            try:
+                (folder / ORPHAN_NOTE).write_text(text)
+            except OSError as e:
+                log.warning("could not note the orphaned trial folder %s: %s", folder, e)
+    if orphans:
+        log.warning("stage %s: %d trial record(s) of a stopped run are not in the results (%s); noted in %s",
+                    stage, len(set(orphans)), ", ".join(sorted(set(orphans))), ORPHAN_NOTE)
+    return sorted(set(orphans))
+
+
 class _NoResultFilesFilter(logging.Filter):
     """Drops Tune's "Failed to fetch metrics ... both result.json and progress.csv were not found" warning
     (one line per trial). sctune turns Tune's own result files off (``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS``:
@@ -108,7 +205,17 @@ class _NoIncompleteTrialsFilter(logging.Filter):
                     and os.environ.get("TUNE_PRINT_ALL_TRIAL_ERRORS") == "0")
 
 
+class _NoDiskFullTracebackFilter(logging.Filter):
+    """Drops Tune's traceback when saving its state hits a full disk (ENOSPC): sctune stops the stage and
+    says so in one line (``storage``), and ``--resume`` restores the last whole copy of that state."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, OSError) and (exc.errno == 28 or "No space left on device" in str(exc)))
+
+
 _RESULT_FILES_FILTER = _NoResultFilesFilter()
+_DISK_FULL_FILTER = _NoDiskFullTracebackFilter()
 _INCOMPLETE_FILTER = _NoIncompleteTrialsFilter()
 
 
@@ -117,6 +224,9 @@ def install_log_filters() -> None:
     logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
     if os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS") == "1" and _RESULT_FILES_FILTER not in logger.filters:
         logger.addFilter(_RESULT_FILES_FILTER)
+    state_logger = logging.getLogger("ray.tune.execution.experiment_state")
+    if _DISK_FULL_FILTER not in state_logger.filters:
+        state_logger.addFilter(_DISK_FULL_FILTER)
     tune_logger = logging.getLogger("ray.tune.tune")
     if _INCOMPLETE_FILTER not in tune_logger.filters:
         tune_logger.addFilter(_INCOMPLETE_FILTER)

@@ -30,6 +30,7 @@ class Case:
     skip_if_gpu: bool = False
     setup: str | None = None  # "file_in_way": {tmp}/blocker is a regular file; "broken_module": {tmp} on
     # PYTHONPATH holds sct_broken_task.py, which raises when imported
+    module: str | None = None  # source of sct_case_task.py, put in {tmp} on PYTHONPATH
 
 
 def _space(body: str) -> str:
@@ -109,6 +110,22 @@ CASES: dict[str, Case] = {
                                    ["--cpus-per-trial", "this machine has"]),
     "storage_under_a_file": Case(["--storage-path", "{tmp}/blocker/results"],
                                  ["--storage-path", "{tmp}/blocker", "not a directory"], setup="file_in_way"),
+    # storage that cannot hold an experiment (issue #20)
+    "storage_in_proc": Case(["--storage-path", "/proc/sctune_x"], ["--storage-path", "/proc", "proc filesystem"]),
+    "storage_in_sys": Case(["--storage-path", "/sys/sctune_x"], ["--storage-path", "/sys", "sysfs filesystem"]),
+    "storage_is_a_file": Case(["--storage-path", "{tmp}/blocker"],
+                              ["--storage-path", "{tmp}/blocker", "not a directory"], setup="file_in_way"),
+    # a dataset or model that fails in the driver: the user's exception, before Ray starts
+    "dataset_fails_in_driver": Case(["{space}"], ["{space}: task.dataset", "RuntimeError: boom: cells.npz is missing"],
+                                    space="task: {dataset: sct_case_task:load, model: digits_cnn}\n",
+                                    module="def load(task):\n    raise RuntimeError('boom: cells.npz is missing')\n"),
+    "model_fails_in_driver": Case(["{space}"], ["{space}: task.model", "ValueError: needs 3 channels"],
+                                  space="task: {dataset: digits, model: sct_case_task:Net}\n",
+                                  module="def Net(num_classes, input_shape, dropout):\n"
+                                         "    raise ValueError('needs 3 channels')\n"),
+    # --smoke validates the main sections as well as the merged config
+    "smoke_main_section_invalid": Case(["{space}", "--smoke"], ["{space}", "fixed.epochs", ">= 1"],
+                                       space=_space("fixed: {epochs: -4}\nsmoke: {fixed: {epochs: 2}}\n")),
     "lr_bounds_reversed": Case(["--lr-bounds", "1.0", "0.1"], ["--lr-bounds", "MIN_LR < MAX_LR"]),
     "wd_prior_negative": Case(["--wd-prior", "-0.1"], ["--wd-prior", ">= 0"]),
     "resume_without_name": Case(["--resume"], ["--resume", "--name"]),
@@ -141,6 +158,9 @@ def _run_case(name: str, case: Case, root: Path) -> Outcome:
         env = cli_env(ray_tmp)
         if case.setup == "broken_module":
             (tmp / "sct_broken_task.py").write_text('raise RuntimeError("no GPU here")\n')
+        if case.module is not None:
+            (tmp / "sct_case_task.py").write_text(case.module)
+        if case.setup == "broken_module" or case.module is not None:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp), env.get("PYTHONPATH")]))
         args = [a.format(**fill) for a in case.args]
         if "--storage-path" not in args:

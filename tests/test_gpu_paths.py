@@ -40,6 +40,10 @@ SPACE = ROOT / "search_spaces" / "digits.yaml"
 CLUSTER_YAML = ROOT / "cluster.yaml"
 CL = torch.channels_last
 
+# A refusal that would otherwise pend forever (a trial waiting for a GPU no node has) must come back; this bound
+# only tells "answered" from "hung", on a loaded machine too. How fast it answers is a benchmark's business.
+HANG_S = 180
+
 
 # -- --gpus-per-trial -> Tune resources ----------------------------------------------------------------
 
@@ -155,7 +159,7 @@ def test_preflight_refuses_gpus_the_cluster_does_not_have(cpu_cluster, tmp_path)
     err, elapsed = _refused(cpu_cluster, tmp_path, gpus_per_trial=0.5)
     assert err.path == "--gpus-per-trial"
     assert "needs a GPU but the cluster has 0 GPUs" in str(err) and "--gpus-per-trial 0" in str(err)
-    assert elapsed < 30, f"the preflight took {elapsed:.0f}s"
+    assert elapsed < HANG_S, f"the preflight took {elapsed:.0f}s"
 
 
 @pytest.mark.ray
@@ -171,7 +175,7 @@ def test_preflight_with_cluster_yaml_node_types(cpu_cluster, tmp_path, caplog):
     err, elapsed = _refused(cpu_cluster, tmp_path, gpus_per_trial=8, cluster_yaml=str(CLUSTER_YAML))
     assert err.path == "--gpus-per-trial"
     assert "largest node type it can add has 4 GPUs" in str(err)
-    assert elapsed < 30
+    assert elapsed < HANG_S
 
     # 0.25 GPU fits the YAML's GPU nodes: accepted with a warning that trials wait for the autoscaler
     import ray
@@ -189,7 +193,7 @@ def test_preflight_with_cluster_yaml_node_types(cpu_cluster, tmp_path, caplog):
 @pytest.mark.ray
 def test_bad_cluster_yaml_fails_before_ray_starts(cpu_cluster, tmp_path):
     err, elapsed = _refused(cpu_cluster, tmp_path, cluster_yaml=str(tmp_path / "missing.yaml"))
-    assert err.path == "--cluster-yaml" and elapsed < 10
+    assert err.path == "--cluster-yaml" and elapsed < HANG_S
 
 
 @pytest.mark.ray
@@ -198,7 +202,7 @@ def test_cli_exits_2_on_impossible_gpu_request(cpu_cluster, tmp_path, capsys):
     code = search.main([str(SPACE), "--smoke", "--address", cpu_cluster.address, "--gpus-per-trial", "1",
                         "--storage-path", str(tmp_path), "--name", "cli", "--quiet"])
     assert code == search.EXIT_USAGE == 2
-    assert time.monotonic() - t0 < 30
+    assert time.monotonic() - t0 < HANG_S
     err = capsys.readouterr().err
     assert "sctune: error: --gpus-per-trial" in err and "cluster has 0 GPUs" in err
     assert not (tmp_path / "cli").exists()

@@ -541,7 +541,7 @@ def test_existing_experiment_without_resume_is_refused(degenerate, tmp_path):
                               env, tmp_path, "exists")
         assert cli.proc.returncode == 2, cli.stderr
         assert "already exists" in cli.stderr and "--resume --name degen" in cli.stderr and "--name" in cli.stderr
-        assert "Traceback" not in cli.stderr and wall < 20 and not (ray_tmp / "ray").exists()
+        assert "Traceback" not in cli.stderr and not (ray_tmp / "ray").exists()
     finally:
         cleanup_ray_tmp(ray_tmp)
 
@@ -556,7 +556,7 @@ def test_truncated_state_json_without_resume_is_refused(degenerate, tmp_path):
         cli, wall = _cli_fast(["--storage-path", exp.parent, "--name", "degen"], cli_env(ray_tmp), tmp_path, "state")
         assert cli.proc.returncode == 2, cli.stderr
         assert "state.json is corrupted" in cli.stderr and "--resume --name degen" in cli.stderr, cli.stderr
-        assert "Traceback" not in cli.stderr and wall < 20 and not (ray_tmp / "ray").exists()
+        assert "Traceback" not in cli.stderr and not (ray_tmp / "ray").exists()
     finally:
         cleanup_ray_tmp(ray_tmp)
 

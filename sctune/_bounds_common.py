@@ -75,6 +75,10 @@ class LRBounds:
     message: str
     lower_bound: bool = False  # max_lr is only a lower bound: accuracy never fell (or still learning)
     still_learning: bool = False  # the model had not finished learning when the ramp ended
+    # The first point's max_lr: inside the high band, below its top (bounds.recommend_max_lr); None for the
+    # loss-based finders, which read no band. ``recommended_reason`` says how it was read.
+    recommended_max_lr: float | None = None
+    recommended_reason: str = ""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

@@ -7,7 +7,7 @@ as a run would; ``--stage1-seeds`` repeats of it), then full one-cycle trainings
 recipe point: div_factor 10, the chosen weight decay, the recipe's dropout) at max_lr on a log grid across
 the band of the first stage-1 seed: from half the LR where the model learned (``learn_lr``) to 1.5x the band's
 top (``top_lr``), several seeds each. The result has the test accuracy per grid LR and, per stage-1 seed, the
-LR each candidate rule recommends (``sctune.bounds.RECOMMEND_RULES``), so a rule can be judged by where it
+LR each candidate rule (``RULES``) recommends, so a rule can be judged by where it
 lands on the measured accuracy-vs-max_lr curve and by how much it moves between stage-1 seeds.
 
 ``python -m benchmarks.recommended_lr [--quick]``; results in ``benchmarks/results/recommended_lr.json``.
@@ -31,8 +31,8 @@ NAME = "recommended_lr"
 TASKS = {"digits": ("digits.yaml", None, {}), "mnist1d": ("mnist1d.yaml", None, {}),
          "mnist1d_1000": ("mnist1d.yaml", 1000, {}),
          "digits_ramp10": ("digits.yaml", None, {"end_lr": 10.0, "num_iter": 120, "eval_every": 8})}
-# the grid: log-fractions of the band [learn_lr, top_lr] (-0.3: below learn_lr; 1.25: above the top)
-GRID_T = (-0.3, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
+# the grid: log-fractions of the band [learn_lr, top_lr] (< 0: below where the model learned; > 1: above the top)
+GRID_T = (-1.5, -0.75, 0.0, 0.33, 0.67, 1.0, 1.3)
 
 
 def _spec(space: str, subset: int | None, ramp: dict[str, Any]):
@@ -68,16 +68,26 @@ def _stage1(spec, data, seed: int) -> dict[str, Any]:
     return {"seed": seed, "chosen": chosen, "curves": curves}
 
 
-def _rules(chosen: dict[str, Any]) -> dict[str, float | None]:
-    from sctune.bounds import RECOMMEND_RULES
+# Candidate rules, from the aggregate's learn_lr (the band's start) and max_lr (its top, backed off from a
+# divergence): a point in log LR across the band, or a fraction of the top (not below the band's start).
+RULES = {
+    "log_0.25": lambda learn, top: learn * (top / learn) ** 0.25,
+    "log_0.5 (geometric middle)": lambda learn, top: learn * (top / learn) ** 0.5,
+    "log_0.75": lambda learn, top: learn * (top / learn) ** 0.75,
+    "max(learn, top/2)": lambda learn, top: max(learn, top / 2),
+    "max(learn, top/3)": lambda learn, top: max(learn, top / 3),
+    "max(learn, top/4)": lambda learn, top: max(learn, top / 4),
+    "top": lambda learn, top: top,
+}
 
+
+def _rules(chosen: dict[str, Any]) -> dict[str, float | None]:
     v = chosen.get("verdict") or {}
-    learn, top = v.get("learn_lr"), v.get("top_lr")
-    out: dict[str, float | None] = {"max_lr": chosen.get("max_lr"), "min_lr": chosen.get("min_lr"),
-                                    "learn_lr": learn, "top_lr": top,
-                                    "recommended_max_lr": chosen.get("recommended_max_lr")}
-    for name, frac in RECOMMEND_RULES.items():
-        out[name] = learn * (top / learn) ** frac if learn and top else None
+    learn, top = v.get("learn_lr"), chosen.get("max_lr")
+    out: dict[str, float | None] = {"max_lr": top, "min_lr": chosen.get("min_lr"), "learn_lr": learn,
+                                    "top_lr": v.get("top_lr"), "recommended_max_lr": chosen.get("recommended_max_lr")}
+    for name, rule in RULES.items():
+        out[name] = rule(learn, top) if learn and top else None
     return out
 
 

@@ -5,14 +5,13 @@ The loss-based finders (sctune.loss_bounds) are tested in test_loss_bounds.py.""
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from sctune.bounds import (
-    RECOMMEND_LOG_FRAC,
+    RECOMMEND_DIVISOR,
     LRBounds,
     SuperConvergenceVerdict,
     aggregate_bounds,
@@ -333,8 +332,8 @@ def test_recipe_max_lr_is_the_recommendation_inside_the_band():
     for curve in (ragged(LR, learn_at=0.3, swing=0.0), ragged(LR, learn_at=0.2, fall_at=0.8, swing=0.0)):
         b = smith_bounds(LR, curve)
         learn = b.verdict.learn_lr
-        assert b.recommended_max_lr == pytest.approx(learn * (b.max_lr / learn) ** RECOMMEND_LOG_FRAC)
-        assert learn < b.recommended_max_lr < b.max_lr and b.recommended_reason
+        assert b.recommended_max_lr == pytest.approx(max(learn, b.max_lr / RECOMMEND_DIVISOR))
+        assert learn <= b.recommended_max_lr < b.max_lr and b.recommended_reason
         agg = aggregate_bounds([b])
         value, reason = recipe_max_lr(agg)
         assert value == pytest.approx(b.recommended_max_lr) and reason == b.recommended_reason
@@ -350,15 +349,18 @@ def test_aggregate_bounds_recommends_the_median_over_seeds():
     recs = sorted(b.recommended_max_lr for b in seeds)
     assert agg["recommended_max_lr"] == pytest.approx(recs[1])
     assert agg["recommended_reason"].startswith("median of 3 range tests")
-    assert agg["min_lr"] < agg["recommended_max_lr"] < agg["max_lr"]
+    assert agg["min_lr"] <= agg["recommended_max_lr"] < agg["max_lr"]
     bad = aggregate_bounds([smith_bounds(LR, np.full_like(LR, 0.1))])
     assert bad["recommended_max_lr"] is None and bad["max_lr_reason"] is None
 
 
 def test_recommend_max_lr_reads_a_stated_fraction_of_the_band():
-    value, why = recommend_max_lr(0.1, 3.0, frac=0.5)
-    assert value == pytest.approx(math.sqrt(0.3)) and "geometric middle" in why
-    assert recommend_max_lr(0.1, 3.0, frac=1.0)[0] == pytest.approx(3.0)
+    value, why = recommend_max_lr(0.1, 3.0)
+    assert value == pytest.approx(3.0 / RECOMMEND_DIVISOR) and why.startswith(f"max_lr / {RECOMMEND_DIVISOR:g}")
+    # never below the band: where max/4 falls under the LR at which the model learned, the band's start
+    value, why = recommend_max_lr(0.9, 1.3)
+    assert value == pytest.approx(0.9) and why.startswith("the band's start")
     assert recommend_max_lr(0.5, 0.5)[0] == 0.5  # no width: max_lr itself
-    with pytest.raises(ValueError, match="frac"):
-        recommend_max_lr(0.1, 3.0, frac=1.5)
+    assert recommend_max_lr(0.1, 3.0, divisor=2.0)[0] == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="divisor"):
+        recommend_max_lr(0.1, 3.0, divisor=0.5)

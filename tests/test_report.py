@@ -70,8 +70,8 @@ def test_range_lines_show_the_top_and_the_recommended_max_lr_with_their_reasons(
 
     chosen = {"max_lr_bound": 3.0, "min_lr_bound": 0.75, "wd_prior": 1e-4, "recipe_max_lr": 1.2,
               "max_lr_reason": "the top of the band where held-out accuracy stays high",
-              "recipe_reason": "the geometric middle of the high band"}
+              "recipe_reason": "max_lr / 4, in the band"}
     print_bounds({"chosen": chosen, "source": "range test", "verdict": {"message": "Super-convergence likely"}})
     lines = capsys.readouterr().err.splitlines()
     assert "[range] max_lr 3: the top of the band where held-out accuracy stays high" in lines
-    assert "[range] recommended max_lr 1.2 (the first point's): the geometric middle of the high band" in lines
+    assert "[range] recommended max_lr 1.2 (the first point's): max_lr / 4, in the band" in lines

@@ -140,7 +140,7 @@ def test_range_bounds_choose_the_weight_decay_that_lets_the_lr_go_highest():
     # both values, each with its reason: the band's top (the search's upper end) and the first point's max_lr
     chosen, wd = out["chosen"], per_wd["0.0001"]
     assert chosen["recipe_max_lr"] == wd["recommended_max_lr"] < chosen["max_lr_bound"]
-    assert chosen["recipe_reason"] == wd["recommended_reason"] and "high band" in chosen["recipe_reason"]
+    assert chosen["recipe_reason"] == wd["recommended_reason"] and "band" in chosen["recipe_reason"]
     assert chosen["max_lr_reason"] == wd["max_lr_reason"] and chosen["max_lr_reason"].startswith("the top of the band")
     assert chosen["sc_likely"] is out["verdict"]["possible"]
     assert Anchors(**chosen) == Anchors.from_dict(chosen)  # bounds.json's chosen round-trips

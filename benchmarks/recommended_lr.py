@@ -77,6 +77,7 @@ RULES = {
     "max(learn, top/2)": lambda learn, top: max(learn, top / 2),
     "max(learn, top/3)": lambda learn, top: max(learn, top / 3),
     "max(learn, top/4)": lambda learn, top: max(learn, top / 4),
+    "top/4": lambda learn, top: top / 4,
     "top": lambda learn, top: top,
 }
 

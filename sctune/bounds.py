@@ -67,12 +67,15 @@ LEARNING_TAIL_FRAC = 0.25
 # collapses at 30-50% of a 0->3 sweep; every curve of the authors' stays high to the end (100%).
 SC_MIN_HEADROOM = 3.0
 SC_MIN_COVERAGE = 0.6
-# The recommended max_lr (the first point's): a quarter of the high band's top, max_lr / RECOMMEND_DIVISOR, but not
-# below the LR where the model had learned (the band's start), so it always lies inside the band. Measured
-# (BENCHMARKS.md section 7, full one-cycle trainings across the band, 3 seeds): the best max_lr lay in the lower
-# part of the band on every task (digits with a 0 -> 10 ramp: 0.8-2.0 where the top read 5.3-6.6; MNIST-1D
-# 0.8-1.0 of a 0.89-1.34 band); this rule landed there on all of them and reads 0.75 on each of the authors'
-# four ResNet-56 curves (band 0.015-0.3 -> 3), where the band's geometric middle moved from 0.21 to 0.95.
+# The recommended max_lr (the first point's): a quarter of the high band's top, max_lr / RECOMMEND_DIVISOR. Where
+# super-convergence is likely it is raised to the LR where the model had learned (the band's start) if below it,
+# so it lies inside the band; where it is unlikely the top is the edge of a collapse and it stays at max / 4.
+# Measured (BENCHMARKS.md section 7, full one-cycle trainings across the band, 3 seeds each): with the signature
+# (digits, 0 -> 3 and 0 -> 10 ramps) accuracy is flat over the band's lower part and falls towards its top
+# (digits 0 -> 10: 99.4% at 0.8-2.0, 98.9% at the top 5.3, 87% at 8.1); without it (MNIST-1D, full and 1,000
+# samples) the best max_lr lay below the band's start (97.5% at 0.65 against 96.7% at the start 0.89 and 94.8%
+# at the top 1.34; 80.5% at 0.33 against 78.8% at the start 0.74). It reads 0.75 on each of the authors' four
+# ResNet-56 curves (band 0.015-0.3 -> 3), where the band's geometric middle moved from 0.21 to 0.95.
 RECOMMEND_DIVISOR = 4.0
 
 
@@ -168,24 +171,30 @@ def super_convergence_verdict(lr: ArrayLike, level: ArrayLike, *, high_level: fl
                                    still_learning=bool(still_learning), message=message)
 
 
-def recommend_max_lr(learn_lr: float, max_lr: float, *, divisor: float = RECOMMEND_DIVISOR) -> tuple[float, str]:
-    """``(recommended max_lr, reason)``: ``max_lr / divisor``, raised to `learn_lr` (the band's start) if below it.
+def recommend_max_lr(learn_lr: float, max_lr: float, *, likely: bool | None = True,
+                     divisor: float = RECOMMEND_DIVISOR) -> tuple[float, str]:
+    """``(recommended max_lr, reason)``: ``max_lr / divisor``; raised to `learn_lr` (the band's start) when below
+    it, unless super-convergence is unlikely (``likely`` False).
 
     ``max_lr`` (the band's top, Smith's reading) stays the upper end of the search; full one-cycle trainings
-    are best in the lower part of the band, not at its top (BENCHMARKS.md section 7). A linear fraction of the
-    top, not a point in log LR between ``learn_lr`` and the top: ``learn_lr`` is only known to the resolution
-    of the range test's evaluations (the first evaluation on the authors' 20k-iteration curve, LR 0.015), and a
-    log-space middle inherits that. The result always lies in ``[learn_lr, max_lr]``.
+    are best in the band's lower part, or below it where the band ends in a collapse (BENCHMARKS.md section 7).
+    A linear fraction of the top, not a point in log LR between ``learn_lr`` and the top: ``learn_lr`` is known
+    only to the resolution of the range test's evaluations (the first evaluation on the authors' 20k-iteration
+    curve, LR 0.015), and a log-space middle inherits that. Never above ``max_lr``.
     """
     if not (math.isfinite(divisor) and divisor >= 1):
         raise ValueError(f"divisor must be a finite number >= 1, got {divisor!r}")
     quarter = max_lr / divisor
+    why = "full trainings peak in the band's lower part, not at its top"
     if quarter >= learn_lr:
         return float(quarter), (f"max_lr / {divisor:g}, in the band that starts at LR {learn_lr:.3g} (where the model "
-                                f"had learned): full trainings peak in the band's lower part, not at its top")
-    rec = float(min(learn_lr, max_lr))
-    return rec, (f"the band's start, LR {learn_lr:.3g}, where the model had learned (max_lr / {divisor:g} = "
-                 f"{quarter:.3g} lies below the band): full trainings peak in the band's lower part, not at its top")
+                                f"had learned): {why}")
+    if likely is False:
+        return float(quarter), (f"max_lr / {divisor:g}, below the band's start (LR {learn_lr:.3g}): super-convergence "
+                                f"is unlikely, the band's top is the edge of a collapse, and full trainings peak "
+                                f"below the band there")
+    return float(min(learn_lr, max_lr)), (f"the band's start, LR {learn_lr:.3g}, where the model had learned (max_lr / "
+                                          f"{divisor:g} = {quarter:.3g} lies below the band): {why}")
 
 
 def smith_bounds(lr: ArrayLike, acc: ArrayLike, *, loss: ArrayLike | None = None, divisor: float = 4.0,
@@ -325,7 +334,7 @@ def smith_bounds(lr: ArrayLike, acc: ArrayLike, *, loss: ArrayLike | None = None
     message = head + tail + " " + verdict.message + _cut_note(cut, lr_all, n)
     logger.debug("smith_bounds: n=%d window=%d band=%d..%d noise_ratio=%.3f confidence=%.3f",
                  n, w, first, last, noise_ratio, confidence)
-    recommended, why = recommend_max_lr(verdict.learn_lr, max_lr)
+    recommended, why = recommend_max_lr(verdict.learn_lr, max_lr, likely=verdict.possible)
     return LRBounds(min_lr=min_lr, max_lr=max_lr, status="ok", confidence=float(np.clip(confidence, 0.0, 1.0)),
                     method=method, divisor=float(divisor), peak_acc=top_level, verdict=verdict, message=message,
                     lower_bound=lower_bound or still_learning, still_learning=still_learning,

@@ -332,8 +332,9 @@ def test_recipe_max_lr_is_the_recommendation_inside_the_band():
     for curve in (ragged(LR, learn_at=0.3, swing=0.0), ragged(LR, learn_at=0.2, fall_at=0.8, swing=0.0)):
         b = smith_bounds(LR, curve)
         learn = b.verdict.learn_lr
-        assert b.recommended_max_lr == pytest.approx(max(learn, b.max_lr / RECOMMEND_DIVISOR))
-        assert learn <= b.recommended_max_lr < b.max_lr and b.recommended_reason
+        quarter = b.max_lr / RECOMMEND_DIVISOR
+        assert b.recommended_max_lr == pytest.approx(quarter if b.verdict.possible is False else max(learn, quarter))
+        assert b.recommended_max_lr < b.max_lr and b.recommended_reason
         agg = aggregate_bounds([b])
         value, reason = recipe_max_lr(agg)
         assert value == pytest.approx(b.recommended_max_lr) and reason == b.recommended_reason
@@ -357,9 +358,14 @@ def test_aggregate_bounds_recommends_the_median_over_seeds():
 def test_recommend_max_lr_reads_a_stated_fraction_of_the_band():
     value, why = recommend_max_lr(0.1, 3.0)
     assert value == pytest.approx(3.0 / RECOMMEND_DIVISOR) and why.startswith(f"max_lr / {RECOMMEND_DIVISOR:g}")
-    # never below the band: where max/4 falls under the LR at which the model learned, the band's start
-    value, why = recommend_max_lr(0.9, 1.3)
-    assert value == pytest.approx(0.9) and why.startswith("the band's start")
+    # not below the band where super-convergence is likely (or undetermined): where max/4 falls under the LR at
+    # which the model learned, the band's start
+    for likely in (True, None):
+        value, why = recommend_max_lr(0.9, 1.3, likely=likely)
+        assert value == pytest.approx(0.9) and why.startswith("the band's start")
+    # where it is unlikely, the band's top is the edge of a collapse: max/4 even below the band
+    value, why = recommend_max_lr(0.9, 1.3, likely=False)
+    assert value == pytest.approx(1.3 / RECOMMEND_DIVISOR) and "below the band's start" in why
     assert recommend_max_lr(0.5, 0.5)[0] == 0.5  # no width: max_lr itself
     assert recommend_max_lr(0.1, 3.0, divisor=2.0)[0] == pytest.approx(1.5)
     with pytest.raises(ValueError, match="divisor"):

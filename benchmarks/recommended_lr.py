@@ -5,10 +5,10 @@ full trainings best well inside that band, not at its top. Per task, this runs s
 file configures it (every weight decay x repeat range test, in process, shortened by ``budget.plan_compute``
 as a run would; ``--stage1-seeds`` repeats of it), then full one-cycle trainings (``sctune.train.fit``, the
 recipe point: div_factor 10, the chosen weight decay, the recipe's dropout) at max_lr on a log grid across
-the band of the first stage-1 seed: from half the LR where the model learned (``learn_lr``) to 1.5x the band's
-top (``top_lr``), several seeds each. The result has the test accuracy per grid LR and, per stage-1 seed, the
-LR each candidate rule (``RULES``) recommends, so a rule can be judged by where it
-lands on the measured accuracy-vs-max_lr curve and by how much it moves between stage-1 seeds.
+the band of the first stage-1 seed (log-fractions ``GRID_T`` of ``[learn_lr, top_lr]``, below and above it),
+and at each stage-1 seed's ``recommended_max_lr`` itself, several seeds each. The result has the test accuracy
+per LR and, per stage-1 seed, the LR each candidate rule (``RULES``) recommends, so a rule can be judged by
+where it lands on the measured accuracy-vs-max_lr curve and by how much it moves between stage-1 seeds.
 
 ``python -m benchmarks.recommended_lr [--quick]``; results in ``benchmarks/results/recommended_lr.json``.
 """
@@ -122,7 +122,13 @@ def run_task(name: str, *, seeds: int, stage1_seeds: int, grid_t: tuple[float, .
         log(f"{name} stage1 seed {s['seed']}: {s['rules']}")
     ref = s1[0]["rules"]
     learn, top = ref["learn_lr"], ref["top_lr"]
-    grid = [learn * (top / learn) ** t for t in grid_t]
+    # the band grid, plus each stage-1 seed's recommended max_lr itself (trained, not interpolated)
+    points = {learn * (top / learn) ** t: t for t in grid_t}
+    for s in s1:
+        rec = (s["rules"] or {}).get("recommended_max_lr")
+        if rec is not None and all(abs(rec / lr - 1) > 1e-6 for lr in points):
+            points[rec] = None
+    grid = sorted(points)
     runs = []
     for lr in grid:
         for seed in range(seeds):
@@ -130,9 +136,12 @@ def run_task(name: str, *, seeds: int, stage1_seeds: int, grid_t: tuple[float, .
             log(f"{name} max_lr {lr:.3g} seed {seed}: test {r['test_acc']} ({r['wall_s']:.1f}s)")
             runs.append(r)
     table = []
-    for t, lr in zip(grid_t, grid, strict=True):
+    for lr in grid:
         accs = [r["test_acc"] for r in runs if r["max_lr"] == lr and r["test_acc"] is not None]
-        table.append({"t": t, "max_lr": lr, "test_acc_mean": float(np.mean(accs)) if accs else None,
+        recommended_by = [s["seed"] for s in s1 if s["rules"] and s["rules"].get("recommended_max_lr") is not None
+                          and abs(s["rules"]["recommended_max_lr"] / lr - 1) <= 1e-6]
+        table.append({"t": points[lr], "max_lr": lr, "recommended_by_stage1_seeds": recommended_by,
+                      "test_acc_mean": float(np.mean(accs)) if accs else None,
                       "test_acc_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else None,
                       "n": len(accs)})
     return {"task": name, "space": space, "train_subset": subset, "epochs": epochs or spec.base.epochs,

@@ -166,22 +166,21 @@ def main(argv: list[str] | None = None) -> int:
         settings = {"tasks": args.tasks, "seeds": args.seeds, "stage1_seeds": args.stage1_seeds,
                     "grid_t": tuple(args.grid), "epochs": None}
     payload = envelope(NAME, args, settings)
-    payload["loadavg_start"] = loadavg()
     t0 = time.perf_counter()
-    payload["tasks"] = []
+    payload["results"] = {"tasks": []}
     for t in settings["tasks"]:  # written after each task: a long run keeps what it measured
-        payload["tasks"].append(run_task(t, seeds=settings["seeds"], stage1_seeds=settings["stage1_seeds"],
-                                         grid_t=settings["grid_t"], epochs=settings["epochs"]))
-        payload["wall_s"] = time.perf_counter() - t0
-        payload["loadavg_end"] = loadavg()
+        payload["results"]["tasks"].append(run_task(t, seeds=settings["seeds"], stage1_seeds=settings["stage1_seeds"],
+                                                    grid_t=settings["grid_t"], epochs=settings["epochs"]))
+        payload["results"]["wall_s"] = time.perf_counter() - t0
+        payload["loadavg_at_end"] = loadavg()
         path: Path = write_result(out_dir(args), NAME, payload)
     log(f"wrote {path}")
-    for task in payload["tasks"]:
+    for task in payload["results"]["tasks"]:
         best = max((g for g in task["grid"] if g["test_acc_mean"] is not None), key=lambda g: g["test_acc_mean"],
                    default=None)
         log(f"{task['task']}: best grid max_lr {best and best['max_lr']:.3g}; "
             + ", ".join(f"{g['max_lr']:.3g}: {g['test_acc_mean']}" for g in task["grid"]))
-    return 0 if all(math.isfinite(g["max_lr"]) for t in payload["tasks"] for g in t["grid"]) else 1
+    return 0 if all(math.isfinite(g["max_lr"]) for t in payload["results"]["tasks"] for g in t["grid"]) else 1
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from numpy.typing import ArrayLike
 from ._bounds_common import (
     DIVERGENCE_BACKOFF,
     EARLY_CUT_FRAC,
+    RECOMMEND_DIVISOR,  # noqa: F401 - re-exported (the recommendation's rule)
     STATUSES,
     LRBounds,
     SuperConvergenceVerdict,
@@ -43,13 +44,14 @@ from ._bounds_common import (
     _no_bounds,
     _points_confidence,
     jsonable,
+    recommend_max_lr,
 )
 from .loss_bounds import suggest_divergence, suggest_steepest, suggest_valley
 
 logger = logging.getLogger(__name__)
 
-# LRBounds, SuperConvergenceVerdict, STATUSES and jsonable are defined in _bounds_common (loss_bounds builds
-# LRBounds too) and are part of this module's interface: import them from here.
+# LRBounds, SuperConvergenceVerdict, STATUSES, jsonable and recommend_max_lr (with RECOMMEND_DIVISOR) are defined
+# in _bounds_common (loss_bounds builds LRBounds too) and are part of this module's interface: import them from here.
 METHODS: tuple[str, ...] = ("smith", "steepest", "valley", "divergence")
 
 # The high band: held-out accuracy counts as "still high" while its running median stays within this fraction
@@ -67,16 +69,6 @@ LEARNING_TAIL_FRAC = 0.25
 # collapses at 30-50% of a 0->3 sweep; every curve of the authors' stays high to the end (100%).
 SC_MIN_HEADROOM = 3.0
 SC_MIN_COVERAGE = 0.6
-# The recommended max_lr (the first point's): a quarter of the high band's top, max_lr / RECOMMEND_DIVISOR. Where
-# super-convergence is likely it is raised to the LR where the model had learned (the band's start) if below it,
-# so it lies inside the band; where it is unlikely the top is the edge of a collapse and it stays at max / 4.
-# Measured (BENCHMARKS.md section 7, full one-cycle trainings across the band, 3 seeds each): with the signature
-# (digits, 0 -> 3 and 0 -> 10 ramps) accuracy is flat over the band's lower part and falls towards its top
-# (digits 0 -> 10: 99.4% at 0.8-2.0, 98.9% at the top 5.3, 87% at 8.1); without it (MNIST-1D, full and 1,000
-# samples) the best max_lr lay below the band's start (97.5% at 0.65 against 96.7% at the start 0.89 and 94.8%
-# at the top 1.34; 80.5% at 0.33 against 78.8% at the start 0.74). It reads 0.75 on each of the authors' four
-# ResNet-56 curves (band 0.015-0.3 -> 3), where the band's geometric middle moved from 0.21 to 0.95.
-RECOMMEND_DIVISOR = 4.0
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -169,32 +161,6 @@ def super_convergence_verdict(lr: ArrayLike, level: ArrayLike, *, high_level: fl
                                    headroom=float(headroom), coverage=coverage, high_level=float(high_level),
                                    reaches_end=reaches_end, diverged=bool(diverged),
                                    still_learning=bool(still_learning), message=message)
-
-
-def recommend_max_lr(learn_lr: float, max_lr: float, *, likely: bool | None = True,
-                     divisor: float = RECOMMEND_DIVISOR) -> tuple[float, str]:
-    """``(recommended max_lr, reason)``: ``max_lr / divisor``; raised to `learn_lr` (the band's start) when below
-    it, unless super-convergence is unlikely (``likely`` False).
-
-    ``max_lr`` (the band's top, Smith's reading) stays the upper end of the search; full one-cycle trainings
-    are best in the band's lower part, or below it where the band ends in a collapse (BENCHMARKS.md section 7).
-    A linear fraction of the top, not a point in log LR between ``learn_lr`` and the top: ``learn_lr`` is known
-    only to the resolution of the range test's evaluations (the first evaluation on the authors' 20k-iteration
-    curve, LR 0.015), and a log-space middle inherits that. Never above ``max_lr``.
-    """
-    if not (math.isfinite(divisor) and divisor >= 1):
-        raise ValueError(f"divisor must be a finite number >= 1, got {divisor!r}")
-    quarter = max_lr / divisor
-    why = "full trainings peak in the band's lower part, not at its top"
-    if quarter >= learn_lr:
-        return float(quarter), (f"max_lr / {divisor:g}, in the band that starts at LR {learn_lr:.3g} (where the model "
-                                f"had learned): {why}")
-    if likely is False:
-        return float(quarter), (f"max_lr / {divisor:g}, below the band's start (LR {learn_lr:.3g}): super-convergence "
-                                f"is unlikely, the band's top is the edge of a collapse, and full trainings peak "
-                                f"below the band there")
-    return float(min(learn_lr, max_lr)), (f"the band's start, LR {learn_lr:.3g}, where the model had learned (max_lr / "
-                                          f"{divisor:g} = {quarter:.3g} lies below the band): {why}")
 
 
 def smith_bounds(lr: ArrayLike, acc: ArrayLike, *, loss: ArrayLike | None = None, divisor: float = 4.0,

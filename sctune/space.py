@@ -390,9 +390,8 @@ class Anchors:
     wd_prior: float
     max_lr_lower_bound: bool = False
     ramp_end_lr: float | None = None
-    # The recipe's max_lr (stage 2's first point); None: max_lr_bound. Stage 1 sets it below the bound when
-    # super-convergence is not likely: there the top of the high band is the edge of the fall, and the LR
-    # cannot be large enough to stand in for other regularization (``recipe_point``).
+    # The recipe's max_lr (stage 2's first point); None: max_lr_bound. Stage 1 sets it to its recommendation
+    # (bounds.recommend_max_lr: max / 4, inside the band where super-convergence is likely), below the band's top.
     recipe_max_lr: float | None = None
     # Stage 1's verdict (None: unknown, e.g. --lr-bounds): the recipe reduces regularization unless it is False.
     # The reasons say how max_lr_bound and recipe_max_lr were read (bounds.json's ``chosen``).

@@ -1,4 +1,5 @@
-"""What the LR-bound finders share: the result types, input checks, the cut at the first non-finite loss.
+"""What the LR-bound finders share: the result types, input checks, the cut at the first non-finite loss, the
+recommended max_lr's rule (``recommend_max_lr``).
 
 Private to :mod:`sctune.bounds` (Smith's rule) and :mod:`sctune.loss_bounds` (the loss-based finders), which
 both build an :class:`LRBounds`; import the public names from ``sctune.bounds``. A module of its own so that
@@ -30,6 +31,16 @@ CONF_POINTS_SCALE = 20.0
 # The divergence point is where the loss has already risen to diverge_th x its best, past the usable range;
 # back off by 2x. (fastai's "lr_min / 10" targets a fixed LR; a one-cycle peak can sit closer to the edge.)
 DIVERGENCE_BACKOFF = 0.5
+# The recommended max_lr (the first point's): a quarter of the high band's top, max_lr / RECOMMEND_DIVISOR. Where
+# super-convergence is likely it is raised to the LR where the model had learned (the band's start) if below it,
+# so it lies inside the band; where it is unlikely the top is the edge of a collapse and it stays at max / 4.
+# Measured (BENCHMARKS.md section 7, full one-cycle trainings across the band, 3 seeds each): with the signature
+# (digits, 0 -> 3 and 0 -> 10 ramps) accuracy is flat over the band's lower part and falls towards its top
+# (digits 0 -> 10: 99.4% at 0.8-2.0, 98.9% at the top 5.3, 87% at 8.1); without it (MNIST-1D, full and 1,000
+# samples) the best max_lr lay below the band's start (97.5% at 0.65 against 96.7% at the start 0.89 and 94.8%
+# at the top 1.34; 80.5% at 0.33 against 78.8% at the start 0.74). It reads 0.75 on each of the authors' four
+# ResNet-56 curves (band 0.015-0.3 -> 3), where the band's geometric middle moved from 0.21 to 0.95.
+RECOMMEND_DIVISOR = 4.0
 
 
 # --------------------------------------------------------------------------------------------- results
@@ -75,6 +86,10 @@ class LRBounds:
     message: str
     lower_bound: bool = False  # max_lr is only a lower bound: accuracy never fell (or still learning)
     still_learning: bool = False  # the model had not finished learning when the ramp ended
+    # The first point's max_lr: inside the high band, below its top (bounds.recommend_max_lr); None for the
+    # loss-based finders, which read no band. ``recommended_reason`` says how it was read.
+    recommended_max_lr: float | None = None
+    recommended_reason: str = ""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -190,3 +205,29 @@ def _early_cut_message(cut: int, n_total: int, lr_all: np.ndarray) -> str:
         f"{EARLY_CUT_FRAC:.0%} of the sweep: lower end_lr (or start_lr) so the ramp reaches the divergence "
         f"point late, or check the model/data for NaNs."
     )
+
+
+def recommend_max_lr(learn_lr: float, max_lr: float, *, likely: bool | None = True,
+                     divisor: float = RECOMMEND_DIVISOR) -> tuple[float, str]:
+    """``(recommended max_lr, reason)``: ``max_lr / divisor``; raised to `learn_lr` (the band's start) when below
+    it, unless super-convergence is unlikely (``likely`` False).
+
+    ``max_lr`` (the band's top, Smith's reading) stays the upper end of the search; full one-cycle trainings
+    are best in the band's lower part, or below it where the band ends in a collapse (BENCHMARKS.md section 7).
+    A linear fraction of the top, not a point in log LR between ``learn_lr`` and the top: ``learn_lr`` is known
+    only to the resolution of the range test's evaluations (the first evaluation on the authors' 20k-iteration
+    curve, LR 0.015), and a log-space middle inherits that. Never above ``max_lr``.
+    """
+    if not (math.isfinite(divisor) and divisor >= 1):
+        raise ValueError(f"divisor must be a finite number >= 1, got {divisor!r}")
+    quarter = max_lr / divisor
+    why = "full trainings peak in the band's lower part, not at its top"
+    if quarter >= learn_lr:
+        return float(quarter), (f"max_lr / {divisor:g}, in the band that starts at LR {learn_lr:.3g} (where the model "
+                                f"had learned): {why}")
+    if likely is False:
+        return float(quarter), (f"max_lr / {divisor:g}, below the band's start (LR {learn_lr:.3g}): super-convergence "
+                                f"is unlikely, the band's top is the edge of a collapse, and full trainings peak "
+                                f"below the band there")
+    return float(min(learn_lr, max_lr)), (f"the band's start, LR {learn_lr:.3g}, where the model had learned (max_lr / "
+                                          f"{divisor:g} = {quarter:.3g} lies below the band): {why}")

@@ -30,6 +30,7 @@ from numpy.typing import ArrayLike
 from ._bounds_common import (
     DIVERGENCE_BACKOFF,
     EARLY_CUT_FRAC,
+    RECOMMEND_DIVISOR,  # noqa: F401 - re-exported (the recommendation's rule)
     STATUSES,
     LRBounds,
     SuperConvergenceVerdict,
@@ -43,13 +44,14 @@ from ._bounds_common import (
     _no_bounds,
     _points_confidence,
     jsonable,
+    recommend_max_lr,
 )
 from .loss_bounds import suggest_divergence, suggest_steepest, suggest_valley
 
 logger = logging.getLogger(__name__)
 
-# LRBounds, SuperConvergenceVerdict, STATUSES and jsonable are defined in _bounds_common (loss_bounds builds
-# LRBounds too) and are part of this module's interface: import them from here.
+# LRBounds, SuperConvergenceVerdict, STATUSES, jsonable and recommend_max_lr (with RECOMMEND_DIVISOR) are defined
+# in _bounds_common (loss_bounds builds LRBounds too) and are part of this module's interface: import them from here.
 METHODS: tuple[str, ...] = ("smith", "steepest", "valley", "divergence")
 
 # The high band: held-out accuracy counts as "still high" while its running median stays within this fraction
@@ -298,9 +300,11 @@ def smith_bounds(lr: ArrayLike, acc: ArrayLike, *, loss: ArrayLike | None = None
     message = head + tail + " " + verdict.message + _cut_note(cut, lr_all, n)
     logger.debug("smith_bounds: n=%d window=%d band=%d..%d noise_ratio=%.3f confidence=%.3f",
                  n, w, first, last, noise_ratio, confidence)
+    recommended, why = recommend_max_lr(verdict.learn_lr, max_lr, likely=verdict.possible)
     return LRBounds(min_lr=min_lr, max_lr=max_lr, status="ok", confidence=float(np.clip(confidence, 0.0, 1.0)),
                     method=method, divisor=float(divisor), peak_acc=top_level, verdict=verdict, message=message,
-                    lower_bound=lower_bound or still_learning, still_learning=still_learning)
+                    lower_bound=lower_bound or still_learning, still_learning=still_learning,
+                    recommended_max_lr=recommended, recommended_reason=why)
 
 
 # --------------------------------------------------------------------------------------------- frames
@@ -359,6 +363,14 @@ def _verdict_vote(verdicts: list[SuperConvergenceVerdict]) -> bool | None:
     return sum(decided) * 2 > len(decided)
 
 
+def _max_lr_reason(methods: list[str], lower_bound: bool) -> str:
+    """Why max_lr is what it is: the reading of the finder that produced it (one sentence)."""
+    if methods != ["smith"]:
+        return f"the loss-based reading ({', '.join(methods)}); the upper end of the search"
+    return ("the top of the band where held-out accuracy stays high (Smith's reading), the upper end of the search"
+            + (": a lower bound, accuracy was still high at the end of the ramp" if lower_bound else ""))
+
+
 def aggregate_bounds(results: Sequence[LRBounds]) -> dict[str, Any]:
     """Combine the range tests of one weight decay over seeds (METHOD.md section 2: "repeat and aggregate").
 
@@ -367,7 +379,9 @@ def aggregate_bounds(results: Sequence[LRBounds]) -> dict[str, Any]:
     ``STATUSES``). Bounds are the medians of the usable seeds (robust to one odd seed), with their spread
     (min, max, median, relative IQR). ``lower_bound`` and ``still_learning`` hold when they hold for most
     usable seeds; ``verdict`` is the seeds' majority (None when most were still learning) with the message
-    of the seed nearest the median max_lr. ``confidence`` is the mean over *all* seeds (a failed seed counts
+    of the seed nearest the median max_lr. ``recommended_max_lr`` (the first point's max_lr, inside the band) is
+    the median of the seeds' recommendations; ``max_lr_reason`` and ``recommended_reason`` say how each value
+    was read. ``confidence`` is the mean over *all* seeds (a failed seed counts
     as 0, so it also says how reproducible the test was). The dict is JSON-serialisable.
     """
     results = list(results)
@@ -401,6 +415,14 @@ def aggregate_bounds(results: Sequence[LRBounds]) -> dict[str, Any]:
                    "end_lr": _median_or_none([v.end_lr for v in verdicts]),
                    "headroom": _median_or_none([v.headroom for v in verdicts]),
                    "coverage": _median_or_none([v.coverage for v in verdicts])}
+    recs = [r for r in ok if r.recommended_max_lr is not None]
+    rec_median = _median_or_none([r.recommended_max_lr for r in recs])
+    rec_reason = None
+    if recs and status == "ok":
+        rep_rec = min(recs, key=lambda r: abs(r.recommended_max_lr - rec_median))
+        rec_reason = (rep_rec.recommended_reason if len(recs) == 1 else
+                      f"median of {len(recs)} range tests' readings; nearest: {rep_rec.recommended_reason}")
+    lower = sum(r.lower_bound for r in ok) * 2 > len(ok) if ok else False
     if status == "ok":
         message = (f"{len(ok)}/{len(results)} range tests usable: median max_lr {max_spread['median']:.3g} "
                    f"(range {max_spread['min']:.3g}..{max_spread['max']:.3g}), median min_lr "
@@ -415,7 +437,10 @@ def aggregate_bounds(results: Sequence[LRBounds]) -> dict[str, Any]:
         "status": status,
         "min_lr": min_spread["median"] if status == "ok" else None,
         "max_lr": max_spread["median"] if status == "ok" else None,
-        "lower_bound": sum(r.lower_bound for r in ok) * 2 > len(ok) if ok else False,
+        "max_lr_reason": _max_lr_reason(methods, lower) if status == "ok" else None,
+        "recommended_max_lr": rec_median if status == "ok" else None,
+        "recommended_reason": rec_reason,
+        "lower_bound": lower,
         "still_learning": sum(r.still_learning for r in ok) * 2 > len(ok) if ok else False,
         "n_ok": len(ok),
         "n_total": len(results),
@@ -446,22 +471,16 @@ def choose_weight_decay(per_wd: dict[str, Any]) -> dict[str, Any] | None:
     return max(tied, key=lambda v: (v["confidence"], v["max_lr"]))
 
 
-def recipe_max_lr(chosen: dict[str, Any]) -> float | None:
-    """Stage 2's first max_lr from one weight decay's aggregate (``aggregate_bounds``); None: its max_lr.
+def recipe_max_lr(chosen: dict[str, Any]) -> tuple[float | None, str]:
+    """``(max_lr, reason)`` of stage 2's first point (the recipe) from one weight decay's aggregate
+    (``aggregate_bounds``): its ``recommended_max_lr``, inside the high band (``recommend_max_lr``). ``None``
+    (the band's top, ``max_lr``) when there is no recommendation (a loss-based finder, no band).
 
-    Where super-convergence is likely, the paper's recipe trains at the top of the high band (0.1 -> 3 on
-    ResNet-56). Where it is not, that top is the edge of the fall and the band is narrow (1.5-2.3x on
-    MNIST-1D, as wide as the seed-to-seed spread of its top): the first point peaks at the range test's
-    min bound (max / divisor, CLR's lower bound), not inside the band; the search still covers the whole
-    range up to the bound. The band's start (the LR where the model had learned) would be the other
-    reading, but it moves with the test's length (a shorter ramp reaches an LR in fewer steps): on 1,000
-    MNIST-1D samples 0.59 at 160 iterations, 0.61-1.13 at 70, while the min bound stayed at 0.22-0.41.
-    Measured (BENCHMARKS.md finding 4; ``recipe_point``'s one-cycle from max/10 with dropout at its range's
-    middle; 3 stage-1 repeats x 3 seeds, mean test accuracy): MNIST-1D 96.9% at the band's start, 97.0% at
-    the min bound; 1,000 samples (70-iteration tests) 79.4% and 80.9%. The previous first point (the band's
-    geometric middle, min = max/4, no dropout) reached 94.5% on MNIST-1D.
+    History: the first point used to train at the band's top where super-convergence was likely (the paper's
+    0.1 -> 3 on ResNet-56) and at min_lr (max / divisor) where it was not. Full trainings across the band
+    (BENCHMARKS.md section 7) put the best max_lr inside the band on every task measured, not at its top.
     """
-    verdict = chosen.get("verdict") or {}
-    if verdict.get("possible") is not False or not chosen.get("min_lr") or not chosen.get("max_lr"):
-        return None
-    return float(chosen["min_lr"])
+    rec = chosen.get("recommended_max_lr")
+    if not rec or not chosen.get("max_lr"):
+        return None, "max_lr itself: no band was read (loss-based finder)"
+    return float(rec), str(chosen.get("recommended_reason") or "")

@@ -155,7 +155,9 @@ class OneCycleConfig(_Config):
     """The 1cycle policy (METHOD.md section 3): one linear cycle then annihilation."""
 
     max_lr: float = 0.1
-    div_factor: float = 4.0  # min_lr = max_lr / div_factor; Smith: max/3..4
+    # min_lr = max_lr / div_factor: one-cycle starts at max/10 (Smith 0.08 -> 0.8, 1803.09820 Fig. 2; 0.1 -> 3 on
+    # ResNet-56). Not the range test's divisor (max/3..4): that is CLR's lower bound (RangeTestConfig.divisor).
+    div_factor: float = 10.0
     cycle_frac: float = 0.9  # share of iterations spent in the cycle; the rest annihilates
     annihilation_factor: float = 1000.0  # final lr = min_lr / this (paper: 0.05 -> 5e-5)
     max_momentum: float = 0.95  # momentum cycles opposite to the LR: 0.95 -> 0.85 -> 0.95

@@ -290,6 +290,7 @@ def _fmt_bounds_table(bounds: dict[str, Any]) -> str:
         spread = (v.get("spread") or {}).get("max_lr") or {}
         rows.append({"weight decay": key, "status": v.get("status"), "ok seeds": f"{v.get('n_ok')}/{v.get('n_total')}",
                      "max_lr (median)": v.get("max_lr"), "max_lr range": _range(spread),
+                     "recommended max_lr": v.get("recommended_max_lr"),
                      "min_lr (median)": v.get("min_lr"), "lower bound": v.get("lower_bound"),
                      "peak acc": v.get("peak_acc"), "confidence": v.get("confidence"),
                      "super-convergence": _verdict_word((v.get("verdict") or {}).get("possible"),
@@ -341,6 +342,7 @@ def write_report(root: Path, *, spec_path: str, bounds: dict[str, Any] | None, s
                       f"min_lr bound **{chosen['min_lr_bound']:.4g}**, weight-decay prior **{chosen['wd_prior']:g}**."
                       + (" The max_lr bound is a lower bound: accuracy was still high where the ramp ended, so "
                          "the search also tries LRs above it." if verdict.get("lower_bound") else ""), ""]
+            lines += [f"- {line}" for line in _max_lr_lines(chosen)] + [""] if _max_lr_lines(chosen) else []
         if paths.range_png.exists():
             lines += [f"![range test]({paths.range_png.relative_to(root)})", ""]
     if summary is not None and not summary.empty:
@@ -389,6 +391,8 @@ def print_bounds(bounds: dict[str, Any]) -> None:
     if chosen:
         print(f"[range] LR bounds: min {chosen['min_lr_bound']:.4g}, max {chosen['max_lr_bound']:.4g}; "
               f"weight-decay prior {chosen['wd_prior']:g} ({bounds.get('source')})", file=sys.stderr)
+        for line in _max_lr_lines(chosen):
+            print(f"[range] {line}", file=sys.stderr)
     if (bounds.get("verdict") or {}).get("lower_bound"):
         print("[range] max_lr is a lower bound: accuracy was still high at the end of the ramp, so the search "
               "also tries LRs above it", file=sys.stderr)
@@ -396,6 +400,17 @@ def print_bounds(bounds: dict[str, Any]) -> None:
         print(f"[range] {verdict}", file=sys.stderr)
     if bounds.get("cost_fte") is not None:
         print(f"[range] cost: {bounds['cost_fte']:.2f} FTE (full-training equivalents, measured)", file=sys.stderr)
+
+
+def _max_lr_lines(chosen: dict[str, Any]) -> list[str]:
+    """max_lr (the search's upper end) and the recommended max_lr (the first point's), each with its reason."""
+    lines = []
+    if chosen.get("max_lr_reason"):
+        lines.append(f"max_lr {chosen['max_lr_bound']:.4g}: {chosen['max_lr_reason']}")
+    if chosen.get("recipe_max_lr") is not None:
+        lines.append(f"recommended max_lr {chosen['recipe_max_lr']:.4g} (the first point's): "
+                     f"{chosen.get('recipe_reason') or 'stage 1'}")
+    return lines
 
 
 def print_summary(root: Path, *, bounds: dict[str, Any] | None, best: dict[str, Any] | None,

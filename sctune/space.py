@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -394,15 +394,17 @@ class Anchors:
     wd_prior: float
     max_lr_lower_bound: bool = False
     ramp_end_lr: float | None = None
-    # The recipe's max_lr (stage 2's first point); None: max_lr_bound. Stage 1 sets it below the bound when
-    # super-convergence is not likely: there the top of the high band is the edge of the fall, and the LR
-    # cannot be large enough to stand in for other regularization (``recipe_point``).
+    # The recipe's max_lr (stage 2's first point); None: max_lr_bound. Stage 1 sets it to its recommendation
+    # (bounds.recommend_max_lr: max / 4, inside the band where super-convergence is likely), below the band's top.
     recipe_max_lr: float | None = None
+    # Stage 1's verdict (None: unknown, e.g. --lr-bounds): the recipe reduces regularization unless it is False.
+    # The reasons say how max_lr_bound and recipe_max_lr were read (bounds.json's ``chosen``).
+    sc_likely: bool | None = None
+    max_lr_reason: str = ""
+    recipe_reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_lr_bound": self.max_lr_bound, "min_lr_bound": self.min_lr_bound, "wd_prior": self.wd_prior,
-                "max_lr_lower_bound": self.max_lr_lower_bound, "ramp_end_lr": self.ramp_end_lr,
-                "recipe_max_lr": self.recipe_max_lr}
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Anchors:
@@ -478,13 +480,13 @@ RECIPE_DIV_FACTOR = 10.0
 def recipe_point(dists: Mapping[str, Dist], anchors: Anchors, *, divisor: float) -> dict[str, Any]:
     """Smith's recipe from the stage-1 bounds, clipped into the space: the first point evaluated.
 
-    * max_lr: the range test's max bound (the top of the high-accuracy band, 1708.07120 section 3), or
-      ``anchors.recipe_max_lr`` where stage 1 found super-convergence unlikely (``bounds.recipe_max_lr``);
+    * max_lr: ``anchors.recipe_max_lr``, stage 1's recommendation inside the high-accuracy band
+      (``bounds.recipe_max_lr``), or the max bound (the band's top, 1708.07120 section 3) without one;
     * div_factor: one-cycle's ``max(RECIPE_DIV_FACTOR, divisor)`` (``divisor``: the range test's CLR
       divisor, the most the recipe's minimum may be above max/10);
     * weight decay: the one the range tests chose;
     * regularization: reduced (1708.07120 section 4: large LRs regularize, reduce the rest to keep the
-      balance) only where the LR can be large. Where stage 1 found super-convergence unlikely the LR cannot
+      balance) unless stage 1 found super-convergence unlikely (``anchors.sc_likely``): there the LR cannot
       stand in for it, so dropout (and any other searched parameter without a recipe value) starts at the
       middle of its range instead of at the config default 0;
     * every other one-cycle value from the config defaults (``OneCycleConfig``: cycle 90% of the run,
@@ -496,11 +498,11 @@ def recipe_point(dists: Mapping[str, Dist], anchors: Anchors, *, divisor: float)
     """
     from .config import OneCycleConfig, RegularizationConfig
 
-    large_lr = anchors.recipe_max_lr is None
+    large_lr = anchors.sc_likely is not False
     recipe = OneCycleConfig().to_dict()
     if large_lr:
         recipe |= RegularizationConfig().to_dict()
-    max_lr = anchors.max_lr_bound if large_lr else anchors.recipe_max_lr
+    max_lr = anchors.max_lr_bound if anchors.recipe_max_lr is None else anchors.recipe_max_lr
     recipe |= {"max_lr": max_lr, "div_factor": max(RECIPE_DIV_FACTOR, divisor), "weight_decay": anchors.wd_prior}
     point: dict[str, Any] = {}
     for name, d in dists.items():

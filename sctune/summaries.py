@@ -40,13 +40,16 @@ def stage1_anchors(spec: SpaceSpec, chosen: dict[str, Any] | None, *, lr_bounds:
     if lr_bounds is not None:
         min_lr, max_lr = lr_bounds
         prior = wd_prior if wd_prior is not None else (chosen["weight_decay"] if chosen else spec.base.reg.weight_decay)
-        return Anchors(max_lr_bound=max_lr, min_lr_bound=min_lr, wd_prior=prior)
+        return Anchors(max_lr_bound=max_lr, min_lr_bound=min_lr, wd_prior=prior, max_lr_reason="user (--lr-bounds)",
+                       recipe_reason="max_lr itself: the user's bounds say nothing about a band")
     if chosen is None:
         return None
     prior = wd_prior if wd_prior is not None else chosen["weight_decay"]
+    recipe, recipe_reason = recipe_max_lr(chosen)
     return Anchors(max_lr_bound=chosen["max_lr"], min_lr_bound=chosen["min_lr"], wd_prior=prior,
                    max_lr_lower_bound=bool(chosen.get("lower_bound")), ramp_end_lr=spec.range_test.end_lr,
-                   recipe_max_lr=recipe_max_lr(chosen))
+                   recipe_max_lr=recipe, sc_likely=(chosen.get("verdict") or {}).get("possible"),
+                   max_lr_reason=chosen.get("max_lr_reason") or "", recipe_reason=recipe_reason)
 
 
 def range_cost_fte(per_trial: list[dict]) -> float | None:

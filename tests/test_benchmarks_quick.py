@@ -91,8 +91,19 @@ def check_readme_examples(res: dict, out: Path) -> None:
     assert all(s["runs_with_same_words"] <= s["of"] for s in res["spread"])
 
 
-CHECKS = {"search_efficiency": check_search_efficiency, "readme_examples": check_readme_examples, "super_convergence": check_super_convergence,
-          "overhead": check_overhead, "data_path": check_data_path, "end_to_end": check_end_to_end}
+def check_recommended_lr(res: dict, out: Path) -> None:
+    task = res["tasks"][0]
+    rules = task["stage1"][0]["rules"]
+    assert rules["learn_lr"] <= rules["top_lr"] and rules["recommended_max_lr"] < rules["max_lr"]
+    grid = task["grid"]
+    assert [g["max_lr"] for g in grid] == sorted(g["max_lr"] for g in grid)
+    assert any(g["recommended_by_stage1_seeds"] for g in grid)  # the recommendation itself was trained
+    assert all(g["n"] >= 1 for g in grid)
+
+
+CHECKS = {"search_efficiency": check_search_efficiency, "super_convergence": check_super_convergence,
+          "overhead": check_overhead, "data_path": check_data_path, "end_to_end": check_end_to_end,
+          "readme_examples": check_readme_examples, "recommended_lr": check_recommended_lr}
 
 
 @pytest.mark.ray

@@ -11,12 +11,14 @@ import pandas as pd
 import pytest
 
 from sctune.bounds import (
+    RECOMMEND_DIVISOR,
     LRBounds,
     SuperConvergenceVerdict,
     aggregate_bounds,
     bounds_from_frame,
     choose_weight_decay,
     recipe_max_lr,
+    recommend_max_lr,
     smith_bounds,
     super_convergence_verdict,
 )
@@ -326,14 +328,45 @@ def test_weight_decay_prior_is_chosen_on_peak_accuracy_and_confidence():
     assert choose_weight_decay({"0": per_wd["0"]}) is None
 
 
-def test_recipe_max_lr_leaves_the_edge_only_where_super_convergence_is_unlikely():
-    likely = aggregate_bounds([smith_bounds(LR, ragged(LR, learn_at=0.3, swing=0.0))])
-    assert recipe_max_lr(likely) is None  # the paper's recipe: train at the top of the band
-    unlikely = aggregate_bounds([smith_bounds(LR, ragged(LR, learn_at=0.2, fall_at=0.8, swing=0.0))])
-    assert unlikely["verdict"]["possible"] is False
-    start = recipe_max_lr(unlikely)
-    learn, top = unlikely["verdict"]["learn_lr"], unlikely["max_lr"]
-    assert start == pytest.approx(max(learn, unlikely["min_lr"]))  # the band's start, where it had learned
-    assert unlikely["min_lr"] <= start < top
-    learning = aggregate_bounds([smith_bounds(LR, 0.1 + 0.6 * (LR / 3.0) ** 2)])
-    assert recipe_max_lr(learning) is None  # undetermined: nothing says the top is an edge
+def test_recipe_max_lr_is_the_recommendation_inside_the_band():
+    for curve in (ragged(LR, learn_at=0.3, swing=0.0), ragged(LR, learn_at=0.2, fall_at=0.8, swing=0.0)):
+        b = smith_bounds(LR, curve)
+        learn = b.verdict.learn_lr
+        quarter = b.max_lr / RECOMMEND_DIVISOR
+        assert b.recommended_max_lr == pytest.approx(quarter if b.verdict.possible is False else max(learn, quarter))
+        assert b.recommended_max_lr < b.max_lr and b.recommended_reason
+        agg = aggregate_bounds([b])
+        value, reason = recipe_max_lr(agg)
+        assert value == pytest.approx(b.recommended_max_lr) and reason == b.recommended_reason
+        assert agg["max_lr_reason"].startswith("the top of the band")
+    # no band (a loss-based finder): the first point falls back to max_lr
+    assert recipe_max_lr({"max_lr": 1.0, "min_lr": 0.25, "recommended_max_lr": None})[0] is None
+
+
+def test_aggregate_bounds_recommends_the_median_over_seeds():
+    seeds = [smith_bounds(LR, ragged(LR, learn_at=learn, fall_at=fall, swing=0.0))
+             for learn, fall in ((0.2, 0.8), (0.3, 1.5), (0.4, 2.4))]
+    agg = aggregate_bounds(seeds)
+    recs = sorted(b.recommended_max_lr for b in seeds)
+    assert agg["recommended_max_lr"] == pytest.approx(recs[1])
+    assert agg["recommended_reason"].startswith("median of 3 range tests")
+    assert agg["min_lr"] <= agg["recommended_max_lr"] < agg["max_lr"]
+    bad = aggregate_bounds([smith_bounds(LR, np.full_like(LR, 0.1))])
+    assert bad["recommended_max_lr"] is None and bad["max_lr_reason"] is None
+
+
+def test_recommend_max_lr_reads_a_stated_fraction_of_the_band():
+    value, why = recommend_max_lr(0.1, 3.0)
+    assert value == pytest.approx(3.0 / RECOMMEND_DIVISOR) and why.startswith(f"max_lr / {RECOMMEND_DIVISOR:g}")
+    # not below the band where super-convergence is likely (or undetermined): where max/4 falls under the LR at
+    # which the model learned, the band's start
+    for likely in (True, None):
+        value, why = recommend_max_lr(0.9, 1.3, likely=likely)
+        assert value == pytest.approx(0.9) and why.startswith("the band's start")
+    # where it is unlikely, the band's top is the edge of a collapse: max/4 even below the band
+    value, why = recommend_max_lr(0.9, 1.3, likely=False)
+    assert value == pytest.approx(1.3 / RECOMMEND_DIVISOR) and "below the band's start" in why
+    assert recommend_max_lr(0.5, 0.5)[0] == 0.5  # no width: max_lr itself
+    assert recommend_max_lr(0.1, 3.0, divisor=2.0)[0] == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="divisor"):
+        recommend_max_lr(0.1, 3.0, divisor=0.5)

@@ -31,6 +31,7 @@ LINES = [
     rf"Super-convergence (?P<verdict>\w+): held-out accuracy stays high \(>= {NUM}\) from LR {NUM}, where the "
     rf"model has learned, to {NUM}(?P<top_note>[^:]*): {NUM}x the learning LR, {NUM}% of the sweep past it; "
     rf"(?P<rest>.*)$",
+    rf"recommended max_lr {NUM}: (?P<rule>[^,]*), in the band that starts at LR {NUM}(?P<why>.*)$",
     rf"one-cycle, (?P<epochs>\d+) epochs: val acc {NUM}, test acc {NUM}$",
 ]
 # Per line, per number: (kind, tolerance, measured range over 4 seeds x 2 thread counts).
@@ -42,6 +43,8 @@ TOLERANCES = [
     # the evaluation grid, one step apart between seeds), the band's top, the headroom top/learn (15.7-33.2x,
     # follows learn) and the coverage in % (100 on all); the rule's thresholds (3x, 60%) are words: constants
     [("abs", 0.04), ("factor", 3.0), ("rel", 0.25), ("factor", 3.0), ("abs", 15.0)],
+    # the recommended max_lr (max/4 raised to the band's start: follows the bounds) and the band's start
+    [("rel", 0.25), ("factor", 3.0)],
     # val acc (measured 0.963-0.991, 216 images: one image is 0.005) and test acc (0.975-0.994, 360 images)
     [("abs", 0.04), ("abs", 0.03)],
 ]
@@ -83,14 +86,14 @@ def test_tolerances_are_checked_number_by_number():
     assert compare(shown, shown[:-1])  # a line missing
     assert compare(shown, [shown[0].replace(": ok,", ": noisy,"), *shown[1:]])  # another status
     assert compare(shown, [shown[0], shown[1].replace("Super-convergence likely", "Super-convergence unlikely"),
-                           shown[2]])
-    last = re.sub(r"test acc [\d.]+", "test acc 0.500", shown[2])
-    assert compare(shown, [*shown[:2], last]) == [f"line 3: 0.5 printed, README {_shown_test_acc(shown)} "
-                                                  "(abs tolerance 0.03)"]
+                           *shown[2:]])
+    last = re.sub(r"test acc [\d.]+", "test acc 0.500", shown[-1])
+    assert compare(shown, [*shown[:-1], last]) == [f"line {len(shown)}: 0.5 printed, README "
+                                                   f"{_shown_test_acc(shown)} (abs tolerance 0.03)"]
 
 
 def _shown_test_acc(shown: list[str]) -> float:
-    return float(re.search(r"test acc ([\d.]+)", shown[2]).group(1))
+    return float(re.search(r"test acc ([\d.]+)", shown[-1]).group(1))
 
 
 def test_readme_example_prints_what_the_readme_shows():

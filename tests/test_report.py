@@ -3,6 +3,7 @@ beside their TensorBoard use)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -63,3 +64,23 @@ def test_figures_need_no_pyplot(tmp_path):
             "assert search_figure(s, 'val/acc', sys.argv[1]); "
             "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "s.png")], check=True, timeout=120)
+
+
+def test_range_lines_show_the_top_and_the_recommended_max_lr_with_their_reasons(capsys, tmp_path):
+    from sctune.report import print_bounds, write_report
+
+    chosen = {"max_lr_bound": 3.0, "min_lr_bound": 0.75, "wd_prior": 1e-4, "recipe_max_lr": 1.2,
+              "max_lr_reason": "the top of the band where held-out accuracy stays high",
+              "recipe_reason": "max_lr / 4, in the band"}
+    bounds = {"chosen": chosen, "source": "range test", "verdict": {"message": "Super-convergence likely"},
+              "per_weight_decay": {"0.0001": {"status": "ok", "max_lr": 3.0, "recommended_max_lr": 1.2}}}
+    print_bounds(bounds)
+    lines = capsys.readouterr().err.splitlines()
+    assert "[range] max_lr 3: the top of the band where held-out accuracy stays high" in lines
+    assert "[range] recommended max_lr 1.2 (the first point's): max_lr / 4, in the band" in lines
+    # report.md: the same two lines under stage 1, and the recommendation per weight decay in its table
+    report = write_report(tmp_path, spec_path="space.yaml", bounds=bounds, summary=None, best=None,
+                          metric="val/acc").read_text()
+    assert "- max_lr 3: the top of the band where held-out accuracy stays high" in report
+    assert "- recommended max_lr 1.2 (the first point's): max_lr / 4, in the band" in report
+    assert re.search(r"recommended max_lr \|", report) and re.search(r"\|\s+1\.2 \|", report)

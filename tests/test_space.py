@@ -58,7 +58,7 @@ def test_recipe_point_is_smith_clipped_into_the_space():
         assert d.low <= point[name] <= d.high, name
     # where stage 1 found no super-convergence, the first point starts inside the band, the range unchanged,
     # and regularization is not reduced: the LR cannot stand in for it (dropout at its range's middle)
-    inside = Anchors(max_lr_bound=2.0, min_lr_bound=0.5, wd_prior=1e-4, recipe_max_lr=0.9)
+    inside = Anchors(max_lr_bound=2.0, min_lr_bound=0.5, wd_prior=1e-4, recipe_max_lr=0.9, sc_likely=False)
     assert resolve(SPEC, inside)[0]["max_lr"] == dists["max_lr"]
     modest = recipe_point(dists, inside, divisor=4.0)
     assert modest["max_lr"] == pytest.approx(0.9)
@@ -68,6 +68,11 @@ def test_recipe_point_is_smith_clipped_into_the_space():
     assert {k: v for k, v in modest.items() if k not in ("max_lr", "dropout")} == \
         {k: v for k, v in point.items() if k not in ("max_lr", "dropout")}
     assert Anchors.from_dict(inside.to_dict()) == inside
+    # where it is likely, the first point trains at the recommendation inside the band (not at its top), with
+    # regularization reduced as before
+    likely = Anchors(max_lr_bound=2.0, min_lr_bound=0.5, wd_prior=1e-4, recipe_max_lr=0.9, sc_likely=True)
+    rec = recipe_point(dists, likely, divisor=4.0)
+    assert rec["max_lr"] == pytest.approx(0.9) and rec["dropout"] == pytest.approx(defaults["dropout"])
 
 
 def test_optuna_distributions_match_the_space():

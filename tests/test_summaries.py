@@ -137,4 +137,11 @@ def test_range_bounds_choose_the_weight_decay_that_lets_the_lr_go_highest():
     assert all("bounds" in row for row in out["trials"])  # each curve's own bounds, per trial
     assert out["verdict"]["weight_decay"] == 1e-4
     assert not any(isinstance(v, float) and math.isnan(v) for v in out["chosen"].values())  # strict JSON
+    # both values, each with its reason: the band's top (the search's upper end) and the first point's max_lr
+    chosen, wd = out["chosen"], per_wd["0.0001"]
+    assert chosen["recipe_max_lr"] == wd["recommended_max_lr"] < chosen["max_lr_bound"]
+    assert chosen["recipe_reason"] == wd["recommended_reason"] and "band" in chosen["recipe_reason"]
+    assert chosen["max_lr_reason"] == wd["max_lr_reason"] and chosen["max_lr_reason"].startswith("the top of the band")
+    assert chosen["sc_likely"] is out["verdict"]["possible"]
+    assert Anchors(**chosen) == Anchors.from_dict(chosen)  # bounds.json's chosen round-trips
 

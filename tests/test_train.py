@@ -220,12 +220,12 @@ def test_fit_lr_reported_is_lr_used(small):
     lrs = [h[LR] for h in result.history]
     assert all(lr > 0 for lr in lrs)
     # the last step of the run uses min_lr / annihilation_factor (torch's OneCycleLR after T-1 steps)
-    assert lrs[-1] == pytest.approx(0.4 / 4 / 1000, rel=1e-6)
+    assert lrs[-1] == pytest.approx(0.4 / 10 / 1000, rel=1e-6)  # the default div_factor 10
     assert result.history[-1][MOMENTUM] == pytest.approx(0.95)
     # the first epoch ends on the way up: LR used at step n_steps - 1 of a 3 * n_steps cycle
     total = 3 * n_steps
     up_end = 0.45 * total - 1
-    expected = 0.1 + (0.4 - 0.1) * (n_steps - 1) / up_end
+    expected = 0.04 + (0.4 - 0.04) * (n_steps - 1) / up_end
     assert lrs[0] == pytest.approx(expected, rel=1e-6)
 
 

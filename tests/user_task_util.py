@@ -93,3 +93,31 @@ def check_clean_output(stderr: str, *, users_ray: bool = False) -> None:
     assert " failed: " not in stderr and "RayTaskError" not in stderr, stderr[-4000:]
     assert "Failed to fetch metrics" not in stderr and "Could not fetch metrics" not in stderr, stderr[-4000:]
     assert "unknown dataset" not in stderr, stderr[-4000:]
+
+
+# The plain baseline a new user compares with: Adam at its default lr 1e-3, constant, no weight decay, the same
+# network, epochs, batch size and train/validation/test split (the space file's `fixed:` and task), trained by
+# sctune.train.fit so evaluation is the same as the final fit's. AdamW with weight_decay 0 and betas
+# (0.9, 0.999) (make_optimizer: the baseline momentum 0.9) is torch.optim.Adam step for step.
+ADAM = """
+import json, sys
+import yaml
+from sctune.space import parse_space
+from sctune.train import fit
+
+spec = parse_space(yaml.safe_load(open("space.yaml")), "space.yaml", smoke="--smoke" in sys.argv)
+accs = []
+for seed in json.loads(sys.argv[1]):
+    cfg = spec.base.with_flat(optimizer="adamw", schedule="constant", lr=1e-3, momentum=0.9, weight_decay=0.0,
+                              dropout=0.0, seed=seed)
+    accs.append(fit(cfg, test_at_end=True).final["test/acc"])
+print(json.dumps({"epochs": spec.base.epochs, "test_acc": accs}))
+"""
+
+
+def adam_baseline(project: Path, seeds: list[int], *, smoke: bool = False) -> dict:
+    """Adam lr 1e-3 on the README project (run in its folder, as the user's module is imported there): per
+    seed the test accuracy, and the epochs it trained."""
+    p = run_in(project, ["-c", ADAM, json.dumps(seeds), *(["--smoke"] if smoke else [])])
+    assert p.returncode == 0, p.stderr[-4000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])

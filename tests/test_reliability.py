@@ -569,7 +569,8 @@ def _truncate(path: Path, keep: float = 0.5) -> None:
 def test_corrupted_outputs_rebuilt_corrupted_tune_state_refused(degenerate, tmp_path):
     """--resume with a truncated state.json, bounds.json and summary.csv, no best.json, and Ray Tune's state
     of stage 3 truncated: state, bounds and summary are rebuilt from Tune's records (no range test or trial
-    runs again), then stage 3 stops with a clear message and exit code 3, never a traceback."""
+    runs again), then stage 3 stops with a clear message and exit code 3, never a traceback. (With only Tune's
+    state cut short, its whole copy in .sctune-good is put back: the disk-full test.)"""
     src = degenerate["exp"]
     exp = tmp_path / "s" / "degen"
     shutil.copytree(src, exp)
@@ -579,7 +580,9 @@ def test_corrupted_outputs_rebuilt_corrupted_tune_state_refused(degenerate, tmp_
     for f in ("state.json", "range_test/bounds.json", "summary.csv"):
         _truncate(exp / f)
     (exp / "best.json").unlink()
-    for f in (exp / "ray" / "final").glob("experiment_state-*.json"):
+    # the state and the last whole copy sctune keeps of it (a full disk cuts only the former short)
+    for f in [*(exp / "ray" / "final").glob("experiment_state-*.json"),
+              *(exp / "ray" / "final" / ".sctune-good").glob("experiment_state-*.json")]:
         _truncate(f)
     ray_tmp = short_tmpdir()
     try:

@@ -349,3 +349,29 @@ def test_orphaned_trial_records_get_a_note_and_an_ended_session(tmp_path):
     assert not (tb_dir / "search" / "aaaa0001" / ORPHAN_NOTE).exists()
     assert tb_session_status(tb_dir / "search" / "bbbb0002") == "STATUS_UNKNOWN"  # aborted (as pruned trials)
     assert note_orphans(stage_dir, tb_dir, "search", {"aaaa0001"}) == []  # noted once
+
+
+def test_restore_options_rules(tmp_path):
+    """What --resume restores and what it refuses, rule by rule (the CLI cases above run it for real)."""
+    from sctune.config import ConfigError
+    from sctune.experiment import Options
+    from sctune.safeguards import restore_options
+
+    kept = {"options": {"smoke": True, "seed": 3, "num_samples": 4, "budget": 2.5, "refit": True,
+                        "lr_bounds": None, "wd_prior": None}}
+    o = restore_options(Options(name="e", resume=True), kept, tmp_path / "e")
+    assert (o.smoke, o.seed, o.num_samples, o.budget, o.refit) == (True, 3, 4, 2.5, True)
+    # the same values given again are no conflict; bounds may be added to an experiment that had none
+    same = restore_options(Options(resume=True, smoke=True, seed=3, budget=2.5, lr_bounds=(0.1, 1.0)), kept,
+                           tmp_path / "e")
+    assert same.lr_bounds == (0.1, 1.0)
+    for change in ({"seed": 4}, {"budget": 3.0}, {"refit": False}, {"num_samples": 5}):
+        with pytest.raises(ConfigError) as err:
+            restore_options(Options(resume=True, **change), kept, tmp_path / "e")
+        assert err.value.path.startswith("--" + next(iter(change)).replace("_", "-")), err.value
+    # an experiment started before options were recorded: smoke and budget, as it kept them
+    old = restore_options(Options(resume=True), {"smoke": True, "budget": None}, tmp_path / "e")
+    assert old.smoke is True and old.seed is None
+    with pytest.raises(ConfigError):
+        restore_options(Options(resume=True, lr_bounds=(0.2, 1.0)),
+                        {"options": {"lr_bounds": [0.1, 1.0]}}, tmp_path / "e")

@@ -44,7 +44,11 @@ LIMITS = {
     "final.seeds": 1_000,
 }
 SCALES = ("max_lr_bound", "min_lr_bound", "wd_prior")
-DEFAULT_SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+# Installed (pip install .): the shipped files are package data next to this module (pyproject.toml maps
+# the checkout's top-level search_spaces/ to sctune/search_spaces/); in a checkout they are that folder.
+_PACKAGED_SPACES = Path(__file__).resolve().parent / "search_spaces"
+DEFAULT_SPACE_DIR = (_PACKAGED_SPACES if _PACKAGED_SPACES.is_dir()
+                     else Path(__file__).resolve().parent.parent / "search_spaces")
 
 
 class SpaceError(ConfigError):

@@ -138,11 +138,12 @@ def _run(space: str | Path | SpaceSpec | None, o: Options) -> SearchResults:
     # The plan (iterations and FTE of each stage; with a budget, stage 1 and the final fit cut to fit it)
     # is made and shown before Ray starts; a budget that cannot hold one search trial is refused here.
     spec, cplan = make_plan(spec, budget_from_cli=o.budget is not None)
+    filled = [f"filled in: {line}" for line in spec.filled]  # sections the file left out (autofill)
     if o.stage == "plan":
-        print_plan(cplan, file=sys.stdout)
+        print_plan(cplan, file=sys.stdout, extra=filled)
         return SearchResults(root=exp, plan=cplan)
     if not o.quiet:
-        print_plan(cplan)
+        print_plan(cplan, extra=filled)
     regs = registrations(spec.base.task)  # the driver's own registrations travel with every trial
     try:
         check_shippable(spec.base.task, regs)

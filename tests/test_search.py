@@ -32,7 +32,7 @@ def _json(run, rel):
 
 def test_cli_prints_best_config_accuracy_and_tensorboard_command(run):
     best = _json(run, "best.json")
-    assert "Best configuration" in run.stdout
+    assert "Recommended configuration" in run.stdout
     assert f"{best['value']:.4f}" in run.stdout
     assert f"tensorboard --logdir {run.root / 'tensorboard'} --host 127.0.0.1 --port 6006" in run.stdout
     assert "--bind_all" not in run.stdout

@@ -41,7 +41,9 @@ TARGET_ITERATIONS = 240
 EPOCH_RANGE = (10, 100)
 RANGE_TEST_FTE = 0.5
 MIN_RANGE_ITERS = 30
-RANGE_TEST_EVALS = 20  # Smith's bounds need >= 8 evaluated points before the loss diverges
+RANGE_TEST_EVALS = 12  # Smith's bounds need >= 8 evaluated points before the loss diverges (late, geometric)
+EVAL_SHARE = 0.5
+MIN_EVAL_SAMPLES = 64
 RAMP_DECADES = 4
 MANY_SAMPLES = 10_000
 
@@ -133,8 +135,13 @@ def fill_missing(raw: Mapping[str, Any], file: str = "<space>") -> tuple[dict[st
             wds = [1e-4, 1e-5] if sizes["train"] < MANY_SAMPLES else [1e-3, 1e-4, 1e-5]
             full = base.epochs * max(1, sizes["train"] // base.batch_size)
             num_iter = max(MIN_RANGE_ITERS, int(RANGE_TEST_FTE * full / len(wds)))
+            # Each evaluation recomputes BatchNorm on recal_samples and reads eval_samples: together at most
+            # EVAL_SHARE of the test's training work (a step ~ 3 forward passes of a batch). On 400 digits
+            # with 400 + 216 samples per evaluation, 20 evaluations made stage 1 cost 2.6 FTE, measured.
+            per_eval = max(2 * MIN_EVAL_SAMPLES, int(EVAL_SHARE * 3 * num_iter * base.batch_size / RANGE_TEST_EVALS))
             rt |= {"num_iter": num_iter, "eval_every": max(1, num_iter // RANGE_TEST_EVALS),
-                   "recal_samples": min(512, sizes["train"]), "weight_decays": wds}
+                   "recal_samples": min(512, sizes["train"], per_eval // 2),
+                   "eval_samples": min(2048, per_eval // 2), "weight_decays": wds}
             notes.append(f"range_test: {len(wds)} tests (weight decays {', '.join(f'{w:g}' for w in wds)}, one seed "
                          f"each) x {num_iter} steps, LR {rt['start_lr']:g} -> {rt['end_lr']:g} (geometric), "
                          f"{num_iter // rt['eval_every']} evaluations "

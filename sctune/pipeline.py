@@ -127,11 +127,13 @@ def run(space: str | Path | SpaceSpec | None = None, options: Options | None = N
 
 def _run(space: str | Path | SpaceSpec | None, o: Options) -> SearchResults:
     """``run``'s work, under the experiment lock (its validation is repeated here, under the lock)."""
+    from .progress import start_clock
     from .report import print_plan, write_report
     from .tasks import check_shippable, registrations
     from .train import tail_key
 
     t0 = time.monotonic()
+    start_clock()  # the progress display's elapsed time and ETA count from here, across the stages
     address = cluster_address(o.address)
     spec, exp, state = prepare(space, o.replace(address=address))
     autoscale = _read_cluster_yaml(o.cluster_yaml)  # a bad --cluster-yaml fails before anything else is done

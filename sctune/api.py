@@ -17,6 +17,18 @@ from typing import Any
 DATASET_NAME, MODEL_NAME = "sctune_tune_data", "sctune_tune_model"
 
 
+class _WithoutTask:
+    """``data_fn()`` as a registered dataset function ``fn(task)``. Carries the user's module name: sctune
+    ships to the workers only registrations that are not its own (``tasks.registrations``)."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.fn = fn
+        self.__module__ = getattr(fn, "__module__", None) or "__main__"
+
+    def __call__(self, task: Any) -> Any:
+        return self.fn()
+
+
 def _takes_task(fn: Callable) -> bool:
     try:
         return bool(inspect.signature(fn).parameters)
@@ -47,7 +59,7 @@ def tune(model_fn: Callable[..., Any], data_fn: Callable[..., Any], *, budget: f
     from .recommend import recommended, torch_snippet
     from .space import SpaceError, parse_space
 
-    data = data_fn if _takes_task(data_fn) else (lambda task: data_fn())
+    data = data_fn if _takes_task(data_fn) else _WithoutTask(data_fn)
     register_dataset(DATASET_NAME, data, overwrite=True)
     register_model(MODEL_NAME, model_fn, overwrite=True)
     raw = dict(space or {})

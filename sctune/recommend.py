@@ -63,7 +63,7 @@ def torch_snippet(config: Mapping[str, Any]) -> str | None:
                   "decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]\n"
                   "no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]\n"
                   f"params = [{{'params': decay, 'weight_decay': {wd!r}}}, {{'params': no_decay, 'weight_decay': 0.0}}]")
-    dropout = f"  # sctune's model used dropout={config.get('dropout', 0.0):.3g}" if config.get("dropout") else ""
+    dropout = f"; the model's dropout {config.get('dropout', 0.0):.3g}" if config.get("dropout") else ""
     return "\n".join([
         "import torch",
         "",

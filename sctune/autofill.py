@@ -41,6 +41,7 @@ TARGET_ITERATIONS = 240
 EPOCH_RANGE = (10, 100)
 RANGE_TEST_FTE = 0.5
 MIN_RANGE_ITERS = 30
+MAX_RANGE_ITERS = 5_000  # the paper's CIFAR range tests: 5,000 iterations
 RANGE_TEST_EVALS = 12  # Smith's bounds need >= 8 evaluated points before the loss diverges (late, geometric)
 EVAL_SHARE = 0.5
 MIN_EVAL_SAMPLES = 64
@@ -134,7 +135,9 @@ def fill_missing(raw: Mapping[str, Any], file: str = "<space>") -> tuple[dict[st
         if sizes is not None:
             wds = [1e-4, 1e-5] if sizes["train"] < MANY_SAMPLES else [1e-3, 1e-4, 1e-5]
             full = base.epochs * max(1, sizes["train"] // base.batch_size)
-            num_iter = max(MIN_RANGE_ITERS, int(RANGE_TEST_FTE * full / len(wds)))
+            # at most MAX_RANGE_ITERS: a test's length past that reads no more of the curve (an absurd epochs
+            # value is then refused as fixed.epochs, the key the user wrote, not as a derived num_iter)
+            num_iter = min(MAX_RANGE_ITERS, max(MIN_RANGE_ITERS, int(RANGE_TEST_FTE * full / len(wds))))
             # Each evaluation recomputes BatchNorm on recal_samples and reads eval_samples: together at most
             # EVAL_SHARE of the test's training work (a step ~ 3 forward passes of a batch). On 400 digits
             # with 400 + 216 samples per evaluation, 20 evaluations made stage 1 cost 2.6 FTE, measured.
@@ -164,6 +167,10 @@ def fill_missing(raw: Mapping[str, Any], file: str = "<space>") -> tuple[dict[st
         epochs = int(doc["fixed"].get("epochs", TrainConfig().epochs))
         doc["smoke"] = {"fixed": {"epochs": max(2, epochs // 4)}, "search": {"num_samples": 4},
                         "final": {"seeds": 2}}
+        rt = doc["range_test"]
+        if "num_iter" in rt and "range_test" in missing:  # the range test shrinks with the smoke run's FTE
+            n = max(MIN_RANGE_ITERS, rt["num_iter"] * max(2, epochs // 4) // epochs)
+            doc["smoke"]["range_test"] = {"num_iter": n, "eval_every": max(1, n // RANGE_TEST_EVALS)}
         notes.append(f"smoke: (--smoke) {max(2, epochs // 4)} epochs, 4 trials, 2 final seeds")
     log.info("%s: filled %s", file, ", ".join(missing))
     return doc, notes

@@ -214,7 +214,9 @@ class ProgressLines:
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._recount(trials, started=trial)
-        self._print()
+        # the first wave (nothing finished yet) shows each start, so the line says how many run at once:
+        # at most max_concurrent lines more per stage
+        self._print(force=self.done == 0)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         note = result.get("checkpoint_recovered")

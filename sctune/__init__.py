@@ -14,6 +14,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "api": ("tune",),
     "bounds": ("LRBounds", "SuperConvergenceVerdict", "aggregate_bounds", "bounds_from_frame", "smith_bounds"),
     "config": ("ConfigError", "OneCycleConfig", "RangeTestConfig", "RegularizationConfig", "TaskConfig",
                "TrainConfig"),

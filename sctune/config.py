@@ -218,7 +218,7 @@ class RegularizationConfig(_Config):
 
 
 SCHEDULES = ("onecycle", "piecewise", "clr", "constant")
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw", "adam")
 
 
 @dataclass(frozen=True)

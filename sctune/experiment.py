@@ -86,6 +86,9 @@ class Options:
     cluster_yaml: str | None = None
     budget: float | None = None  # FTE
     refit: bool | None = None
+    # Python API: an experiment of this name that exists is resumed (finished stages are read back, not
+    # rerun), one that does not is started, so a driver script can simply be run again
+    exist_ok: bool = False
 
     def replace(self, **changes: Any) -> Options:
         return dataclasses.replace(self, **changes)
@@ -359,6 +362,8 @@ def prepare(space: str | Path | SpaceSpec | None = None, options: Options | None
                          f"(see the folders in {root_storage})")
     if name is not None:
         _check_not_in_use(root_storage / name)  # before the space file is read: refused in milliseconds
+        if o.exist_ok and not resume and ExperimentPaths(root_storage / name).state.exists():
+            resume = True
     if isinstance(space, SpaceSpec):
         spec = space
     else:
@@ -384,7 +389,8 @@ def prepare(space: str | Path | SpaceSpec | None = None, options: Options | None
         state = _load_state(paths, name, root_storage, resume)
         if not resume and o.stage == "all":
             raise UsageError("--name", f"experiment {name!r} already exists in {root_storage}. "
-                             f"Resume it with --resume --name {name}, or pick a new --name.")
+                             f"Resume it (--resume --name {name}; in Python resume=True, or exist_ok=True to "
+                             "resume it when it exists), or pick a new name.")
     elif resume:
         raise UsageError("--resume", f"no experiment {name!r} in {root_storage} to resume")
     budget = o.budget

@@ -156,11 +156,13 @@ def run(space: str | Path | SpaceSpec | None = None, options: Options | None = N
 
 def _run(space: str | Path | SpaceSpec | None, o: Options) -> SearchResults:
     """``run``'s work, under the experiment lock (its validation is repeated here, under the lock)."""
+    from .progress import start_clock
     from .report import print_plan, write_report
     from .tasks import check_shippable, registrations
     from .train import tail_key
 
     t0 = time.monotonic()
+    start_clock()  # the progress display's elapsed time and ETA count from here, across the stages
     address = cluster_address(o.address)
     o = resumed_options(o)
     spec, exp, state = prepare(space, o.replace(address=address))
@@ -170,11 +172,12 @@ def _run(space: str | Path | SpaceSpec | None, o: Options) -> SearchResults:
     # is made and shown before Ray starts; a budget that cannot hold one search trial is refused here.
     driver = _load_in_driver(spec, local=address is None)  # a task that fails here stops the run: exit 2
     spec, cplan = make_plan(spec, budget_from_cli=o.budget is not None, sizes=driver.get("sizes", False))
+    filled = [f"filled in: {line}" for line in spec.filled]  # sections the file left out (autofill)
     if o.stage == "plan":
-        print_plan(cplan, file=sys.stdout)
+        print_plan(cplan, file=sys.stdout, extra=filled)
         return SearchResults(root=exp, plan=cplan)
     if not o.quiet:
-        print_plan(cplan)
+        print_plan(cplan, extra=filled)
     regs = registrations(spec.base.task)  # the driver's own registrations travel with every trial
     try:
         check_shippable(spec.base.task, regs)

@@ -1,7 +1,11 @@
-"""Live progress of a stage on stderr, one line per change, and a failed trial's reason in one line.
+"""Live progress of a stage on stderr, and a failed trial's reason in one line.
 
 ``StageProgress`` is a Ray Tune callback: ``[search] 7/16 done (2 pruned, 0 errored) | 2 running | best
-val/acc_tail 0.986 | FTE 5.2/8 | 31s``. Its logic lives in ``ProgressLines`` (plain Python: the tests drive
+val/acc_tail 0.986 | FTE 5.2/8 | 31s | ETA 40s``. Where a person watches (stderr is a terminal) it is one
+block per stage that updates in place (``rich.live.Live``); elsewhere (logs, CI, ``ray job submit``) a line
+when a trial finishes or fails, and otherwise at most one every ``interval`` seconds, so a piped default run
+prints about one line per trial. The clock runs from the start of the experiment (``start_clock``), not
+of each stage; the final fit shows the mean test accuracy of its seeds so far, not the best seed. Its logic lives in ``ProgressLines`` (plain Python: the tests drive
 it with stand-in trials); the class Tune gets adds Tune's ``Callback`` base, built on first use so that
 importing this module does not load Ray. TensorBoard's session ends are not done here
 (``trainables.TensorBoardSessions``).
@@ -18,6 +22,23 @@ from .lifecycle import GUARD
 from .summaries import is_pruned
 
 _ACTIVE: dict[str, Any] = {}  # the progress callback of the stage running now (the restored one on --resume)
+# Non-TTY: a line at least this often while trials run (a trial's end always prints one). 30 s: the default
+# digits search's 16 trials take ~3 minutes on 2 CPUs, so its stage stays under ~20 lines.
+INTERVAL_S = 30.0
+
+
+def start_clock() -> None:
+    """The experiment's start: every stage's elapsed time and ETA count from here."""
+    _ACTIVE["t0"] = time.monotonic()
+
+
+def _clock() -> float:
+    return _ACTIVE.setdefault("t0", time.monotonic())
+
+
+def _fmt_s(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def active_progress() -> ProgressLines | None:
@@ -60,17 +81,33 @@ class ProgressLines:
         self.units: dict[str, float] = {}  # trial id -> epochs (or range-test steps) it ran
         self.done = self.pruned = self.errored = self.running = 0
         self.best: float | None = None
+        self.values: dict[str, float] = {}  # the final fit: seed -> test accuracy (shown as their mean)
         self._last_line = ""
+        self._last_print = -math.inf
         self._errors_shown: set[str] = set()
-        self._t0 = time.monotonic()
+        self._stage_t0 = time.monotonic()
 
     def setup(self, **info):
         # Called at the start of every fit, a restored one too (Tune unpickles this callback with the
-        # tuner, old clock included): restart the clock; counts are rebuilt from the trials.
-        self._t0 = time.monotonic()
+        # tuner): the stage's own clock (for the ETA) restarts; counts are rebuilt from the trials.
+        self._stage_t0 = time.monotonic()
+        self._fte_t0 = self.fte_spent
         self._last_line = ""
+        self._last_print = -math.inf
+        self.values = {}
         self.recovered = set()
         _ACTIVE["progress"] = self
+        _clock()
+        old = _ACTIVE.pop("live", None)
+        if old is not None:  # a stage that ended without on_experiment_end (an interrupt)
+            old.stop()
+        if not self.quiet and sys.stderr.isatty():
+            _ACTIVE["live"] = _LiveBlock()
+
+    def on_experiment_end(self, trials, **info):
+        live = _ACTIVE.pop("live", None)
+        if live is not None:
+            live.stop()
 
     def on_step_begin(self, iteration, trials, **info):
         # An interrupt (SIGINT/SIGTERM, see lifecycle) asks Tune's loop to stop the way its own Ctrl-C does.
@@ -94,10 +131,12 @@ class ProgressLines:
         self.running = sum(st == "RUNNING" for t, st in states if t is not finished)
         for t, st in states:
             if st == "TERMINATED" and self.metric:
-                self._offer(t.last_result or {})
+                self._offer(t.last_result or {}, t)
 
-    def _offer(self, result: dict) -> bool:
+    def _offer(self, result: dict, trial=None) -> bool:
         v = result.get(self.metric)
+        if self.stage == "final" and trial is not None and isinstance(v, (int, float)) and math.isfinite(v):
+            self.values[trial.trial_id] = float(v)
         if self.epochs is not None and int(result.get("epoch", 0) or 0) < self.epochs:
             return False  # a trial still running (or pruned): not comparable with a finished one
         if isinstance(v, (int, float)) and math.isfinite(v) and not result.get("diverged"):
@@ -122,25 +161,62 @@ class ProgressLines:
             return None
         return self.fte_offset + self.fte_unit * sum(self.units.values())
 
-    def _print(self) -> None:
-        best = f" | best {self.metric} {self.best:.4f}" if self.best is not None and self.metric else ""
+    def _eta(self) -> float | None:
+        """Seconds left in this stage: by trials (elapsed / done x left), or by FTE against the budget."""
+        elapsed = time.monotonic() - self._stage_t0
+        if self.total is not None and 0 < self.done < self.total:
+            return elapsed / self.done * (self.total - self.done)
+        spent, start = self.fte_spent, getattr(self, "_fte_t0", None)
+        if self.total is None and self.fte_budget is not None and spent is not None and start is not None:
+            if spent > start and spent < self.fte_budget:
+                return elapsed / (spent - start) * (self.fte_budget - spent)
+        return None
+
+    def _fields(self) -> dict[str, str]:
         n_rec = len(getattr(self, "recovered", ()))
         rec = f", {n_rec} resumed from an older checkpoint" if n_rec else ""
-        extra = f" ({self.pruned} pruned, {self.errored} errored{rec})" if self.stage == "search" else (
-            f" ({self.errored} errored{rec})" if self.errored or n_rec else "")
-        spent = self.fte_spent
-        fte = "" if spent is None else (f" | FTE {spent:.2f}/{self.fte_budget:g}" if self.fte_budget is not None
-                                        else f" | FTE {spent:.2f}")
         total = self.total if self.total is not None else "?"
-        line = (f"[{self.stage}] {self.done}/{total} done{extra} | {self.running} running{best}{fte} "
-                f"| {time.monotonic() - self._t0:.0f}s")
-        if line != self._last_line and not self.quiet:
+        f = {"done": f"{self.done}/{total} done", "running": f"{self.running} running"}
+        if self.stage == "search":
+            f["extra"] = f"({self.pruned} pruned, {self.errored} errored{rec})"
+        elif self.errored or n_rec:
+            f["extra"] = f"({self.errored} errored{rec})"
+        if self.stage == "final" and self.values:
+            vals = list(self.values.values())
+            f["best"] = f"mean {self.metric} {sum(vals) / len(vals):.4f} over {len(vals)} seed(s)"
+        elif self.best is not None and self.metric:
+            f["best"] = f"best {self.metric} {self.best:.4f}"
+        spent = self.fte_spent
+        if spent is not None:
+            f["fte"] = f"FTE {spent:.2f}/{self.fte_budget:g}" if self.fte_budget is not None else f"FTE {spent:.2f}"
+        f["time"] = _fmt_s(time.monotonic() - _clock())
+        eta = self._eta()
+        if eta is not None:
+            f["eta"] = f"ETA {_fmt_s(eta)}"
+        return f
+
+    def _print(self, *, force: bool = False) -> None:
+        f = self._fields()
+        if self.quiet:
+            return
+        live = _ACTIVE.get("live")
+        if live is not None:
+            live.show(self.stage, self.done, self.total, f)
+            return
+        head = f["done"] + (f" {f['extra']}" if "extra" in f else "")
+        line = " | ".join([f"[{self.stage}] {head}", f["running"], *(f[k] for k in ("best", "fte", "time", "eta")
+                                                                      if k in f)])
+        key = line.rsplit(" | ", 2 if "eta" in f else 1)[0]  # unchanged but for the clock: not news
+        now = time.monotonic()
+        if key != self._last_line and (force or now - self._last_print >= INTERVAL_S):
             print(line, file=sys.stderr, flush=True)
-            self._last_line = line
+            self._last_line, self._last_print = key, now
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._recount(trials, started=trial)
-        self._print()
+        # the first wave (nothing finished yet) shows each start, so the line says how many run at once:
+        # at most max_concurrent lines more per stage
+        self._print(force=self.done == 0)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         note = result.get("checkpoint_recovered")
@@ -161,12 +237,13 @@ class ProgressLines:
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._count(trial, trial.last_result or {})
         self._recount(trials, finished=trial)
-        self._print()
+        self._offer(trial.last_result or {}, trial)
+        self._print(force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._recount(trials, finished=trial, errored=True)
         self._print_error(trial)
-        self._print()
+        self._print(force=True)
 
     def _print_error(self, trial) -> None:
         """The failure's reason, one line, the first time it is seen (12 identical range-test failures: one line)."""
@@ -178,6 +255,34 @@ class ProgressLines:
         if line not in self._errors_shown and not self.quiet:
             self._errors_shown.add(line)
             print(f"[{self.stage}] trial {trial.trial_id} failed: {line}", file=sys.stderr, flush=True)
+
+
+class _LiveBlock:
+    """One block per stage on a terminal, updated in place (rich): a bar, the counts, best, FTE, time, ETA.
+    Kept in ``_ACTIVE``, not on the callback, which Tune pickles with the tuner for --resume."""
+
+    def __init__(self):
+        from rich.console import Console
+        from rich.live import Live
+
+        self._live = Live(console=Console(stderr=True), auto_refresh=False, transient=False)
+        self._live.start()
+
+    def show(self, stage: str, done: int, total: int | None, f: dict[str, str]) -> None:
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
+        grid = Table.grid(padding=(0, 2))  # Text, not markup: "[search]" would read as a style tag
+        grid.add_row(Text(f"[{stage}]", style="bold"), ProgressBar(total=total, completed=done, width=30),
+                     Text(f["done"]), Text(f["running"]), Text(f.get("extra", "")))
+        grid.add_row(Text(""), Text(f.get("best", "")), Text(f.get("fte", "")), Text(f"elapsed {f['time']}"),
+                     Text(f.get("eta", "")))
+        self._live.update(Group(grid), refresh=True)
+
+    def stop(self) -> None:
+        self._live.stop()
 
 
 def __getattr__(name: str) -> Any:

@@ -18,8 +18,9 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
@@ -83,6 +84,24 @@ class RangeTestResult:
         """Only the rows where held-out accuracy was measured."""
         return self.frame.dropna(subset=["acc"])
 
+    def suggestion(self) -> float | None:
+        """The suggested max LR for one cycle (torch-lr-finder's ``suggestion``): Smith's max bound, the top of
+        the band where held-out accuracy stays high; None when the curve gives no bounds (see ``bounds()``)."""
+        b = self.bounds()
+        return b.max_lr if b.status == "ok" else None
+
+    def plot(self, *, log_x: bool | None = None, path: str | None = None):
+        """Accuracy and loss vs LR with the bounds marked (a matplotlib ``Figure``; saved to ``path`` if given).
+        ``log_x`` defaults to the ramp's own axis (log for ``step_mode: exp``)."""
+        from .report import range_test_figure
+
+        b = self.bounds()
+        fig = range_test_figure({"range test": self.frame}, {"range test": b} if b.status == "ok" else None,
+                                log_x=self.config.step_mode == "exp" if log_x is None else log_x)
+        if path is not None:
+            fig.savefig(path, dpi=110)
+        return fig
+
     def bounds(self, *, method: str | None = None, divisor: float | None = None):
         """LR bounds from this curve (see ``sctune.bounds``)."""
         from .bounds import bounds_from_frame, bounds_kwargs
@@ -95,12 +114,73 @@ class RangeTestResult:
         return bounds_from_frame(self.frame, method=method, **kw)
 
 
-def range_test(model: nn.Module, optimizer: Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-               cfg: RangeTestConfig, criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-               val: tuple[torch.Tensor, torch.Tensor] | None = None, metric: MetricFn | None = None,
+_X_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "features")
+_Y_KEYS = ("y", "label", "labels", "target", "targets")
+
+
+def default_batch_fn(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) from a DataLoader's batch: a tuple/list (its first two items) or a dict with one of
+    ``_X_KEYS`` and one of ``_Y_KEYS`` (torchvision and Hugging Face datasets' usual names)."""
+    if isinstance(batch, Mapping):
+        x = next((batch[k] for k in _X_KEYS if k in batch), None)
+        y = next((batch[k] for k in _Y_KEYS if k in batch), None)
+        if x is None or y is None:
+            raise ValueError(f"a dict batch needs an input key ({', '.join(_X_KEYS)}) and a target key "
+                             f"({', '.join(_Y_KEYS)}), got keys {sorted(batch)}; pass batch_fn=")
+        return x, y
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise ValueError(f"cannot read (inputs, targets) from a {type(batch).__name__} batch; pass batch_fn=")
+
+
+class _Batches:
+    """Re-iterable (as epochs) view of a loader through ``batch_fn``, moved to ``device``."""
+
+    def __init__(self, source: Iterable, batch_fn: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
+                 device: torch.device):
+        self.source, self.batch_fn, self.device = source, batch_fn, device
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for b in self.source:
+            x, y = self.batch_fn(b)
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def _loader_metric(val: Iterable, batch_fn, device: torch.device, amp_dtype) -> MetricFn:
+    """Cross-entropy and top-1 accuracy over a whole held-out loader."""
+    batches = _Batches(val, batch_fn, device)
+
+    @torch.no_grad()
+    def metric(m: nn.Module) -> tuple[float, float]:
+        training = m.training
+        m.eval()
+        loss = correct = n = 0.0
+        for x, y in batches:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = m(x)
+            loss += nn.functional.cross_entropy(out.float(), y, reduction="sum").item()
+            correct += (out.argmax(1) == y).sum().item()
+            n += len(y)
+        m.train(training)
+        if not n:
+            raise ValueError("the held-out loader (val=) yielded no samples")
+        return loss / n, correct / n
+
+    return metric
+
+
+def range_test(model: nn.Module, optimizer: Optimizer, batches: Iterable[Any], *,
+               cfg: RangeTestConfig | None = None,
+               criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+               val: tuple[torch.Tensor, torch.Tensor] | Iterable[Any] | None = None, metric: MetricFn | None = None,
                amp_dtype: torch.dtype | None = None, restore: bool = True,
-               recalibrate_x: torch.Tensor | None = None) -> RangeTestResult:
-    """Run the LR range test on any model; accuracy from ``val`` (x, y) or a user ``metric``.
+               recalibrate_x: torch.Tensor | None = None,
+               batch_fn: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] | None = None) -> RangeTestResult:
+    """Run the LR range test on any model; accuracy from ``val`` or a user ``metric``.
+
+    ``batches`` and ``val`` are DataLoaders (or any re-iterable of batches) whose batches are (inputs, targets)
+    tuples or dicts, read by ``batch_fn`` (default ``default_batch_fn``) and moved to the model's device;
+    ``val`` may also be an (x, y) pair of tensors. ``cfg`` defaults to ``RangeTestConfig()``.
 
     ``recalibrate_x`` (training inputs): recompute BatchNorm statistics from them before every
     evaluation (``cfg.bn_recalibrate``), so eval-mode accuracy reflects the current weights.
@@ -109,10 +189,17 @@ def range_test(model: nn.Module, optimizer: Optimizer, batches: Iterable[tuple[t
     model weights and buffers, optimizer state and all RNG states are put back bit for bit.
     """
     if val is None and metric is None:
-        raise ValueError("range_test needs held-out data (val=(x, y)) or a metric function")
+        raise ValueError("range_test needs held-out data (val=(x, y) or a DataLoader) or a metric function")
+    cfg = RangeTestConfig() if cfg is None else cfg
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if batch_fn is not None or not isinstance(batches, DeviceLoader):
+        batches = _Batches(batches, batch_fn or default_batch_fn, device)
     if metric is None:
-        x_val, y_val = val
-        metric = lambda m: evaluate(m, x_val, y_val, batch_size=1024, amp_dtype=amp_dtype)  # noqa: E731
+        if isinstance(val, (tuple, list)) and len(val) == 2 and all(isinstance(v, torch.Tensor) for v in val):
+            x_val, y_val = val
+            metric = lambda m: evaluate(m, x_val, y_val, batch_size=1024, amp_dtype=amp_dtype)  # noqa: E731
+        else:
+            metric = _loader_metric(val, batch_fn or default_batch_fn, device, amp_dtype)
     if cfg.bn_recalibrate and recalibrate_x is not None:
         user_metric = metric
 

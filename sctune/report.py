@@ -256,6 +256,7 @@ def bounds_markdown(bounds: object) -> str:
 def search_figure(summary: pd.DataFrame, metric: str, path: Path) -> bool:
     """Final metric vs max_lr and vs weight decay, coloured by status; saved to `path` (False: nothing to plot)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     col = metric if metric in summary else f"final_{metric}"  # the selection score (<metric>_tail)
     if summary.empty or col not in summary:
@@ -271,6 +272,12 @@ def search_figure(summary: pd.DataFrame, metric: str, path: Path) -> bool:
             ax.scatter(g[x], g[col], label=status, color=colors.get(status, "tab:purple"), alpha=0.8, s=28)
         if x in ("max_lr", "weight_decay") and (summary[x] > 0).all():
             ax.set_xscale("log")
+            # a max_lr range under a decade got minor-tick labels at every 1..9 x 10^k, overlapping: a few
+            # major ticks at 1, 2, 5 x 10^k, plain numbers, no minor labels
+            narrow = math.log10(summary[x].max() / summary[x].min()) < 1.5  # decades spanned
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if narrow else (1.0,), numticks=5))
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(x)
         ax.set_ylabel(col)
         ax.grid(alpha=0.3)
@@ -316,7 +323,12 @@ def write_report(root: Path, *, spec_path: str, bounds: dict[str, Any] | None, s
     from .experiment import ExperimentPaths
 
     paths = ExperimentPaths(root)
+    from .recommend import answer_lines
+
     lines = [f"# sctune report: {root.name}", "", f"Search space: `{spec_path}`", ""]
+    answer = answer_lines(best, bounds, markdown=True)
+    if answer:  # the answer first: configuration, expected accuracy, PyTorch snippet, bounds and verdict
+        lines += [*answer, ""]
     if wall_s is not None:
         lines += [f"Wall time of this invocation: {wall_s:.0f} s", ""]
     if plan is not None:
@@ -356,7 +368,7 @@ def write_report(root: Path, *, spec_path: str, bounds: dict[str, Any] | None, s
             lines += [f"![search]({paths.search_png.relative_to(root)})", ""]
     if best is not None:
         final = best.get("final") or {}
-        lines += ["## Best configuration and final fit", "",
+        lines += ["## Best trial and final fit (the full record)", "",
                   f"Trial {best.get('trial_id')}: `{best.get('metric')}` **{best.get('value'):.4f}**"
                   + (f" (binomial standard error on the validation split {best['value_se']:.4f}: trials within about "
                      "twice that are tied)" if best.get("value_se") else "") + ".", "", "```json",
@@ -376,11 +388,12 @@ def write_report(root: Path, *, spec_path: str, bounds: dict[str, Any] | None, s
 # --------------------------------------------------------------------------------------------- console
 
 
-def print_plan(plan: dict[str, Any], *, file=None) -> None:
-    """The plan (``budget.plan_compute``) as ``[plan]`` lines: to stderr during a run, to stdout for --stage plan."""
+def print_plan(plan: dict[str, Any], *, file=None, extra: list[str] | None = None) -> None:
+    """The plan (``budget.plan_compute``) as ``[plan]`` lines: to stderr during a run, to stdout for --stage plan;
+    ``extra`` lines (what was filled into the space file) first."""
     from .budget import format_plan
 
-    for line in format_plan(plan):
+    for line in [*(extra or []), *format_plan(plan)]:
         print(f"[plan] {line}", file=file or sys.stderr, flush=True)
 
 
@@ -419,23 +432,15 @@ def print_summary(root: Path, *, bounds: dict[str, Any] | None, best: dict[str, 
     from .experiment import ExperimentPaths
 
     paths = ExperimentPaths(root)
+    from .recommend import answer_lines
+
     print()
     if best:
         b = best
-        metric = b["metric"]
         last = f", the mean of its last {b['select_last']} evaluations" if b.get("select_last") else ""
-        print(f"Best configuration (trial {b['trial_id']}, {metric} {b['value']:.4f}{last}):")
-        for k, v in sorted(b["searched"].items()):
-            print(f"  {k:<20} {v:.4g}" if isinstance(v, float) else f"  {k:<20} {v}")
-        f = b.get("final") or {}
-        if f.get("test_acc_mean") is not None and f.get("test_acc_std") is None:
-            print(f"Best trial tested as it is (no final fit): test/acc {f['test_acc_mean']:.4f}")
-        elif f.get("test_acc_mean") is not None:
-            where = " on train + validation" if f.get("refit") else ""
-            print(f"Final fit over {f['n']} seed(s){where}: test/acc {f['test_acc_mean']:.4f} ± {f['test_acc_std']:.4f}")
-    elif bounds and bounds.get("chosen"):
-        c = bounds["chosen"]
-        print(f"LR bounds: min {c['min_lr_bound']:.4g}, max {c['max_lr_bound']:.4g}, wd prior {c['wd_prior']:g}")
+        print(f"Recommended configuration (best trial {b['trial_id']}, {b['metric']} {b['value']:.4f}{last}):")
+    for line in answer_lines(best, bounds)[1 if best and best.get("config") else 0:]:
+        print(line)
     c = compute
     if c and c.get("spent_fte"):
         sp = c["spent_fte"]

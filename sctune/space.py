@@ -23,6 +23,7 @@ name the file, the key path and the rule broken.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -44,7 +45,11 @@ LIMITS = {
     "final.seeds": 1_000,
 }
 SCALES = ("max_lr_bound", "min_lr_bound", "wd_prior")
-DEFAULT_SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+# Installed (pip install .): the shipped files are package data next to this module (pyproject.toml maps
+# the checkout's top-level search_spaces/ to sctune/search_spaces/); in a checkout they are that folder.
+_PACKAGED_SPACES = Path(__file__).resolve().parent / "search_spaces"
+DEFAULT_SPACE_DIR = (_PACKAGED_SPACES if _PACKAGED_SPACES.is_dir()
+                     else Path(__file__).resolve().parent.parent / "search_spaces")
 
 
 class SpaceError(ConfigError):
@@ -141,6 +146,7 @@ class SpaceSpec:
     final: FinalConfig
     space: dict[str, Dist] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    filled: tuple[str, ...] = ()  # what ``autofill.fill_missing`` added to the file, and why (one line each)
 
     @property
     def name(self) -> str:
@@ -153,7 +159,7 @@ class SpaceSpec:
             search = SearchConfig.from_dict(data, "search")
         except ConfigError as e:
             raise SpaceError("command line", e.path, e.rule) from None
-        return SpaceSpec(self.path, self.base, self.range_test, search, self.final, self.space, self.raw)
+        return dataclasses.replace(self, search=search)
 
 
 def _parse_dist(file: str, path: str, name: str, spec: Any) -> Dist:
@@ -259,6 +265,13 @@ def parse_space(raw: Any, file: str = "<space>", *, smoke: bool = False) -> Spac
         if name not in searchable:
             raise SpaceError(file, f"space.{name}", f"unknown training parameter (searchable: {', '.join(sorted(searchable))})")
         space[name] = _parse_dist(file, f"space.{name}", name, spec)
+    if "schedule" not in space:  # else which parameters matter depends on the sample
+        from .autofill import unused_by_schedule
+
+        for name in unused_by_schedule(base.schedule, space):
+            raise SpaceError(file, f"space.{name}", f"is not used by schedule {base.schedule!r}: it sets the LR and "
+                             "momentum from its own parameters, so searching it changes nothing; remove it or "
+                             "set fixed.schedule")
     _check_space_consistency(file, base, space)
     _check_names(file, base)
     return SpaceSpec(path=str(file), base=base, range_test=rt, search=search, final=final, space=space,
@@ -368,6 +381,12 @@ def load_space(path: str | Path, *, smoke: bool = False) -> SpaceSpec:
     if raw is None:
         raise SpaceError(p, "", "is empty (no sections); a space file needs at least task: {dataset: ..., "
                                 "model: ...}, see search_spaces/digits.yaml")
+    filled: list[str] = []
+    if isinstance(raw, Mapping):
+        # loads the data (to scale the defaults) only if a section is missing
+        from .autofill import fill_missing
+
+        raw, filled = fill_missing(raw, str(p))
     if smoke and isinstance(raw, Mapping) and not raw.get("smoke"):
         raise SpaceError(p, "smoke", "--smoke needs a smoke: section in the space file (the tiny budgets it "
                                      "runs with), e.g. smoke: {fixed: {epochs: 2}, search: {num_samples: 2}}")
@@ -375,7 +394,7 @@ def load_space(path: str | Path, *, smoke: bool = False) -> SpaceSpec:
         import copy
 
         parse_space(copy.deepcopy(raw), str(p), smoke=False)
-    return parse_space(raw, str(p), smoke=smoke)
+    return dataclasses.replace(parse_space(raw, str(p), smoke=smoke), filled=tuple(filled))
 
 
 # -- stage 2: resolve relative ranges against stage-1 results -----------------------------------

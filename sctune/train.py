@@ -113,7 +113,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, *, lr: float | None = Non
     lr = cfg.baseline.lr if lr is None else lr
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=cfg.nesterov and momentum > 0)
-    return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+    # Adam/AdamW: the cyclical momentum is beta1 (OneCycleLR cycles betas[0] when the optimizer has betas)
+    adam = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return adam(groups, lr=lr, betas=(momentum, 0.999))
 
 
 def amp_dtype_for(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:

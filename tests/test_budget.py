@@ -164,11 +164,14 @@ def test_progress_line_shows_only_finished_trials_scores_and_the_fte_spent(capsy
     key = tail_key("val/acc")
     p = StageProgress("search", None, metric=key, mode="max", epochs=3,
                       fte=(1.5, 4.0, 1 / 3))
-    a, b = SimpleNamespace(trial_id="a"), SimpleNamespace(trial_id="b")
+    a = SimpleNamespace(trial_id="a", status="RUNNING", last_result={"epoch": 1, key: 0.99})
+    b = SimpleNamespace(trial_id="b")
     p.on_trial_result(0, [], a, {"epoch": 1, key: 0.99})  # mid-run: not comparable with a finished trial
     assert p.best is None
     for e, v in ((1, 0.5), (2, 0.6), (3, 0.7)):
         p.on_trial_result(0, [], b, {"epoch": e, key: v})
+    b.last_result, b.status = {"epoch": 3, key: 0.7}, "TERMINATED"
+    p.on_trial_complete(0, [a, b], b)  # a finished trial always prints its line
     assert p.best == pytest.approx(0.7)
     assert p.fte_spent == pytest.approx(1.5 + (1 + 3) / 3)
     err = capsys.readouterr().err

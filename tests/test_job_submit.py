@@ -142,7 +142,7 @@ def test_job_submit_smoke_search_on_local_head(tmp_path):
     for stage in ("range", "search", "final"):
         assert (exp / "ray" / stage).is_dir()
     assert (exp / "report.md").exists()
-    assert "Best configuration" in logs, logs
+    assert "Recommended configuration" in logs, logs
 
 
 def test_job_submit_of_a_user_project_runs_its_own_task(tmp_path):
@@ -175,4 +175,4 @@ def test_job_submit_of_a_user_project_runs_its_own_task(tmp_path):
         head_nodes = _head_node_ids(head)
     check_three_stages(storage / "job", spec, dataset="my_task:breast_cancer", model="my_task:TabularNet")
     assert set(pd.read_csv(storage / "job" / "summary.csv")["node_id"]) == head_nodes
-    assert "Best configuration" in logs and "Traceback" not in logs, logs
+    assert "Recommended configuration" in logs and "Traceback" not in logs, logs

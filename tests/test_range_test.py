@@ -349,3 +349,49 @@ def test_run_range_test_uses_weight_decay_and_seed(digits):
     assert a.frame["loss"].iloc[0] == b.frame["loss"].iloc[0]  # same init and batch
     assert a.frame["loss"].tolist() != b.frame["loss"].tolist()  # WD changes the trajectory
     assert a.frame["loss"].iloc[0] != c.frame["loss"].iloc[0]  # another seed: another init/batch
+
+
+# -- torch users' habits: DataLoaders, dict batches, .plot() and .suggestion() ----------------------
+
+
+def test_range_test_takes_dataloaders_with_tuple_or_dict_batches(tmp_path):
+    from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+    from sctune.models import build_model
+
+    data = load_dataset(TaskConfig(dataset="digits"))
+
+    class Dicts(Dataset):
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return {"image": self.x[i], "label": self.y[i]}
+
+    cfg = RangeTestConfig(start_lr=0.0, end_lr=1.0, num_iter=60, eval_every=5, repeats=1)
+    results = []
+    for make in (TensorDataset, Dicts):
+        torch.manual_seed(0)
+        model = build_model("digits_cnn", num_classes=10, input_shape=data.input_shape)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        train = DataLoader(make(data.x_train, data.y_train), batch_size=64, shuffle=True, drop_last=True)
+        val = DataLoader(make(data.x_val, data.y_val), batch_size=256)
+        results.append(range_test(model, opt, train, cfg=cfg, val=val))
+    for res in results:
+        ev = res.evaluated
+        assert len(ev) >= 8 and ev["acc"].max() > 0.5, ev  # it learned (chance 0.1), read from the val loader
+        s = res.suggestion()
+        assert s is None or 0 < s <= 1.0
+        fig = res.plot(path=str(tmp_path / "rt.png"))
+        assert (tmp_path / "rt.png").stat().st_size > 0 and len(fig.axes) >= 2
+    # a batch it cannot read names the hook
+    model = build_model("digits_cnn", num_classes=10, input_shape=data.input_shape)
+    bad = [{"pixels": data.x_train[:8], "cls": data.y_train[:8]}]
+    with pytest.raises(ValueError, match="batch_fn="):
+        range_test(model, torch.optim.SGD(model.parameters(), lr=0.1), bad, cfg=cfg, val=(data.x_val, data.y_val))
+    res = range_test(model, torch.optim.SGD(model.parameters(), lr=0.1), bad * 60, cfg=cfg,
+                     val=(data.x_val, data.y_val), batch_fn=lambda b: (b["pixels"], b["cls"]))
+    assert len(res.frame) > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -32,14 +33,26 @@ def _json(run, rel):
 
 def test_cli_prints_best_config_accuracy_and_tensorboard_command(run):
     best = _json(run, "best.json")
-    assert "Best configuration" in run.stdout
+    assert "Recommended configuration" in run.stdout
     assert f"{best['value']:.4f}" in run.stdout
     assert f"tensorboard --logdir {run.root / 'tensorboard'} --host 127.0.0.1 --port 6006" in run.stdout
     assert "--bind_all" not in run.stdout
     # progress lines for the three stages, no Ray console noise
     for stage in ("[range]", "[search]", "[final]"):
         assert stage in run.stderr
+        # piped (not a terminal): a line per finished trial, else at most one per progress.INTERVAL_S
+        assert sum(ln.startswith(stage) for ln in run.stderr.splitlines()) <= 20, run.stderr
     assert "Traceback" not in run.stderr
+    assert re.search(r"^\[final\] .*mean test/acc", run.stderr, flags=re.M), run.stderr  # not the best seed
+    # the clock runs from the experiment's start: the final stage's time is not below the search's
+    times = {st: [_seconds(m) for m in re.findall(rf"^\[{st}\] .*\| ((?:\d+m)?\d+s)(?: \| ETA|$)", run.stderr, flags=re.M)]
+             for st in ("range", "search", "final")}
+    assert times["final"] and times["search"] and times["final"][-1] >= times["search"][-1] >= times["range"][-1], times
+
+
+def _seconds(text: str) -> int:
+    m, _, s = text.rstrip("s").rpartition("m")
+    return int(m or 0) * 60 + int(s)
 
 
 def test_bounds_json_per_weight_decay_with_spread_and_chosen_prior(run):

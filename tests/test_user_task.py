@@ -44,7 +44,7 @@ def test_cli_runs_the_readme_project(tmp_path):
     wall = time.monotonic() - t0
     assert p.returncode == 0, p.stderr[-4000:]
     check_three_stages(storage / "cli", spec, dataset="my_task:breast_cancer", model="my_task:TabularNet")
-    assert "Best configuration" in p.stdout
+    assert "Recommended configuration" in p.stdout
     check_clean_output(p.stderr)
     # the smoke range stage has 2 trials and max_concurrent 2 on 2 CPUs: both run at once, and the
     # progress line says so (it used to say '1 running' throughout)

@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError
 from .experiment import (
@@ -44,6 +44,9 @@ from .experiment import (
 )
 from .lifecycle import GUARD, Interrupted, interrupted_message
 from .space import SpaceError, SpaceSpec
+
+if TYPE_CHECKING:
+    from .plan import SearchPlan
 
 log = logging.getLogger("sctune")
 
@@ -137,7 +140,7 @@ def _run(space: str | Path | SpaceSpec | None, o: Options) -> SearchResults:
     autoscale = _read_cluster_yaml(o.cluster_yaml)  # a bad --cluster-yaml fails before anything else is done
     # The plan (iterations and FTE of each stage; with a budget, stage 1 and the final fit cut to fit it)
     # is made and shown before Ray starts; a budget that cannot hold one search trial is refused here.
-    spec, cplan = make_plan(spec, budget_from_cli=o.budget is not None)
+    spec, cplan = make_plan(spec, budget_from_cli=o.budget is not None, default_budget=not o.smoke)
     if o.stage == "plan":
         print_plan(cplan, file=sys.stdout)
         return SearchResults(root=exp, plan=cplan)
@@ -193,7 +196,7 @@ def _run(space: str | Path | SpaceSpec | None, o: Options) -> SearchResults:
 def _run_stages(spec: SpaceSpec, paths: ExperimentPaths, state: dict[str, Any], o: Options,
                 cplan: dict[str, Any], results: SearchResults) -> None:
     """Each stage asked for (``--stage``) that is not done yet runs; a done one is read back from its output."""
-    from .experiment import search_anchors, stored_search_plan
+    from .plan import search_anchors, stored_plan
     from .report import print_bounds, search_figure
     from .stages import run_range_stage, run_search_stage
     from .train import tail_key
@@ -218,7 +221,7 @@ def _run_stages(spec: SpaceSpec, paths: ExperimentPaths, state: dict[str, Any], 
     if results.bounds is not None and not o.quiet:
         print_bounds(results.bounds)
     anchors = search_anchors(results.bounds, spec, lr_bounds=o.lr_bounds, wd_prior=o.wd_prior)
-    plan = stored_search_plan(paths, spec, anchors) if anchors is not None else None
+    plan = stored_plan(paths, spec, anchors) if anchors is not None else None
     range_fte = _range_cost_fte(results.bounds, paths, full_iters)
     results.compute = {"budget_fte": budget_fte, "range_fte": range_fte}
     # Stage 2
@@ -228,7 +231,7 @@ def _run_stages(spec: SpaceSpec, paths: ExperimentPaths, state: dict[str, Any], 
         if plan is None:
             raise StageError("no LR bounds to search within; give --lr-bounds MIN_LR MAX_LR")
         search_budget = _search_budget(budget_fte, range_fte, cplan)
-        write_tb_config(spec, paths, plan["dists"])  # now with the searched ranges
+        write_tb_config(spec, paths, plan.dists)  # now with the searched ranges
         results.summary = run_search_stage(spec, paths, plan, resume=o.resume, quiet=o.quiet, budget_fte=search_budget,
                                            fte=(range_fte or 0.0, budget_fte, 1.0 / spec.base.epochs))
         _stage_done(state, "search", paths, results)
@@ -261,14 +264,14 @@ def _search_budget(budget_fte: float | None, range_fte: float | None, cplan: dic
 
 
 def _final(spec: SpaceSpec, paths: ExperimentPaths, state: dict[str, Any], o: Options, cplan: dict[str, Any],
-           results: SearchResults, plan: dict[str, Any] | None, anchors, range_fte: float | None) -> None:
+           results: SearchResults, plan: SearchPlan | None, anchors, range_fte: float | None) -> None:
     """Stage 3 (unless best.json says it is done), then best.json: the best trial, its final fit, compute."""
     from .stages import run_final_stage
     from .summaries import pick_best, search_fte
 
     budget_fte = spec.search.budget
     best_row = pick_best(results.summary, spec)
-    keys = (set(plan["dists"]) | set(plan["constants"])) if plan is not None else set()  # what the search chose
+    keys = (set(plan.dists) | set(plan.constants)) if plan is not None else set()  # what the search chose
     params = {k: _py(best_row[k]) for k in keys if k in best_row}
     saved_best = read_output(paths.best, read_dict) if "final" in state["done"] else None
     spent_search = search_fte(results.summary, spec)
@@ -326,14 +329,21 @@ def _dataset_sizes(spec: SpaceSpec) -> dict[str, int] | None:
     return sizes
 
 
-def make_plan(spec: SpaceSpec, *, budget_from_cli: bool = False) -> tuple[SpaceSpec, dict[str, Any]]:
+def make_plan(spec: SpaceSpec, *, budget_from_cli: bool = False,
+              default_budget: bool = False) -> tuple[SpaceSpec, dict[str, Any]]:
     """``budget.plan_compute`` on the task's real split sizes; a budget it cannot meet is a UsageError
-    (exit 2) naming ``--budget`` or the space file's ``search.budget``."""
-    from .budget import BudgetError, plan_compute
+    (exit 2) naming ``--budget`` or the space file's ``search.budget``. ``default_budget``: a spec without a
+    budget gets ``budget.DEFAULT_BUDGET_FTE`` (not with --smoke: its tiny budgets are the smoke section's)."""
+    from .budget import DEFAULT_BUDGET_FTE, BudgetError, plan_compute
 
     key = "--budget" if budget_from_cli else f"{spec.path}: search.budget"
+    is_default = default_budget and spec.search.budget is None
+    if is_default:
+        spec = spec.with_search(budget=DEFAULT_BUDGET_FTE)
+        key = f"--budget (none given: the default {DEFAULT_BUDGET_FTE:g} FTE)"
     try:
-        return plan_compute(spec, _dataset_sizes(spec), budget=spec.search.budget, budget_key=key)
+        return plan_compute(spec, _dataset_sizes(spec), budget=spec.search.budget, budget_key=key,
+                            budget_is_default=is_default)
     except BudgetError as e:
         raise UsageError(key, e.rule) from None
 

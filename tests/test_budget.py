@@ -205,7 +205,7 @@ def _inner_searcher():
 def test_budget_limiter_starts_trials_only_while_a_full_run_fits(tmp_path):
     from ray.tune.search import Searcher
 
-    from sctune.stages import BudgetLimiter
+    from sctune.searchers import BudgetLimiter
 
     lim = BudgetLimiter(_inner_searcher(), 2, budget_epochs=25, max_epochs=10)
     assert lim.suggest("t1") and lim.suggest("t2")  # 20 epochs committed

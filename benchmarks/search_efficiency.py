@@ -63,6 +63,11 @@ from benchmarks.common import (
 
 NAME = "search_efficiency"
 ARMS = ("sctune", "random_halving", "random", "conventional", "fastai")
+HALVING_ARMS = ("sctune", "random_halving")
+# A halving search is planned for its budget (``fidelity.rungs_for_budget``, ``Promotion.planned``): what a
+# user gets with ``--budget B`` is a run planned for B, not the first B FTE of a longer one. These arms run
+# once per budget; their accuracy at B is that run's answer (the best at its longest schedule).
+HALVING_BUDGETS = (2, 4, 8)
 TARGET_GAP = 0.003  # "within 0.3 points of the best accuracy any method found"
 
 FULL = {
@@ -252,14 +257,15 @@ def _search(spec, data, *, dists, constants: dict, base_over: dict, sampler, rec
     return events
 
 
-def job_search(task: dict[str, Any], rep: int, arm: str, range_result: dict[str, Any] | None) -> dict[str, Any]:
+def job_search(task: dict[str, Any], rep: int, arm: str, range_result: dict[str, Any] | None,
+               budget_fte: float | None = None) -> dict[str, Any]:
     from sctune.plan import Anchors, build_plan, make_sampler
     from sctune.space import Dist
 
     _init_worker()
     spec = _spec(task, rep)
     data = _data(spec.base.task)
-    budget = task["budget_fte"] * spec.base.epochs
+    budget = (budget_fte or task["budget_fte"]) * spec.base.epochs
     s = spec.search
     t0 = time.perf_counter()
     info: dict[str, Any] = {}
@@ -291,8 +297,19 @@ def job_search(task: dict[str, Any], rep: int, arm: str, range_result: dict[str,
                          spent0=spent0, budget_epochs=budget)
     else:
         raise ValueError(arm)
-    return {"arm": arm, "rep": rep, "spent0": spent0, "events": events, "info": info,
+    return {"arm": arm, "rep": rep, "spent0": spent0, "events": events, "info": info, "budget_fte": budget_fte,
             "wall_s": time.perf_counter() - t0, "loadavg": loadavg()}
+
+
+def budget_points(by_budget: dict[str, dict[str, Any]]) -> list[tuple[float, float, float]]:
+    """A halving arm's curve: per budget (ascending), the answer of the run planned for it (its incumbent at
+    the end: the best at the longest schedule), at what that run spent."""
+    out = []
+    for _, run in sorted(by_budget.items(), key=lambda kv: float(kv[0])):
+        cur = incumbent_curve(run["events"])
+        if cur:
+            out.append((run["events"][-1]["cost_epochs"], cur[-1][1], cur[-1][2]))
+    return out
 
 
 def _fastai_schedule(optimizer, cfg, *, steps_per_epoch: int):
@@ -398,7 +415,8 @@ def cost_to(curve: list[tuple[float, float, float]], target: float) -> float | N
 def analyse(task_name: str, task: dict[str, Any], epochs: int, runs: dict[str, list[dict]],
             grid_fte: list[float]) -> dict[str, Any]:
     budget = task["budget_fte"]
-    curves = {arm: [incumbent_curve(r["events"]) for r in rs] for arm, rs in runs.items()}
+    curves = {arm: [budget_points(r["by_budget"]) if "by_budget" in r else incumbent_curve(r["events"]) for r in rs]
+              for arm, rs in runs.items()}
     final_acc = {arm: [acc_at(c, budget * epochs) for c in cs] for arm, cs in curves.items()}
     medians = {arm: stats(v)["median"] for arm, v in final_acc.items()}
     best_any = max((m for m in medians.values() if m is not None), default=None)
@@ -514,6 +532,10 @@ def reanalyse(path: Path) -> int:
     return 0
 
 
+def halving_budgets(task: dict[str, Any]) -> list[float]:
+    return sorted({g for g in HALVING_BUDGETS if g < task["budget_fte"]} | {task["budget_fte"]})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, help="repeats per arm (default: 3, quick: 1)")
@@ -555,14 +577,27 @@ def main(argv: list[str] | None = None) -> int:
                 submit(job_fastai, task, rep, key=(tname, rep, "fastai"))
         while futs:
             done = next(as_completed(list(futs)))
-            tname, rep, what = futs.pop(done)
+            tname, rep, what = futs.pop(done)[:3]
             res = done.result()
             if what == "range":
                 stage1[tname][rep] = res
                 log(f"{tname} rep {rep}: stage 1 {res['n_tests']} range tests, {res['cost_epochs']:.1f} epochs, "
                     f"chosen {res['chosen']} (load {loadavg()})")
-                for arm in ("sctune", "random_halving", "random"):
-                    submit(job_search, tasks[tname], rep, arm, res, key=(tname, rep, arm))
+                submit(job_search, tasks[tname], rep, "random", res, key=(tname, rep, "random"))
+                for arm in HALVING_ARMS:
+                    for g in halving_budgets(tasks[tname]):
+                        submit(job_search, tasks[tname], rep, arm, res, g, key=(tname, rep, arm, g))
+            elif res.get("budget_fte"):
+                g = res["budget_fte"]
+                slot = runs[tname][what][rep] = runs[tname][what][rep] or {
+                    "arm": what, "rep": rep, "spent0": res["spent0"], "by_budget": {}, "wall_s": 0.0}
+                slot["by_budget"][f"{g:g}"] = res
+                slot["wall_s"] += res.get("wall_s") or 0.0
+                if g == max(halving_budgets(tasks[tname])):  # trial counts: the run of the full budget
+                    slot["events"], slot["info"] = res["events"], res.get("info")
+                best = max((e["test_acc"] or 0 for e in res["events"]), default=0)
+                log(f"{tname} rep {rep}: {what} at {g:g} FTE done, {len(res['events'])} trials, best test {best:.4f} "
+                    f"(load {loadavg()})")
             else:
                 runs[tname][what][rep] = res
                 best = max((e["test_acc"] or 0 for e in res["events"]), default=0)

@@ -122,11 +122,13 @@ def _steps_per_epoch(spec, data) -> int:
     return max(1, len(data.y_train) // min(spec.base.batch_size, len(data.y_train)))
 
 
-def job_range(task: dict[str, Any], rep: int) -> dict[str, Any]:
-    """sctune's stage 1, in-process: every (weight decay, seed) range test, then the stage's summary."""
+def job_range(task: dict[str, Any], rep: int, budget_fte: float | None = None) -> dict[str, Any]:
+    """sctune's stage 1, in-process: every (weight decay, seed) range test, then the stage's summary.
+    ``budget_fte``: planned for that budget as ``--budget`` plans it (``budget.plan_compute``: at most a
+    quarter of it, fewer repeats and weight decays first)."""
     import pandas as pd
 
-    from sctune.budget import plan_compute
+    from sctune.budget import BudgetError, plan_compute
     from sctune.experiment import ExperimentPaths, StageError
     from sctune.range_test import run_range_test
     from sctune.stages import summarize_range_tests
@@ -135,7 +137,11 @@ def job_range(task: dict[str, Any], rep: int) -> dict[str, Any]:
     spec = _spec(task, rep)
     data = _data(spec.base.task)
     # the range tests sctune runs: the space file's, shortened to range_test.max_fte of one training
-    spec, _ = plan_compute(spec, data.sizes())
+    try:
+        spec, _ = plan_compute(spec, data.sizes(), budget=budget_fte)
+    except BudgetError as e:  # sctune refuses this budget (exit 2): no answer at it
+        return {"iters": 0, "cost_epochs": 0.0, "n_tests": 0, "error": f"budget refused: {e.rule}", "chosen": None,
+                "verdict": None, "loadavg": loadavg()}
     rt = spec.range_test
     seeds = [spec.search.seed + i for i in range(rt.repeats)]
     t0 = time.perf_counter()
@@ -271,7 +277,8 @@ def job_search(task: dict[str, Any], rep: int, arm: str, range_result: dict[str,
     info: dict[str, Any] = {}
     if arm in ("sctune", "random_halving", "random"):
         if range_result is None or range_result["chosen"] is None:
-            return {"arm": arm, "rep": rep, "error": "stage 1 gave no usable bounds", "events": [],
+            return {"arm": arm, "rep": rep, "error": (range_result or {}).get("error") or "stage 1 gave no usable bounds",
+                    "events": [], "budget_fte": budget_fte,
                     "spent0": range_result["cost_epochs"] if range_result else 0.0, "loadavg": loadavg()}
         plan = build_plan(spec, Anchors.from_dict(range_result["chosen"]))
         spent0 = range_result["cost_epochs"]
@@ -573,20 +580,26 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(repeats):
             for tname, task in tasks.items():
                 submit(job_range, task, rep, key=(tname, rep, "range"))
+                for g in halving_budgets(task):  # the halving arms' stage 1, planned for each budget
+                    submit(job_range, task, rep, g, key=(tname, rep, "range", g))
                 submit(job_search, task, rep, "conventional", None, key=(tname, rep, "conventional"))
                 submit(job_fastai, task, rep, key=(tname, rep, "fastai"))
         while futs:
             done = next(as_completed(list(futs)))
-            tname, rep, what = futs.pop(done)[:3]
+            key = futs.pop(done)
+            tname, rep, what = key[:3]
             res = done.result()
-            if what == "range":
+            if what == "range" and len(key) == 4:
+                g = key[3]
+                log(f"{tname} rep {rep}: stage 1 for {g:g} FTE: {res['n_tests']} range tests, "
+                    f"{res['cost_epochs']:.1f} epochs, chosen {res['chosen']} (load {loadavg()})")
+                for arm in HALVING_ARMS:
+                    submit(job_search, tasks[tname], rep, arm, res, g, key=(tname, rep, arm, g))
+            elif what == "range":
                 stage1[tname][rep] = res
                 log(f"{tname} rep {rep}: stage 1 {res['n_tests']} range tests, {res['cost_epochs']:.1f} epochs, "
                     f"chosen {res['chosen']} (load {loadavg()})")
                 submit(job_search, tasks[tname], rep, "random", res, key=(tname, rep, "random"))
-                for arm in HALVING_ARMS:
-                    for g in halving_budgets(tasks[tname]):
-                        submit(job_search, tasks[tname], rep, arm, res, g, key=(tname, rep, arm, g))
             elif res.get("budget_fte"):
                 g = res["budget_fte"]
                 slot = runs[tname][what][rep] = runs[tname][what][rep] or {
@@ -594,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
                 slot["by_budget"][f"{g:g}"] = res
                 slot["wall_s"] += res.get("wall_s") or 0.0
                 if g == max(halving_budgets(tasks[tname])):  # trial counts: the run of the full budget
-                    slot["events"], slot["info"] = res["events"], res.get("info")
+                    slot["events"], slot["info"], slot["spent0"] = res["events"], res.get("info"), res["spent0"]
                 best = max((e["test_acc"] or 0 for e in res["events"]), default=0)
                 log(f"{tname} rep {rep}: {what} at {g:g} FTE done, {len(res['events'])} trials, best test {best:.4f} "
                     f"(load {loadavg()})")

@@ -102,6 +102,11 @@ class Promotion:
         sign = -1.0 if self.mode == "max" else 1.0
         return [c for c, _ in sorted(done, key=lambda cs: (sign * cs[1], cs[0]))]
 
+    @property
+    def in_flight(self) -> int:
+        """Trials suggested and not finished yet."""
+        return len(self.running) + len(self._drawing)
+
     def planned(self, n: int) -> float:
         """Epochs a ladder from ``n`` configurations costs: ``n // eta^r`` at rung ``r``, at least one (the
         best goes on to the full length)."""

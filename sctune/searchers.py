@@ -40,18 +40,25 @@ class HalvingSearcher(Searcher):
     """
 
     def __init__(self, plan: SearchPlan, *, mode: str, budget_epochs: float | None, sampler,
-                 max_configs: int | None = None, recipe: bool = True):
+                 max_concurrent: int | None = None, max_configs: int | None = None, recipe: bool = True):
         super().__init__(metric=plan.select, mode=mode)
+        # The searcher limits concurrency itself, in its saved books: Ray's ConcurrencyLimiter does not save
+        # its live trials, so after --resume it would drop the completions of the trials it restored and
+        # the ladder would wait for them for ever.
+        self.max_concurrent = max_concurrent
         self.space = optuna_space(plan.dists)
         # a budget of B full trainings carries a ladder over the longest floor(B) rungs (``rungs_for_budget``)
-        self.books = Promotion(rungs_for_budget(plan.rungs, budget_epochs), eta=plan.eta, mode=mode, budget_epochs=budget_epochs,
-                               max_configs=max_configs)
+        self.books = Promotion(rungs_for_budget(plan.rungs, budget_epochs), eta=plan.eta, mode=mode,
+                               budget_epochs=budget_epochs, max_configs=max_configs)
         self.study = optuna.create_study(direction="maximize" if mode == "max" else "minimize", sampler=sampler)
         if recipe:
             self.study.enqueue_trial(dict(plan.recipe))  # Smith's recipe: the first configuration
         self.asked: dict[str, Any] = {}  # trial id -> its Optuna trial (shortest length only)
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if (self.max_concurrent is not None and self.books.in_flight >= self.max_concurrent
+                and trial_id not in self.books.trial_of):
+            return None
         s = self.books.suggest(trial_id)
         if s == "finished":
             return Searcher.FINISHED
@@ -153,7 +160,8 @@ def make_searcher(spec: SpaceSpec, plan: SearchPlan, *, budget_epochs: float | N
     s = spec.search
     samp = make_sampler(sampler, seed=s.seed, num_samples=s.num_samples)
     if plan.scheduler == "halving":
-        return HalvingSearcher(plan, mode=s.mode, sampler=samp, recipe=recipe, budget_epochs=(
+        return HalvingSearcher(plan, mode=s.mode, sampler=samp, recipe=recipe, max_concurrent=s.max_concurrent,
+                               budget_epochs=(
             budget_epochs if budget_epochs is not None else s.num_samples * spec.base.epochs))
     # Optuna learns from the selection score (mean of the last evaluations), the number trials are ranked by;
     # ASHA compares the precise-BN metric of the epoch at which trials reach the same phase.

@@ -214,7 +214,9 @@ def run_search_stage(spec: SpaceSpec, paths: ExperimentPaths, plan: SearchPlan, 
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(spec, plan),
                                         num_samples=-1 if counted else s.num_samples,
-                                        max_concurrent_trials=s.max_concurrent, reuse_actors=True),
+                                        # halving: the searcher limits concurrency itself (searchers)
+                                        max_concurrent_trials=None if plan.scheduler == "halving" else
+                                        s.max_concurrent, reuse_actors=True),
             run_config=_run_config(paths, "search", [progress, sessions], max_failures=2),
         )
 

@@ -402,6 +402,8 @@ def write_tb_config(spec: SpaceSpec, paths: ExperimentPaths, dists: dict | None 
                 dists[n] = type(d)(n, d.kind, low=d.low * lo, high=max(d.high * hi, d.low * lo), log=False)
     hparams = {n: {k: v for k, v in d.to_dict().items() if k != "log"} for n, d in dists.items()}
     hparams.setdefault("weight_decay", {"type": "float", "low": 0.0, "high": max(rt.weight_decays)})
+    # the fidelity: a halving trial's schedule length (complete one-cycles of 1/8 .. 1 of the training)
+    hparams.setdefault("epochs", {"type": "int", "low": 1, "high": spec.base.epochs})
     hparams |= {"seed": {"type": "int", "low": 0, "high": spec.search.seed + 10_000},
                 "stage": {"choices": ["range", "search", "final"]}}
     metrics = [(VAL_ACC, "validation accuracy"), (TEST_ACC, "test accuracy (final fit)"),

@@ -124,7 +124,8 @@ class Promotion:
 
     def promotable(self) -> tuple[int, int] | None:
         """(config id, next rung): the best configuration, from the highest rung down, that ranks in the top
-        1/eta of its rung's completed results and has not started at the next rung yet. Once no new
+        1/eta of its rung's completed results and has not started at the next rung yet, while fewer than
+        1/eta of the rung's results went on. Once no new
         configuration may be drawn, the best of a rung goes on even where the rung holds fewer than eta."""
         last_call = not self.can_draw()
         for r in range(len(self.rungs) - 2, -1, -1):
@@ -132,6 +133,11 @@ class Promotion:
             k = len(self.scores[r]) // self.eta  # failed results count in the rung's size, never promote
             if last_call:
                 k = max(k, 1)
+            # at most k go on from this rung in all: a configuration promoted early and overtaken later keeps
+            # its place, so the ladder costs no more than planned (``planned``) and the budget still reaches
+            # the full length
+            if len(self.started[r + 1]) >= k:
+                continue
             for c in ranked[:k]:
                 if c not in self.started[r + 1]:
                     return c, r + 1

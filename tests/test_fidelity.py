@@ -131,3 +131,21 @@ def test_a_small_budget_uses_only_the_longest_rungs():
     assert rungs_for_budget(rungs, 64) == rungs
     assert rungs_for_budget(rungs, 8) == (16,)  # less than one training: Promotion then starts nothing
     assert Promotion((16,), budget_epochs=8).suggest("t") == "finished"
+
+
+def test_a_configuration_overtaken_after_its_promotion_does_not_open_an_extra_place():
+    books = Promotion((1, 2, 4), budget_epochs=1000, max_configs=4)
+    ids = []
+    for i in range(4):
+        books.suggest(f"t{i}")
+        ids.append(books.add_config(f"t{i}", {}))
+    books.complete("t0", 0.9, 1)
+    books.complete("t1", 0.8, 1)
+    s = books.suggest("p0")
+    assert (s.cid, s.rung) == (0, 1)  # the top half of two results
+    books.complete("t2", 0.95, 1)
+    books.complete("t3", 0.97, 1)  # config 0 is now third of four
+    s = books.suggest("p1")
+    assert (s.cid, s.rung) == (3, 1)  # the best takes the second place; config 2 gets none
+    assert books.promotable() is None
+    assert len(books.started[1]) == 4 // 2

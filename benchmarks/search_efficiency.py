@@ -2,15 +2,17 @@
 
 Arms (same task, same data split, same training loop ``sctune.train.fit``; repeat r seeds everything):
 
-* ``sctune``: stage 1 exactly as sctune runs it (the space file's range tests: every weight decay x
-  ``repeats`` seeds through ``sctune.range_test.run_range_test``, each at most ``range_test.max_fte`` of
-  one training, as ``sctune.budget.plan_compute`` shortens them), bounds and WD prior from
-  ``sctune.stages.summarize_range_tests``, then stage 2's plan from ``sctune.experiment.search_plan``
-  (``space.resolve`` / ``recipe_point`` / ``rung_plan``): Optuna multivariate TPE seeded with
-  Smith's recipe as the first point + ASHA with rungs at equal schedule phase (the end of every
-  trial's cycle), trials ranked by the mean of their last ``search.select_last`` evaluations.
-* ``random``: the same stage 1 (its cost is charged too), then random search over the same resolved
-  joint space, no recipe point, no pruning.
+* ``sctune``: stage 1 exactly as sctune runs it with ``--budget B`` (the space file's range tests, planned by
+  ``sctune.budget.plan_compute`` for that budget: each at most ``range_test.max_fte`` of one training, at
+  most a quarter of the budget), bounds and WD prior from ``sctune.stages.summarize_range_tests``, stage 2's
+  plan from ``sctune.plan.build_plan``, then stage 2 itself: the very Ray ``Searcher`` the stage uses
+  (``sctune.searchers.make_searcher``: successive halving over complete one-cycle schedules of 1/8 .. 1 of
+  the training, ``sctune.fidelity.Promotion``; new configurations from Optuna's multivariate TPE, Smith's
+  recipe first), asked for one trial at a time. A halving search is planned for its budget, so this arm
+  runs once per budget (2, 4, 8 and 16 FTE); its accuracy at B is the answer of the run planned for B.
+* ``random_halving``: the same, configurations drawn at random (Optuna's RandomSampler), no recipe point.
+* ``random``: the space-file stage 1 (its cost is charged too), then random search over the same resolved
+  joint space, every trial a full training, no recipe point, no pruning.
 * ``conventional``: what a Ray Tune user writes without sctune: OptunaSearch (multivariate TPE, same
   seed/startup) + ASHA (grace_period 1, the Ray default; reduction factor as in the space file) over a
   wide space: LR log-uniform 1e-4..10 with the step (piecewise-constant) schedule, WD log 1e-5..1e-2,
@@ -23,7 +25,8 @@ Arms (same task, same data split, same training loop ``sctune.train.fit``; repea
   moms 0.95-0.85-0.95, cosine annealing (torch ``OneCycleLR``, two phases).
 
 What ran where: everything runs in-process, sequentially (one trial at a time), not through Ray.
-The algorithms are the ones sctune hands to Ray: optuna's ``TPESampler`` driven by ask/tell exactly
+The algorithms are the ones sctune hands to Ray: sctune's own ``HalvingSearcher`` object, and for the
+conventional and random arms optuna's samplers (``sctune.plan.make_sampler``) driven by ask/tell exactly
 as Ray's ``OptunaSearch`` drives it (pruned trials are told COMPLETE with their last metric, as
 ``OptunaSearch.on_trial_complete`` does) and Ray's own ``ASHAScheduler`` object fed each epoch's
 result (``on_trial_add`` / ``on_trial_result`` / ``on_trial_complete``). Differences from a real
@@ -32,8 +35,8 @@ ask, ASHA never waits), and no Ray actor/checkpoint overhead (benchmark 3 measur
 
 Compute = trial-epochs actually run (pruned and diverged trials count what they ran) + range-test
 iterations / steps per epoch. 1 FTE = one full training run of the task (``fixed.epochs``).
-Accuracy = *test* accuracy of the incumbent: the completed trial with the best final validation
-accuracy so far (test data is never used for selection).
+Accuracy = *test* accuracy of the incumbent: the completed trial with the best validation score among
+those of the longest schedule so far (test data is never used for selection).
 """
 
 from __future__ import annotations

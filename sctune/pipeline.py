@@ -172,7 +172,8 @@ def _run(space: str | Path | SpaceSpec | None, o: Options) -> SearchResults:
     state.setdefault("done", [])
     state.update({"smoke": o.smoke, "space": str(space if space is not None and not isinstance(space, SpaceSpec)
                                                   else spec.path)})
-    state["budget"] = spec.search.budget  # --resume plans with the same budget
+    # --resume plans with the same budget (the default one is chosen again, not stored as the user's)
+    state["budget"] = None if cplan.get("budget_default") else spec.search.budget
     write_json(paths.state, state)
     results = SearchResults(root=exp, plan=cplan)
     try:
@@ -233,6 +234,7 @@ def _run_stages(spec: SpaceSpec, paths: ExperimentPaths, state: dict[str, Any], 
         search_budget = _search_budget(budget_fte, range_fte, cplan)
         write_tb_config(spec, paths, plan.dists)  # now with the searched ranges
         results.summary = run_search_stage(spec, paths, plan, resume=o.resume, quiet=o.quiet, budget_fte=search_budget,
+                                           budget_is_default=bool(cplan.get("budget_default")),
                                            fte=(range_fte or 0.0, budget_fte, 1.0 / spec.base.epochs))
         _stage_done(state, "search", paths, results)
         search_figure(results.summary, tail_key(spec.search.metric), paths.search_png)

@@ -178,14 +178,16 @@ def _range_figure(spec: SpaceSpec, paths: ExperimentPaths, curves: pd.DataFrame,
 # -- stage 2 -----------------------------------------------------------------------------------
 
 def run_search_stage(spec: SpaceSpec, paths: ExperimentPaths, plan: SearchPlan, *, resume: bool = False,
-                     quiet: bool = False, budget_fte: float | None = None,
+                     quiet: bool = False, budget_fte: float | None = None, budget_is_default: bool = False,
                      fte: tuple[float, float | None, float | None] | None = None) -> pd.DataFrame:
     """Joint one-cycle + regularization search over ``plan`` (``plan.build_plan``) with the search algorithm of
     ``searchers.make_searcher``; writes summary.csv and returns it.
 
     ``budget_fte``: compute the search may spend, in FTE (epochs / ``fixed.epochs``; a complete schedule at
     1/8 of the training costs 1/8); trials start until it is spent and ``num_samples`` is no cap (with
-    ``halving`` it never is: without a budget it spends ``num_samples`` FTE). ``fte``: see
+    ``halving`` it never is: without a budget it spends ``num_samples`` FTE). ``budget_is_default``: the budget
+    is the default one, not the user's: full-length searches (asha, none) then stop at ``num_samples`` too,
+    as they did before there was a default. ``fte``: see
     ``progress.ProgressLines``.
     """
     import optuna
@@ -202,7 +204,8 @@ def run_search_stage(spec: SpaceSpec, paths: ExperimentPaths, plan: SearchPlan, 
                              cpus=s.cpus_per_trial, user_task=registrations(spec.base.task),
                              select_metric=s.metric, select_last=s.select_last),
         resources)
-    counted = budget_fte is not None or plan.scheduler == "halving"  # trials start until the compute is spent
+    # trials start until the compute is spent (halving, or a budget the user gave)
+    counted = plan.scheduler == "halving" or (budget_fte is not None and not budget_is_default)
     progress = _progress("search", None if counted else s.num_samples, metric=plan.select,
                          mode=s.mode, epochs=spec.base.epochs, quiet=quiet, fte=fte)
     sessions = TensorBoardSessions("search", paths.tensorboard, epochs=spec.base.epochs)

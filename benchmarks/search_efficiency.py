@@ -2,15 +2,17 @@
 
 Arms (same task, same data split, same training loop ``sctune.train.fit``; repeat r seeds everything):
 
-* ``sctune``: stage 1 exactly as sctune runs it (the space file's range tests: every weight decay x
-  ``repeats`` seeds through ``sctune.range_test.run_range_test``, each at most ``range_test.max_fte`` of
-  one training, as ``sctune.budget.plan_compute`` shortens them), bounds and WD prior from
-  ``sctune.stages.summarize_range_tests``, then stage 2's plan from ``sctune.experiment.search_plan``
-  (``space.resolve`` / ``recipe_point`` / ``rung_plan``): Optuna multivariate TPE seeded with
-  Smith's recipe as the first point + ASHA with rungs at equal schedule phase (the end of every
-  trial's cycle), trials ranked by the mean of their last ``search.select_last`` evaluations.
-* ``random``: the same stage 1 (its cost is charged too), then random search over the same resolved
-  joint space, no recipe point, no pruning.
+* ``sctune``: stage 1 exactly as sctune runs it with ``--budget B`` (the space file's range tests, planned by
+  ``sctune.budget.plan_compute`` for that budget: each at most ``range_test.max_fte`` of one training, at
+  most a quarter of the budget), bounds and WD prior from ``sctune.stages.summarize_range_tests``, stage 2's
+  plan from ``sctune.plan.build_plan``, then stage 2 itself: the very Ray ``Searcher`` the stage uses
+  (``sctune.searchers.make_searcher``: successive halving over complete one-cycle schedules of 1/8 .. 1 of
+  the training, ``sctune.fidelity.Promotion``; new configurations from Optuna's multivariate TPE, Smith's
+  recipe first), asked for one trial at a time. A halving search is planned for its budget, so this arm
+  runs once per budget (2, 4, 8 and 16 FTE); its accuracy at B is the answer of the run planned for B.
+* ``random_halving``: the same, configurations drawn at random (Optuna's RandomSampler), no recipe point.
+* ``random``: the space-file stage 1 (its cost is charged too), then random search over the same resolved
+  joint space, every trial a full training, no recipe point, no pruning.
 * ``conventional``: what a Ray Tune user writes without sctune: OptunaSearch (multivariate TPE, same
   seed/startup) + ASHA (grace_period 1, the Ray default; reduction factor as in the space file) over a
   wide space: LR log-uniform 1e-4..10 with the step (piecewise-constant) schedule, WD log 1e-5..1e-2,
@@ -23,7 +25,8 @@ Arms (same task, same data split, same training loop ``sctune.train.fit``; repea
   moms 0.95-0.85-0.95, cosine annealing (torch ``OneCycleLR``, two phases).
 
 What ran where: everything runs in-process, sequentially (one trial at a time), not through Ray.
-The algorithms are the ones sctune hands to Ray: optuna's ``TPESampler`` driven by ask/tell exactly
+The algorithms are the ones sctune hands to Ray: sctune's own ``HalvingSearcher`` object, and for the
+conventional and random arms optuna's samplers (``sctune.plan.make_sampler``) driven by ask/tell exactly
 as Ray's ``OptunaSearch`` drives it (pruned trials are told COMPLETE with their last metric, as
 ``OptunaSearch.on_trial_complete`` does) and Ray's own ``ASHAScheduler`` object fed each epoch's
 result (``on_trial_add`` / ``on_trial_result`` / ``on_trial_complete``). Differences from a real
@@ -32,8 +35,8 @@ ask, ASHA never waits), and no Ray actor/checkpoint overhead (benchmark 3 measur
 
 Compute = trial-epochs actually run (pruned and diverged trials count what they ran) + range-test
 iterations / steps per epoch. 1 FTE = one full training run of the task (``fixed.epochs``).
-Accuracy = *test* accuracy of the incumbent: the completed trial with the best final validation
-accuracy so far (test data is never used for selection).
+Accuracy = *test* accuracy of the incumbent: the completed trial with the best validation score among
+those of the longest schedule so far (test data is never used for selection).
 """
 
 from __future__ import annotations
@@ -62,15 +65,22 @@ from benchmarks.common import (
 )
 
 NAME = "search_efficiency"
-ARMS = ("sctune", "random", "conventional", "fastai")
+ARMS = ("sctune", "random_halving", "random", "conventional", "fastai")
+HALVING_ARMS = ("sctune", "random_halving")
+# A halving search is planned for its budget (``fidelity.rungs_for_budget``, ``Promotion.planned``): what a
+# user gets with ``--budget B`` is a run planned for B, not the first B FTE of a longer one. These arms run
+# once per budget; their accuracy at B is that run's answer (the best at its longest schedule).
+HALVING_BUDGETS = (2, 4, 8)
 TARGET_GAP = 0.003  # "within 0.3 points of the best accuracy any method found"
 
 FULL = {
     "tasks": {
-        "mnist1d": {"space": "search_spaces/mnist1d.yaml", "budget_fte": 32},
-        "digits": {"space": "search_spaces/digits.yaml", "budget_fte": 32},
+        "mnist1d": {"space": "search_spaces/mnist1d.yaml", "budget_fte": 16},
+        "digits": {"space": "search_spaces/digits.yaml", "budget_fte": 16},
         # the paper's limited-data regime (its gains were largest with little data): 1,000 training signals
-        "mnist1d_1k": {"space": "search_spaces/mnist1d.yaml", "budget_fte": 32, "train_subset": 1000},
+        "mnist1d_1k": {"space": "search_spaces/mnist1d.yaml", "budget_fte": 16, "train_subset": 1000},
+        # a task no shipped space tunes for: the README walk-through's breast-cancer MLP and space as written
+        "breast_cancer": {"space": "benchmarks/spaces/breast_cancer.yaml", "budget_fte": 16},
     },
     "repeats": 3,
 }
@@ -115,11 +125,13 @@ def _steps_per_epoch(spec, data) -> int:
     return max(1, len(data.y_train) // min(spec.base.batch_size, len(data.y_train)))
 
 
-def job_range(task: dict[str, Any], rep: int) -> dict[str, Any]:
-    """sctune's stage 1, in-process: every (weight decay, seed) range test, then the stage's summary."""
+def job_range(task: dict[str, Any], rep: int, budget_fte: float | None = None) -> dict[str, Any]:
+    """sctune's stage 1, in-process: every (weight decay, seed) range test, then the stage's summary.
+    ``budget_fte``: planned for that budget as ``--budget`` plans it (``budget.plan_compute``: at most a
+    quarter of it, fewer repeats and weight decays first)."""
     import pandas as pd
 
-    from sctune.budget import plan_compute
+    from sctune.budget import BudgetError, plan_compute
     from sctune.experiment import ExperimentPaths, StageError
     from sctune.range_test import run_range_test
     from sctune.stages import summarize_range_tests
@@ -128,7 +140,11 @@ def job_range(task: dict[str, Any], rep: int) -> dict[str, Any]:
     spec = _spec(task, rep)
     data = _data(spec.base.task)
     # the range tests sctune runs: the space file's, shortened to range_test.max_fte of one training
-    spec, _ = plan_compute(spec, data.sizes())
+    try:
+        spec, _ = plan_compute(spec, data.sizes(), budget=budget_fte)
+    except BudgetError as e:  # sctune refuses this budget (exit 2): no answer at it
+        return {"iters": 0, "cost_epochs": 0.0, "n_tests": 0, "error": f"budget refused: {e.rule}", "chosen": None,
+                "verdict": None, "loadavg": loadavg()}
     rt = spec.range_test
     seeds = [spec.search.seed + i for i in range(rt.repeats)]
     t0 = time.perf_counter()
@@ -155,6 +171,42 @@ def job_range(task: dict[str, Any], rep: int) -> dict[str, Any]:
             "verdict": None if bounds is None else bounds["verdict"], "loadavg": loadavg()}
 
 
+def _halving(spec, data, plan, *, sampler: str, recipe: bool, spent0: float,
+             budget_epochs: float) -> list[dict[str, Any]]:
+    """sctune's stage 2 in-process: the very ``Searcher`` the stage hands to Ray (``make_searcher``), asked for
+    one trial at a time; each trial a complete one-cycle of the suggested ``epochs``."""
+    from ray.tune.search import Searcher
+
+    from sctune.config import TrainConfig
+    from sctune.searchers import make_searcher
+    from sctune.train import TEST_ACC, VAL_ACC, fit, tail_mean
+
+    searcher = make_searcher(spec, plan, budget_epochs=budget_epochs - spent0, sampler=sampler, recipe=recipe)
+    base = spec.base.to_flat() | plan.constants
+    events: list[dict[str, Any]] = []
+    spent, n = spent0, 0
+    while True:
+        tid = f"t{n}"
+        config = searcher.suggest(tid)
+        if config is None or config == Searcher.FINISHED:
+            break  # one trial at a time: None (wait) cannot happen with nothing running
+        n += 1
+        params = {k: v for k, v in config.items() if not k.startswith("_")}
+        cfg = TrainConfig.from_flat(base | params)
+        t0 = time.perf_counter()
+        res = fit(cfg, data=data, test_at_end=True)
+        vals = [h[VAL_ACC] for h in res.history]
+        score = tail_mean(vals, spec.search.select_last)
+        searcher.on_trial_complete(tid, {plan.select: score, "epoch": res.epochs_run, "diverged": res.diverged})
+        spent += res.epochs_run
+        status = "diverged" if res.diverged else "completed"
+        events.append({"trial": n - 1, "params": params, "epochs": cfg.epochs, "rung": config["_rung"],
+                       "epochs_run": res.epochs_run, "status": status, "val_acc": score,
+                       "test_acc": res.final.get(TEST_ACC) if status == "completed" else None,
+                       "cost_epochs": spent, "wall_s": time.perf_counter() - t0})
+    return events
+
+
 def _search(spec, data, *, dists, constants: dict, base_over: dict, sampler, recipe: dict | None,
             asha: dict | None, spent0: float, budget_epochs: float, select_last: int = 1) -> list[dict[str, Any]]:
     """Ask/tell loop as Ray's OptunaSearch runs it, ASHA via Ray's scheduler object, one trial at a time."""
@@ -162,8 +214,8 @@ def _search(spec, data, *, dists, constants: dict, base_over: dict, sampler, rec
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
     from sctune.config import TrainConfig
+    from sctune.plan import optuna_space
     from sctune.schedules import schedule_phase
-    from sctune.space import to_optuna
     from sctune.train import PHASE, TEST_ACC, VAL_ACC, fit, tail_mean
 
     study = optuna.create_study(direction="maximize", sampler=sampler)
@@ -171,12 +223,12 @@ def _search(spec, data, *, dists, constants: dict, base_over: dict, sampler, rec
         study.enqueue_trial(recipe)
     scheduler = None
     if asha is not None:
-        # sctune's rungs are in schedule phase (space.rung_plan); the conventional arm's in epochs
+        # the conventional arm's rungs are in epochs
         scheduler = ASHAScheduler(time_attr=asha.get("time_attr", "epoch"), metric=VAL_ACC, mode="max",
                                   max_t=asha.get("max_t", spec.base.epochs), grace_period=asha["grace_period"],
                                   reduction_factor=asha["reduction_factor"])
 
-    distributions = to_optuna(dists)
+    distributions = optuna_space(dists)
     base = spec.base.to_flat() | base_over | constants
     events: list[dict[str, Any]] = []
     spent = spent0
@@ -210,58 +262,64 @@ def _search(spec, data, *, dists, constants: dict, base_over: dict, sampler, rec
         status = "diverged" if res.diverged else ("completed" if res.epochs_run == cfg.epochs else "pruned")
         events.append({"trial": ot.number, "params": params, "epochs_run": res.epochs_run, "status": status,
                        "val_acc": val, "test_acc": last.get(TEST_ACC) if status == "completed" else None,
-                       "cost_epochs": spent, "wall_s": wall})
+                       "epochs": cfg.epochs, "cost_epochs": spent, "wall_s": wall})
     return events
 
 
-def job_search(task: dict[str, Any], rep: int, arm: str, range_result: dict[str, Any] | None) -> dict[str, Any]:
-    import optuna
-
-    from sctune.experiment import search_plan
-    from sctune.space import Anchors, Dist
+def job_search(task: dict[str, Any], rep: int, arm: str, range_result: dict[str, Any] | None,
+               budget_fte: float | None = None) -> dict[str, Any]:
+    from sctune.plan import Anchors, build_plan, make_sampler
+    from sctune.space import Dist
 
     _init_worker()
     spec = _spec(task, rep)
     data = _data(spec.base.task)
-    budget = task["budget_fte"] * spec.base.epochs
+    budget = (budget_fte or task["budget_fte"]) * spec.base.epochs
     s = spec.search
-    n_startup = max(2, min(10, s.num_samples // 3))  # sctune's stage 2 formula
     t0 = time.perf_counter()
     info: dict[str, Any] = {}
-    if arm in ("sctune", "random"):
+    if arm in ("sctune", "random_halving", "random"):
         if range_result is None or range_result["chosen"] is None:
-            return {"arm": arm, "rep": rep, "error": "stage 1 gave no usable bounds", "events": [],
+            return {"arm": arm, "rep": rep, "error": (range_result or {}).get("error") or "stage 1 gave no usable bounds",
+                    "events": [], "budget_fte": budget_fte,
                     "spent0": range_result["cost_epochs"] if range_result else 0.0, "loadavg": loadavg()}
-        plan = search_plan(spec, Anchors(**range_result["chosen"]))
+        plan = build_plan(spec, Anchors.from_dict(range_result["chosen"]))
         spent0 = range_result["cost_epochs"]
-        info = {"recipe": plan["recipe"], "grace_period": plan["grace_period"], "constants": plan["constants"],
-                "space": {k: d.to_dict() for k, d in plan["dists"].items()}}
-        if arm == "sctune":
-            sampler = optuna.samplers.TPESampler(seed=s.seed, multivariate=True, n_startup_trials=n_startup)
-            events = _search(spec, data, dists=plan["dists"], constants=plan["constants"], base_over={},
-                             sampler=sampler, recipe=plan["recipe"],
-                             asha=None if s.scheduler != "asha" else
-                             plan["rungs"] | {"reduction_factor": s.reduction_factor},
-                             spent0=spent0, budget_epochs=budget, select_last=s.select_last)
-        else:
-            sampler = optuna.samplers.RandomSampler(seed=s.seed)
-            events = _search(spec, data, dists=plan["dists"], constants=plan["constants"], base_over={},
-                             sampler=sampler, recipe=None, asha=None, spent0=spent0, budget_epochs=budget,
-                             select_last=s.select_last)
+        info = {"recipe": plan.recipe, "rungs": list(plan.rungs), "constants": plan.constants,
+                "space": {k: d.to_dict() for k, d in plan.dists.items()}}
+        if arm == "sctune":  # sctune's stage 2 as shipped: halving of complete schedules, TPE, the recipe first
+            events = _halving(spec, data, plan, sampler="tpe", recipe=True, spent0=spent0, budget_epochs=budget)
+        elif arm == "random_halving":  # the same halving, configurations drawn at random, no recipe point
+            events = _halving(spec, data, plan, sampler="random", recipe=False, spent0=spent0,
+                              budget_epochs=budget)
+        else:  # plain random search in the same space: every trial a full training
+            events = _search(spec, data, dists=plan.dists, constants=plan.constants, base_over={},
+                             sampler=make_sampler("random", seed=s.seed, num_samples=s.num_samples), recipe=None,
+                             asha=None, spent0=spent0, budget_epochs=budget, select_last=s.select_last)
     elif arm == "conventional":
         dists = {k: Dist(k, "float", low=lo, high=hi, log=lg) for k, (lo, hi, lg) in CONVENTIONAL_SPACE.items()}
-        sampler = optuna.samplers.TPESampler(seed=s.seed, multivariate=True, n_startup_trials=n_startup)
         spent0 = 0.0
         info = {"space": {k: d.to_dict() for k, d in dists.items()}, "grace_period": 1,
                 "schedule": "piecewise", "milestones_frac": list(spec.base.baseline.milestones_frac)}
         events = _search(spec, data, dists=dists, constants={}, base_over={"schedule": "piecewise", "momentum": 0.9},
-                         sampler=sampler, recipe=None,
-                         asha={"grace_period": 1, "reduction_factor": s.reduction_factor},
+                         sampler=make_sampler("tpe", seed=s.seed, num_samples=s.num_samples), recipe=None,
+                         asha={"grace_period": 1, "reduction_factor": 2},
                          spent0=spent0, budget_epochs=budget)
     else:
         raise ValueError(arm)
-    return {"arm": arm, "rep": rep, "spent0": spent0, "events": events, "info": info,
-            "wall_s": time.perf_counter() - t0, "loadavg": loadavg(), "n_startup_trials": n_startup}
+    return {"arm": arm, "rep": rep, "spent0": spent0, "events": events, "info": info, "budget_fte": budget_fte,
+            "wall_s": time.perf_counter() - t0, "loadavg": loadavg()}
+
+
+def budget_points(by_budget: dict[str, dict[str, Any]]) -> list[tuple[float, float, float]]:
+    """A halving arm's curve: per budget (ascending), the answer of the run planned for it (its incumbent at
+    the end: the best at the longest schedule), at what that run spent."""
+    out = []
+    for _, run in sorted(by_budget.items(), key=lambda kv: float(kv[0])):
+        cur = incumbent_curve(run["events"])
+        if cur:
+            out.append((run["events"][-1]["cost_epochs"], cur[-1][1], cur[-1][2]))
+    return out
 
 
 def _fastai_schedule(optimizer, cfg, *, steps_per_epoch: int):
@@ -337,11 +395,14 @@ def job_fastai(task: dict[str, Any], rep: int) -> dict[str, Any]:
 # -- analysis -----------------------------------------------------------------------------------
 
 def incumbent_curve(events: list[dict[str, Any]]) -> list[tuple[float, float, float]]:
-    """(cost_epochs, incumbent val acc, incumbent test acc) each time the incumbent changes."""
-    best_val, out = -math.inf, []
+    """(cost_epochs, incumbent val acc, incumbent test acc) each time the incumbent changes. The incumbent is
+    the completed trial with the best validation score among those of the longest schedule so far (what
+    sctune's ``pick_best`` recommends; in the arms whose trials are all full-length, simply the best)."""
+    best, out = (-math.inf, -math.inf), []
     for e in events:
-        if e["status"] == "completed" and e["val_acc"] is not None and e["val_acc"] > best_val:
-            best_val = e["val_acc"]
+        key = (e.get("epochs") or 0, e["val_acc"] if e["val_acc"] is not None else -math.inf)
+        if e["status"] == "completed" and e["val_acc"] is not None and key > best:
+            best = key
             out.append((e["cost_epochs"], e["val_acc"], e["test_acc"]))
     return out
 
@@ -364,7 +425,8 @@ def cost_to(curve: list[tuple[float, float, float]], target: float) -> float | N
 def analyse(task_name: str, task: dict[str, Any], epochs: int, runs: dict[str, list[dict]],
             grid_fte: list[float]) -> dict[str, Any]:
     budget = task["budget_fte"]
-    curves = {arm: [incumbent_curve(r["events"]) for r in rs] for arm, rs in runs.items()}
+    curves = {arm: [budget_points(r["by_budget"]) if "by_budget" in r else incumbent_curve(r["events"]) for r in rs]
+              for arm, rs in runs.items()}
     final_acc = {arm: [acc_at(c, budget * epochs) for c in cs] for arm, cs in curves.items()}
     medians = {arm: stats(v)["median"] for arm, v in final_acc.items()}
     best_any = max((m for m in medians.values() if m is not None), default=None)
@@ -404,7 +466,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     tasks = list(results)
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 4.4), squeeze=False)
-    colors = {"sctune": "C0", "random": "C2", "conventional": "C3", "fastai": "C1"}
+    colors = {"sctune": "C0", "random_halving": "C4", "random": "C2", "conventional": "C3", "fastai": "C1"}
     for ax, name in zip(axes[0], tasks, strict=True):
         r = results[name]
         budget = r["budget_fte"]
@@ -480,11 +542,15 @@ def reanalyse(path: Path) -> int:
     return 0
 
 
+def halving_budgets(task: dict[str, Any]) -> list[float]:
+    return sorted({g for g in HALVING_BUDGETS if g < task["budget_fte"]} | {task["budget_fte"]})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, help="repeats per arm (default: 3, quick: 1)")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (1 thread each)")
-    p.add_argument("--tasks", nargs="*", help="subset of tasks (mnist1d digits)")
+    p.add_argument("--tasks", nargs="*", help="subset of tasks (mnist1d digits mnist1d_1k breast_cancer)")
     p.add_argument("--budget-fte", type=float, help="override every task's compute budget (FTE)")
     p.add_argument("--reanalyse", type=Path, help="recompute the analysis and plot of an existing result file")
     args = p.parse_args(argv)
@@ -500,9 +566,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     settings = {"tasks": tasks, "repeats": repeats, "workers": args.workers, "arms": ARMS,
                 "conventional_space": CONVENTIONAL_SPACE, "fastai": FASTAI, "target_gap": TARGET_GAP,
-                "execution": "in-process, one trial at a time; optuna TPE (multivariate) ask/tell as Ray's "
-                             "OptunaSearch; Ray's ASHAScheduler object for pruning; sctune stage-1 logic "
-                             "(run_range_test + summarize_range_tests + search_plan)"}
+                "execution": "in-process, one trial at a time; sctune and random_halving: the stage's own Ray "
+                             "Searcher (sctune.searchers.make_searcher) asked directly; conventional and random: "
+                             "optuna ask/tell as Ray's OptunaSearch, Ray's ASHAScheduler object for pruning; "
+                             "sctune stage-1 logic (run_range_test + summarize_range_tests + plan.build_plan)"}
     payload = envelope(NAME, args, settings)
     runs: dict[str, dict[str, list]] = {t: {a: [None] * repeats for a in ARMS} for t in tasks}
     stage1: dict[str, list] = {t: [None] * repeats for t in tasks}
@@ -516,18 +583,37 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(repeats):
             for tname, task in tasks.items():
                 submit(job_range, task, rep, key=(tname, rep, "range"))
+                for g in halving_budgets(task):  # the halving arms' stage 1, planned for each budget
+                    submit(job_range, task, rep, g, key=(tname, rep, "range", g))
                 submit(job_search, task, rep, "conventional", None, key=(tname, rep, "conventional"))
                 submit(job_fastai, task, rep, key=(tname, rep, "fastai"))
         while futs:
             done = next(as_completed(list(futs)))
-            tname, rep, what = futs.pop(done)
+            key = futs.pop(done)
+            tname, rep, what = key[:3]
             res = done.result()
-            if what == "range":
+            if what == "range" and len(key) == 4:
+                g = key[3]
+                log(f"{tname} rep {rep}: stage 1 for {g:g} FTE: {res['n_tests']} range tests, "
+                    f"{res['cost_epochs']:.1f} epochs, chosen {res['chosen']} (load {loadavg()})")
+                for arm in HALVING_ARMS:
+                    submit(job_search, tasks[tname], rep, arm, res, g, key=(tname, rep, arm, g))
+            elif what == "range":
                 stage1[tname][rep] = res
                 log(f"{tname} rep {rep}: stage 1 {res['n_tests']} range tests, {res['cost_epochs']:.1f} epochs, "
                     f"chosen {res['chosen']} (load {loadavg()})")
-                for arm in ("sctune", "random"):
-                    submit(job_search, tasks[tname], rep, arm, res, key=(tname, rep, arm))
+                submit(job_search, tasks[tname], rep, "random", res, key=(tname, rep, "random"))
+            elif res.get("budget_fte"):
+                g = res["budget_fte"]
+                slot = runs[tname][what][rep] = runs[tname][what][rep] or {
+                    "arm": what, "rep": rep, "spent0": res["spent0"], "by_budget": {}, "wall_s": 0.0}
+                slot["by_budget"][f"{g:g}"] = res
+                slot["wall_s"] += res.get("wall_s") or 0.0
+                if g == max(halving_budgets(tasks[tname])):  # trial counts: the run of the full budget
+                    slot["events"], slot["info"], slot["spent0"] = res["events"], res.get("info"), res["spent0"]
+                best = max((e["test_acc"] or 0 for e in res["events"]), default=0)
+                log(f"{tname} rep {rep}: {what} at {g:g} FTE done, {len(res['events'])} trials, best test {best:.4f} "
+                    f"(load {loadavg()})")
             else:
                 runs[tname][what][rep] = res
                 best = max((e["test_acc"] or 0 for e in res["events"]), default=0)

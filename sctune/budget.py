@@ -13,8 +13,11 @@ With a budget (``--budget FTE`` / ``search.budget``) the three stages share it:
   the range test's own length is not cut for a budget (shorter tests read the top badly);
 * the final fit gets at most ``FINAL_SHARE``: fewer seeds, down to 0, where the search's best trial
   itself is the final model and is tested once (its checkpoint; no extra training);
-* the search gets the rest, measured after stage 1 ran (its real cost), and starts a trial only
-  while a full run of it still fits (``stages.BudgetLimiter``), so the budget is never exceeded.
+* the search gets the rest, measured after stage 1 ran (its real cost), and spends it as complete
+  one-cycle schedules of 1/8 .. 1 of the training (``fidelity.Promotion``: a trial at 1/8 costs 1/8 FTE,
+  it starts only while the ladder it belongs to still fits), so the budget is never exceeded.
+
+Without either (and without ``--smoke``) a run gets ``DEFAULT_BUDGET_FTE`` (8 FTE in all).
 
 With or without a budget, one range test is at most ``range_test.max_fte`` (default 0.5) of one
 training (``range_test_length``): a space file's ``num_iter`` sized for the full dataset would otherwise
@@ -37,6 +40,14 @@ from .config import ConfigError, RegularizationConfig
 # 1-2 FTE from the target), and the final fit only re-measures; the search is where the budget buys
 # accuracy.
 RANGE_SHARE = 0.25
+# A run with no --budget and no search.budget (and not --smoke) gets this many FTE in all: stage 1, the
+# multi-fidelity search and the final fit (issue 18: a default run at most ~8 FTE). On digits: stage 1 ~0.9,
+# the search ~6 FTE = a full ladder of 12 configurations (12 at 1/8, 6 at 1/4, 3 at 1/2, the best in full),
+# one final seed. Why a ladder of ~12 is enough: on the shipped spaces the configurations stage 1's space
+# holds differ by little more than seed noise at the full length (BENCHMARKS.md 1a: two full-length runs
+# of the same 14 rank them with Spearman 0.23-0.38), so more configurations buy little; benchmark 1b
+# measures sctune at 8 FTE against the other methods.
+DEFAULT_BUDGET_FTE = 8.0
 FINAL_SHARE = 0.2
 
 
@@ -71,7 +82,7 @@ def range_test_length(rt, full_iters: int | None) -> tuple[int, int]:
 
 
 def plan_compute(spec, sizes: dict[str, int] | None, *, budget: float | None = None,
-                 budget_key: str = "search.budget"):
+                 budget_key: str = "search.budget", budget_is_default: bool = False):
     """``(spec, plan)``: the spec trimmed to fit ``budget`` (unchanged without one) and its plan.
 
     ``sizes``: ``{"train": n, "val": n}`` of the task's splits (``DatasetSplits.sizes``), or None when
@@ -136,10 +147,11 @@ def plan_compute(spec, sizes: dict[str, int] | None, *, budget: float | None = N
                 "train_samples": None if sizes is None else sizes["train"],
                 "val_samples": None if sizes is None else sizes["val"]},
         "budget_fte": budget,
+        "budget_default": budget_is_default,
         "range": {"tests": len(wds) * repeats, "weight_decays": wds, "repeats": repeats,
                   "iterations_each": rt.num_iter, "iterations": len(wds) * repeats * rt.num_iter,
                   "fte": range_fte},
-        "search": {"fte": search_fte, "max_trials": spec.search.num_samples,
+        "search": {"fte": search_fte, "max_trials": spec.search.num_samples, "scheduler": spec.search.scheduler,
                    "fte_without_budget": float(spec.search.num_samples)},
         "final": {"seeds": seeds, "refit": final.refit, "epochs": refit_epochs,
                   "iterations_each": None if refit_spe is None else refit_epochs * refit_spe,
@@ -147,6 +159,9 @@ def plan_compute(spec, sizes: dict[str, int] | None, *, budget: float | None = N
         "trimmed": {k: {"from": a, "to": b, "why": why} for k, (a, b, why) in trimmed.items()},
     }
     return spec, plan
+
+
+HALVING = "spent as complete one-cycles of 1/8, 1/4, 1/2 and all of the training, the top half promoted"
 
 
 def _f(v: float | None, fmt: str = ".2f") -> str:
@@ -164,8 +179,11 @@ def format_plan(plan: dict[str, Any]) -> list[str]:
                  f"seed(s)) x {r['iterations_each']:,} iterations = {r['iterations']:,} iterations = "
                  f"{_f(r['fte'])} FTE of training steps; its held-out evaluations add to it (measured as it runs)")
     if s["fte"] is not None:
-        lines.append(f"search:  {_f(s['fte'])} FTE (what the budget leaves after stage 1 and the final fit; trials "
-                     "start while a full run still fits)")
+        how = (HALVING if s.get("scheduler", "halving") == "halving" else "trials start while a full run still fits")
+        lines.append(f"search:  {_f(s['fte'])} FTE (what the budget leaves after stage 1 and the final fit; {how})")
+    elif s.get("scheduler", "halving") == "halving":
+        lines.append(f"search:  {s['fte_without_budget']:.0f} FTE (search.num_samples full trainings' worth; "
+                     f"{HALVING})")
     else:
         lines.append(f"search:  at most {s['max_trials']} trials = {s['fte_without_budget']:.0f} FTE if none is "
                      "pruned")
@@ -178,8 +196,9 @@ def format_plan(plan: dict[str, Any]) -> list[str]:
     total = None if r["fte"] is None or math.isnan(r["fte"]) else r["fte"] + f["fte"] + (
         s["fte"] if s["fte"] is not None else s["fte_without_budget"])
     budget = plan.get("budget_fte")
-    lines.append(f"total:   {_f(total)} FTE" + (f" of a budget of {budget:g} FTE" if budget is not None else
-                                                 " planned (no budget set: --budget FTE)"))
+    default = " (the default budget; --budget FTE sets another)" if plan.get("budget_default") else ""
+    lines.append(f"total:   {_f(total)} FTE" + (f" of a budget of {budget:g} FTE{default}" if budget is not None
+                                                 else " planned (no budget set: --budget FTE)"))
     for key, ch in plan.get("trimmed", {}).items():
         lines.append(f"{ch.get('why', 'to fit the budget')}: {key} {ch['from']} -> {ch['to']}")
     return lines

@@ -18,7 +18,7 @@ Layout of ``<storage-path>/<name>/`` (each name is spelled once, in ``Experiment
 Here too: ``Options`` (every option of a run, as the CLI, the Python API and the tests give them),
 ``prepare`` (all validation of a request, before Ray starts: bad input is a ``UsageError``, exit 2),
 the state (``state.json``, rebuilt from the stage outputs when it is corrupted), the readers of stage
-outputs, and stage 2's plan (``search_plan``: made once from stage 1's anchors, stored, read back).
+outputs. Stage 2's plan (search_plan.json) is ``sctune.plan``'s.
 
 No torch and no Ray at import: the CLI refuses bad input in milliseconds.
 """
@@ -37,7 +37,7 @@ from typing import Any
 from .config import ConfigError
 from .lifecycle import LOCK_NAME
 from .safeguards import check_same_space, check_storage, restore_options
-from .space import DEFAULT_SPACE_DIR, Anchors, Dist, SearchConfig, SpaceError, SpaceSpec, load_space
+from .space import DEFAULT_SPACE_DIR, SearchConfig, SpaceError, SpaceSpec, load_space
 
 log = logging.getLogger("sctune")
 
@@ -435,66 +435,3 @@ def _check_local_resources(spec: SpaceSpec) -> None:
     if spec.search.cpus_per_trial > (os.cpu_count() or 1):
         raise UsageError("--cpus-per-trial", f"{spec.search.cpus_per_trial:g} CPUs per trial but this machine has "
                          f"{os.cpu_count()}")
-
-
-# -- stage 2's plan, from stage 1's anchors ---------------------------------------------------------
-
-def search_anchors(bounds: dict[str, Any] | None, spec: SpaceSpec, *, lr_bounds: tuple[float, float] | None = None,
-                   wd_prior: float | None = None) -> Anchors | None:
-    """What stage 2 scales its ranges with: bounds.json's ``chosen``, else the user's ``--lr-bounds``,
-    else None (nothing to search within)."""
-    from .summaries import stage1_anchors
-
-    chosen = (bounds or {}).get("chosen")
-    if lr_bounds is not None and not chosen:
-        return stage1_anchors(spec, None, lr_bounds=lr_bounds, wd_prior=wd_prior)
-    return Anchors.from_dict(chosen) if chosen else None
-
-
-def search_plan(spec: SpaceSpec, anchors: Anchors) -> dict[str, Any]:
-    """Stage 2 from stage 1's anchors: the searched ranges (``dists``), parameters that collapsed to a
-    constant, Smith's recipe as the first point, ASHA's rungs and the selection score's key."""
-    from .space import recipe_point, resolve, rung_plan
-    from .train import tail_key
-
-    dists, constants = resolve(spec, anchors)
-    point = recipe_point(dists, anchors, divisor=spec.range_test.divisor)
-    rungs = rung_plan(spec)
-    return {"dists": dists, "constants": constants, "recipe": point, "grace_period": rungs["grace_period"],
-            "rungs": rungs, "select": tail_key(spec.search.metric), "anchors": anchors.to_dict()}
-
-
-def write_search_plan(paths: ExperimentPaths, plan: dict[str, Any]) -> None:
-    write_json(paths.search_plan, plan | {"dists": {n: d.to_dict() for n, d in plan["dists"].items()}})
-
-
-def read_search_plan(path: Path) -> dict[str, Any]:
-    data = read_dict(path)
-    dists = {}
-    for n, d in data["dists"].items():
-        if "choices" in d:
-            dists[n] = Dist(n, "categorical", choices=tuple(d["choices"]))
-        else:
-            dists[n] = Dist(n, d["type"], low=d["low"], high=d["high"], log=bool(d["log"]))
-    return data | {"dists": dists}
-
-
-def _plan_inputs(spec: SpaceSpec, anchors: Anchors) -> dict[str, Any]:
-    """What ``search_plan`` reads, as JSON: a stored plan is reused only if these are unchanged."""
-    s = spec.search
-    return json.loads(json.dumps({
-        "anchors": anchors.to_dict(), "space": {n: d.to_dict() for n, d in spec.space.items()},
-        "divisor": spec.range_test.divisor, "weight_decays": list(spec.range_test.weight_decays),
-        "epochs": spec.base.epochs, "metric": s.metric, "rung_phase": s.rung_phase, "grace_period": s.grace_period}))
-
-
-def stored_search_plan(paths: ExperimentPaths, spec: SpaceSpec, anchors: Anchors) -> dict[str, Any]:
-    """Stage 2's plan: the stored one when it was made from the same anchors and space (a resumed or later
-    run sees what the search ran with), else made now and stored. Made once, then read, not recomputed."""
-    inputs = _plan_inputs(spec, anchors)
-    saved = read_output(paths.search_plan, read_search_plan)
-    if saved is not None and saved.get("made_from") == inputs:
-        return saved
-    plan = search_plan(spec, anchors) | {"made_from": inputs}
-    write_search_plan(paths, plan)
-    return plan

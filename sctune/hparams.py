@@ -102,7 +102,7 @@ def _hparam_info(name: str, spec: Mapping[str, Any]) -> api_pb2.HParamInfo:
     if "scale" in spec:
         # space.py's relative ranges: low/high are multipliers of an anchor, not LR values.
         raise ValueError(
-            f"{where} has scale={spec['scale']!r}: resolve relative ranges (space.resolve) first"
+            f"{where} has scale={spec['scale']!r}: resolve relative ranges (plan.resolve) first"
         )
     unknown = sorted(set(spec) - _SPEC_KEYS)
     if unknown:

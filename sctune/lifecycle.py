@@ -330,6 +330,8 @@ def interrupted_message(stage: str | None, done: int | None, total: int | None, 
         progress = f" after {done}/{total} {unit}"
     elif done == 0:
         progress = ", before it started"
+    elif done is not None:  # a search the budget ends (no count of trials known in advance)
+        progress = f" after {done} {unit}"
     else:
         progress = ""
     return (f"{signal.Signals(signum).name}: interrupted in stage {number} ({stage}){progress}; nothing is lost. "

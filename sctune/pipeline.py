@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError
 from .experiment import (
@@ -60,6 +60,9 @@ from .tune_state import note_orphans
 
 # the names tests and benchmarks reach for
 _preflight, _quiet_ray_env = preflight_check, quiet_ray_env
+
+if TYPE_CHECKING:
+    from .plan import SearchPlan
 
 log = logging.getLogger("sctune")
 
@@ -171,7 +174,8 @@ def _run(space: str | Path | SpaceSpec | None, o: Options) -> SearchResults:
     # The plan (iterations and FTE of each stage; with a budget, stage 1 and the final fit cut to fit it)
     # is made and shown before Ray starts; a budget that cannot hold one search trial is refused here.
     driver = _load_in_driver(spec, local=address is None)  # a task that fails here stops the run: exit 2
-    spec, cplan = make_plan(spec, budget_from_cli=o.budget is not None, sizes=driver.get("sizes", False))
+    spec, cplan = make_plan(spec, budget_from_cli=o.budget is not None, sizes=driver.get("sizes", False),
+                            default_budget=not o.smoke)
     filled = [f"filled in: {line}" for line in spec.filled]  # sections the file left out (autofill)
     if o.stage == "plan":
         print_plan(cplan, file=sys.stdout, extra=filled)
@@ -204,8 +208,10 @@ def _run(space: str | Path | SpaceSpec | None, o: Options) -> SearchResults:
     state.setdefault("done", [])
     state.update({"smoke": o.smoke, "space": str(space if space is not None and not isinstance(space, SpaceSpec)
                                                   else spec.path)})
-    state["budget"] = spec.search.budget  # --resume plans with the same budget
-    state["options"] = kept | {"budget": spec.search.budget}
+    # --resume plans with the same budget (the default one is chosen again, not stored as the user's)
+    budget = None if cplan.get("budget_default") else spec.search.budget
+    state["budget"] = budget
+    state["options"] = kept | {"budget": budget}
     state["space_sha256"] = space_sha256(paths.space) if paths.space.exists() else None
     write_json(paths.state, state)
     results = SearchResults(root=exp, plan=cplan)
@@ -236,10 +242,10 @@ def _run_stages(spec: SpaceSpec, paths: ExperimentPaths, state: dict[str, Any], 
                 cplan: dict[str, Any], results: SearchResults, needs: dict[str, int] | None = None) -> None:
     """Each stage asked for (``--stage``) that is not done yet runs; a done one is read back from its output.
     ``needs``: bytes each stage is expected to write; less free space stops the run before it (exit 28)."""
+    from .plan import search_anchors, stored_plan
     from .storage import check_free
 
     needs = needs or {}
-    from .experiment import search_anchors, stored_search_plan
     from .report import print_bounds, search_figure
     from .stages import run_range_stage, run_search_stage
     from .train import tail_key
@@ -265,7 +271,7 @@ def _run_stages(spec: SpaceSpec, paths: ExperimentPaths, state: dict[str, Any], 
     if results.bounds is not None and not o.quiet:
         print_bounds(results.bounds)
     anchors = search_anchors(results.bounds, spec, lr_bounds=o.lr_bounds, wd_prior=o.wd_prior)
-    plan = stored_search_plan(paths, spec, anchors) if anchors is not None else None
+    plan = stored_plan(paths, spec, anchors) if anchors is not None else None
     range_fte = _range_cost_fte(results.bounds, paths, full_iters)
     results.compute = {"budget_fte": budget_fte, "range_fte": range_fte}
     # Stage 2
@@ -276,8 +282,9 @@ def _run_stages(spec: SpaceSpec, paths: ExperimentPaths, state: dict[str, Any], 
             raise StageError("no LR bounds to search within; give --lr-bounds MIN_LR MAX_LR")
         search_budget = _search_budget(budget_fte, range_fte, cplan)
         check_free(paths.root, "search", needs.get("search", 0))
-        write_tb_config(spec, paths, plan["dists"])  # now with the searched ranges
+        write_tb_config(spec, paths, plan.dists)  # now with the searched ranges
         results.summary = run_search_stage(spec, paths, plan, resume=o.resume, quiet=o.quiet, budget_fte=search_budget,
+                                           budget_is_default=bool(cplan.get("budget_default")),
                                            fte=(range_fte or 0.0, budget_fte, 1.0 / spec.base.epochs))
         _stage_done(state, "search", paths, results)
         note_orphans(paths.ray_stage("search"), paths.tensorboard, "search",
@@ -313,14 +320,14 @@ def _search_budget(budget_fte: float | None, range_fte: float | None, cplan: dic
 
 
 def _final(spec: SpaceSpec, paths: ExperimentPaths, state: dict[str, Any], o: Options, cplan: dict[str, Any],
-           results: SearchResults, plan: dict[str, Any] | None, anchors, range_fte: float | None) -> None:
+           results: SearchResults, plan: SearchPlan | None, anchors, range_fte: float | None) -> None:
     """Stage 3 (unless best.json says it is done), then best.json: the best trial, its final fit, compute."""
     from .stages import run_final_stage
     from .summaries import pick_best, search_fte
 
     budget_fte = spec.search.budget
     best_row = pick_best(results.summary, spec)
-    keys = (set(plan["dists"]) | set(plan["constants"])) if plan is not None else set()  # what the search chose
+    keys = (set(plan.dists) | set(plan.constants)) if plan is not None else set()  # what the search chose
     params = {k: _py(best_row[k]) for k in keys if k in best_row}
     saved_best = read_output(paths.best, read_dict) if "final" in state["done"] else None
     spent_search = search_fte(results.summary, spec)
@@ -412,16 +419,22 @@ def _load_in_driver(spec: SpaceSpec, *, local: bool) -> dict[str, Any]:
     return {"sizes": data.sizes(), "param_bytes": param_bytes}
 
 
-def make_plan(spec: SpaceSpec, *, budget_from_cli: bool = False,
-              sizes: dict[str, int] | None | bool = False) -> tuple[SpaceSpec, dict[str, Any]]:
+def make_plan(spec: SpaceSpec, *, budget_from_cli: bool = False, sizes: dict[str, int] | None | bool = False,
+              default_budget: bool = False) -> tuple[SpaceSpec, dict[str, Any]]:
     """``budget.plan_compute`` on the task's real split sizes (``sizes``, loaded here if not given); a budget
-    it cannot meet is a UsageError (exit 2) naming ``--budget`` or the space file's ``search.budget``."""
-    from .budget import BudgetError, plan_compute
+    it cannot meet is a UsageError (exit 2) naming ``--budget`` or the space file's ``search.budget``.
+    ``default_budget``: a spec without a budget gets ``budget.DEFAULT_BUDGET_FTE`` (not with --smoke: its tiny
+    budgets are the smoke section's)."""
+    from .budget import DEFAULT_BUDGET_FTE, BudgetError, plan_compute
 
     key = "--budget" if budget_from_cli else f"{spec.path}: search.budget"
+    is_default = default_budget and spec.search.budget is None
+    if is_default:
+        spec = spec.with_search(budget=DEFAULT_BUDGET_FTE)
+        key = f"--budget (none given: the default {DEFAULT_BUDGET_FTE:g} FTE)"
     try:
         return plan_compute(spec, _dataset_sizes(spec) if sizes is False else sizes, budget=spec.search.budget,
-                            budget_key=key)
+                            budget_key=key, budget_is_default=is_default)
     except BudgetError as e:
         raise UsageError(key, e.rule) from None
 
@@ -480,6 +493,8 @@ def write_tb_config(spec: SpaceSpec, paths: ExperimentPaths, dists: dict | None 
                 dists[n] = type(d)(n, d.kind, low=d.low * lo, high=max(d.high * hi, d.low * lo), log=False)
     hparams = {n: {k: v for k, v in d.to_dict().items() if k != "log"} for n, d in dists.items()}
     hparams.setdefault("weight_decay", {"type": "float", "low": 0.0, "high": max(rt.weight_decays)})
+    # the fidelity: a halving trial's schedule length (complete one-cycles of 1/8 .. 1 of the training)
+    hparams.setdefault("epochs", {"type": "int", "low": 1, "high": spec.base.epochs})
     hparams |= {"seed": {"type": "int", "low": 0, "high": spec.search.seed + 10_000},
                 "stage": {"choices": ["range", "search", "final"]}}
     metrics = [(VAL_ACC, "validation accuracy"), (TEST_ACC, "test accuracy (final fit)"),

@@ -127,7 +127,9 @@ class ProgressLines:
             self._count(t, t.last_result or {})
         self.done = sum(st in ("TERMINATED", "ERROR") for _, st in states)
         self.errored = sum(st == "ERROR" for _, st in states)
-        self.pruned = sum(st == "TERMINATED" and is_pruned(t.last_result or {}, self.epochs) for t, st in states)
+        # a halving trial's own schedule is ``epochs`` of its config: shorter than the full length, not pruned
+        self.pruned = sum(st == "TERMINATED" and is_pruned(t.last_result or {}, (t.config or {}).get("epochs", self.epochs))
+                          for t, st in states)
         self.running = sum(st == "RUNNING" for t, st in states if t is not finished)
         for t, st in states:
             if st == "TERMINATED" and self.metric:

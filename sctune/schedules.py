@@ -83,7 +83,7 @@ class OneCyclePhases:
     A trial reports at the end of each epoch (epoch e ends at e), so ``first_report_after_peak`` is the first
     report taken after the LR peak: the earliest point at which trials of different max_lr are compared past
     their high-LR dip. (ASHA's rungs are on ``schedule_phase``'s axis instead, by default at
-    ``PHASE_CYCLE_END``: see ``space.rung_plan``.)
+    ``PHASE_CYCLE_END``: see ``plan.asha_rungs``.)
     """
 
     epochs: int

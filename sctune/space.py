@@ -1,4 +1,4 @@
-"""Search-space files: YAML -> validated ``SpaceSpec`` -> Optuna distributions for stage 2.
+"""Search-space files: YAML -> validated ``SpaceSpec`` (stage 2's plan from it: ``sctune.plan``).
 
 A file has these sections (all but ``task`` optional)::
 
@@ -26,7 +26,7 @@ import copy
 import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,9 @@ class SearchConfig(_Config):
     select_last: int = 3  # trials are ranked by the mean of their last this-many evaluations (``<metric>_tail``)
     num_samples: int = 16  # at most this many trials (with a budget: fewer when the budget runs out first)
     max_concurrent: int = 2
-    scheduler: str = "asha"  # asha | none
+    # halving: successive halving over complete one-cycle schedules of 1/8 .. 1 of the training (``fidelity``);
+    # asha: full-length trials, Ray's ASHA with rungs at equal schedule phase; none: full-length trials
+    scheduler: str = "halving"
     rung_phase: float = 2.0  # first ASHA rung, in schedule phase: 0 start, 1 LR peak, 2 cycle end, 3 run end
     grace_period: int | None = None  # epochs; set: rungs by epoch instead of by phase (not like with like)
     reduction_factor: float = 2.0
@@ -94,8 +96,8 @@ class SearchConfig(_Config):
         _require(self.num_samples <= LIMITS["search.num_samples"], "num_samples",
                  f"must be <= {LIMITS['search.num_samples']:,} (a search that cannot end), got {self.num_samples:,}")
         _require(self.max_concurrent >= 1, "max_concurrent", f"must be >= 1, got {self.max_concurrent}")
-        _require(self.scheduler in ("asha", "none"), "scheduler",
-                 f"must be 'asha' or 'none', got {self.scheduler!r}")
+        _require(self.scheduler in ("halving", "asha", "none"), "scheduler",
+                 f"must be 'halving', 'asha' or 'none', got {self.scheduler!r}")
         _require(self.grace_period is None or self.grace_period >= 1, "grace_period",
                  f"must be >= 1, got {self.grace_period}")
         _require(self.reduction_factor > 1, "reduction_factor", f"must be > 1, got {self.reduction_factor}")
@@ -395,165 +397,3 @@ def load_space(path: str | Path, *, smoke: bool = False) -> SpaceSpec:
 
         parse_space(copy.deepcopy(raw), str(p), smoke=False)
     return dataclasses.replace(parse_space(raw, str(p), smoke=smoke), filled=tuple(filled))
-
-
-# -- stage 2: resolve relative ranges against stage-1 results -----------------------------------
-
-@dataclass(frozen=True)
-class Anchors:
-    """Stage-1 results that relative ranges scale with.
-
-    ``max_lr_lower_bound``: accuracy had not fallen yet when the range test's ramp ended, so
-    ``max_lr_bound`` only says "at least this" (Smith & Topin's ResNet-56 curves stay high up to the
-    ramp's end, LR 3); ``ramp_end_lr`` is where that ramp ended.
-    """
-
-    max_lr_bound: float
-    min_lr_bound: float
-    wd_prior: float
-    max_lr_lower_bound: bool = False
-    ramp_end_lr: float | None = None
-    # The recipe's max_lr (stage 2's first point); None: max_lr_bound. Stage 1 sets it to its recommendation
-    # (bounds.recommend_max_lr: max / 4, inside the band where super-convergence is likely), below the band's top.
-    recipe_max_lr: float | None = None
-    # Stage 1's verdict (None: unknown, e.g. --lr-bounds): the recipe reduces regularization unless it is False.
-    # The reasons say how max_lr_bound and recipe_max_lr were read (bounds.json's ``chosen``).
-    sc_likely: bool | None = None
-    max_lr_reason: str = ""
-    recipe_reason: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Anchors:
-        """From bounds.json's ``chosen`` (older files lack the two optional fields; extra keys are ignored)."""
-        names = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-
-# A max_lr bound that is only a lower bound says nothing about where accuracy falls: search up to
-# this many times the ramp's end (Smith & Topin trained at the top of a band that reached the end of
-# their 0 -> 3 ramp; beyond the ramp nothing was measured, so one doubling is explored, no more).
-LOWER_BOUND_STRETCH = 2.0
-
-
-def resolve(spec: SpaceSpec, anchors: Anchors) -> tuple[dict[str, Dist], dict[str, Any]]:
-    """Absolute ranges for stage 2, plus parameters that collapsed to a constant.
-
-    A weight-decay range scaled by a zero prior (no weight decay let the LR go highest) is scaled by
-    the smallest positive weight decay the range tests tried instead, so weight decay stays in the
-    search - on both sides of the smallest tested value - rather than silently dropping out. Any
-    other range scaled by a zero anchor collapses to 0.
-
-    When ``anchors.max_lr_lower_bound`` (accuracy never fell before the ramp ended), a ``max_lr``
-    range scaled by an LR bound is widened to reach from below ``min_lr_bound`` to
-    ``LOWER_BOUND_STRETCH`` x the ramp's end (or x ``max_lr_bound`` when the ramp's end is unknown).
-    """
-    out: dict[str, Dist] = {}
-    constants: dict[str, Any] = {}
-    a = anchors.to_dict()
-    positive_wds = [w for w in spec.range_test.weight_decays if w > 0]
-    for name, d in spec.space.items():
-        if d.scale is None:
-            out[name] = d
-            continue
-        factor = a[d.scale]
-        if factor <= 0 and d.scale == "wd_prior" and positive_wds:
-            factor = min(positive_wds)
-        if factor <= 0:
-            constants[name] = 0.0
-            continue
-        low, high = d.low * factor, d.high * factor
-        if d.log and low <= 0:
-            low = high * 1e-3
-        if (name == "max_lr" and anchors.max_lr_lower_bound and d.scale in ("max_lr_bound", "min_lr_bound")
-                and d.kind == "float"):
-            top = max(anchors.ramp_end_lr or 0.0, anchors.max_lr_bound)
-            high = max(high, LOWER_BOUND_STRETCH * top)
-            low = min(low, anchors.min_lr_bound)
-        out[name] = Dist(name, d.kind, low=low, high=high, log=d.log)
-    return out, constants
-
-
-def to_optuna(dists: Mapping[str, Dist]) -> dict[str, Any]:
-    import optuna
-
-    out: dict[str, Any] = {}
-    for name, d in dists.items():
-        if d.kind == "categorical":
-            out[name] = optuna.distributions.CategoricalDistribution(list(d.choices))
-        elif d.kind == "int":
-            out[name] = optuna.distributions.IntDistribution(int(d.low), int(d.high), log=d.log)
-        else:
-            out[name] = optuna.distributions.FloatDistribution(d.low, d.high, log=d.log)
-    return out
-
-
-# Smith's one-cycle runs start far below the max: 0.08 -> 0.8 (1803.09820, Fig. 2), 0.1 -> 3 (1708.07120);
-# one-cycle users take max/10..20 (METHOD.md 2). The range test's divisor (max/3..4) is CLR's lower bound
-# for repeated cycles between the bounds; the recipe's single cycle starts at max / this at the most.
-RECIPE_DIV_FACTOR = 10.0
-
-
-def recipe_point(dists: Mapping[str, Dist], anchors: Anchors, *, divisor: float) -> dict[str, Any]:
-    """Smith's recipe from the stage-1 bounds, clipped into the space: the first point evaluated.
-
-    * max_lr: ``anchors.recipe_max_lr``, stage 1's recommendation inside the high-accuracy band
-      (``bounds.recipe_max_lr``), or the max bound (the band's top, 1708.07120 section 3) without one;
-    * div_factor: one-cycle's ``max(RECIPE_DIV_FACTOR, divisor)`` (``divisor``: the range test's CLR
-      divisor, the most the recipe's minimum may be above max/10);
-    * weight decay: the one the range tests chose;
-    * regularization: reduced (1708.07120 section 4: large LRs regularize, reduce the rest to keep the
-      balance) unless stage 1 found super-convergence unlikely (``anchors.sc_likely``): there the LR cannot
-      stand in for it, so dropout (and any other searched parameter without a recipe value) starts at the
-      middle of its range instead of at the config default 0;
-    * every other one-cycle value from the config defaults (``OneCycleConfig``: cycle 90% of the run,
-      annihilation x1000, cyclical momentum 0.95 -> 0.85).
-
-    Measured (BENCHMARKS.md finding 4): the recipe with the CLR divisor 4 and no dropout trained to 94.5%
-    (MNIST-1D) and 98.2% (digits) where random draws from the same space reached ~97% and ~99.4%; its LR was
-    too high over the cycle, and on MNIST-1D, where the LR cannot be large, the missing dropout cost a point.
-    """
-    from .config import OneCycleConfig, RegularizationConfig
-
-    large_lr = anchors.sc_likely is not False
-    recipe = OneCycleConfig().to_dict()
-    if large_lr:
-        recipe |= RegularizationConfig().to_dict()
-    max_lr = anchors.max_lr_bound if anchors.recipe_max_lr is None else anchors.recipe_max_lr
-    recipe |= {"max_lr": max_lr, "div_factor": max(RECIPE_DIV_FACTOR, divisor), "weight_decay": anchors.wd_prior}
-    point: dict[str, Any] = {}
-    for name, d in dists.items():
-        if d.kind == "categorical":
-            v = recipe.get(name)
-            point[name] = v if v in d.choices else d.choices[0]
-        else:
-            mid = math.sqrt(d.low * d.high) if d.log and d.low > 0 else (d.low + d.high) / 2
-            v = recipe.get(name, mid)
-            v = min(max(v, d.low), d.high)
-            point[name] = int(round(v)) if d.kind == "int" else float(v)
-    return point
-
-
-def rung_plan(spec: SpaceSpec) -> dict[str, Any]:
-    """ASHA's time axis and first rung: compare trials only where they are in the same phase.
-
-    During 1cycle the accuracy of a trial depends on where it is in its own schedule: it dips while the
-    LR is high, the more the larger the LR, and trials with different ``cycle_frac`` are in different
-    phases at the same epoch (on the 200-epoch CIFAR space, epoch 96 is the LR peak of a 0.95 cycle but
-    already the descent of a 0.8 one). Trials therefore report ``phase`` (``schedules.schedule_phase``:
-    0 start, 1 LR peak, 2 end of the cycle, 3 end of the run) and ASHA's rungs sit at equal phase. The
-    default first rung is the end of the cycle (``search.rung_phase: 2``): every trial has finished its
-    cycle and sits at its min LR. On recorded MNIST-1D histories (``tests/test_early_stopping.py``) an
-    earlier rung (the LR peak, or halfway down) pruned the eventual winner in about 40% of trial orders,
-    because rankings during one-cycle flip up to the cycle's end. An explicit ``search.grace_period``
-    (epochs) restores epoch rungs.
-    """
-    from .schedules import PHASE_RUN_END  # imported here: schedules loads torch, space files must not
-
-    s = spec.search
-    if s.grace_period is not None:
-        return {"time_attr": "epoch", "grace_period": min(s.grace_period, spec.base.epochs),
-                "max_t": spec.base.epochs}
-    return {"time_attr": "phase", "grace_period": s.rung_phase, "max_t": PHASE_RUN_END}

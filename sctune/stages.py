@@ -1,15 +1,15 @@
-"""The three stages on Ray Tune: Tuner, OptunaSearch, ASHA, BudgetLimiter, and what each stage writes.
+"""The three stages on Ray Tune: Tuners, their search algorithms (``searchers``), and what each stage writes.
 
 1. ``run_range_stage``: range tests in parallel as Tune trials, a grid of weight decays x seeds;
    bounds per WD aggregated over seeds; the WD prior is the one that lets the LR go highest.
-2. ``run_search_stage``: ``Tuner`` + ``OptunaSearch`` (multivariate TPE, seeded, Smith's recipe as
-   the first point) + ASHA with its first rung where every trial has finished its cycle, all from
-   stage 2's plan (``experiment.search_plan``).
+2. ``run_search_stage``: ``Tuner`` + ``searchers.make_searcher`` (by default successive halving over
+   complete one-cycle schedules of 1/8 .. 1 of the training, new configurations from multivariate TPE,
+   Smith's recipe first), all from stage 2's plan (``plan.build_plan``).
 3. ``run_final_stage``: the best configuration retrained over several seeds, tested once.
 
 Each stage turns Tune's ``ResultGrid`` into plain rows and hands them to ``summaries`` (pure functions);
 its files are named by ``experiment.ExperimentPaths``. Ray is imported when a stage runs, not when this
-module is imported (``BudgetLimiter``'s Ray base class is added on first use, see the end of the file).
+module is imported.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import pandas as pd
 
 from .experiment import ExperimentPaths, StageError, clean, write_json
 from .lifecycle import GUARD, Interrupted, interrupted_message
+from .plan import SearchPlan
 from .progress import active_progress, error_line
 from .space import SpaceSpec
 from .storage import stage_callbacks
@@ -178,123 +179,49 @@ def _range_figure(spec: SpaceSpec, paths: ExperimentPaths, curves: pd.DataFrame,
 
 # -- stage 2 -----------------------------------------------------------------------------------
 
-class BudgetBooks:
-    """``BudgetLimiter``'s logic: Ray's ``ConcurrencyLimiter`` that also never lets the search spend more
-    than ``budget_epochs``.
-
-    A trial starts only if a full run of it still fits: the epochs finished trials ran plus ``max_epochs``
-    for every running one (it may not be pruned) plus ``max_epochs`` for the new one. A pruned or diverged
-    trial gives back what it did not run, so the next trial may start. When nothing is running and a full
-    trial no longer fits, the search is finished.
-    """
-
-    def __init__(self, searcher, max_concurrent: int, *, budget_epochs: float, max_epochs: int):
-        super().__init__(searcher, max_concurrent=max_concurrent)
-        self.budget_epochs, self.max_epochs = float(budget_epochs), int(max_epochs)
-        self.ran: dict[str, float] = {}  # trial id -> epochs it ran
-        self.running: set[str] = set()
-
-    @property
-    def committed(self) -> float:
-        return sum(v for k, v in self.ran.items() if k not in self.running) + self.max_epochs * len(self.running)
-
-    def suggest(self, trial_id: str):
-        from ray.tune.search import Searcher
-
-        if self.committed + self.max_epochs > self.budget_epochs + 1e-9:
-            return Searcher.FINISHED if not self.running else None
-        suggestion = super().suggest(trial_id)
-        if suggestion not in (None, Searcher.FINISHED):
-            self.running.add(trial_id)
-            self.ran[trial_id] = 0.0
-        return suggestion
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if isinstance(result.get("epoch"), (int, float)):
-            self.ran[trial_id] = max(self.ran.get(trial_id, 0.0), float(result["epoch"]))
-        super().on_trial_result(trial_id, result)
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        if result and isinstance(result.get("epoch"), (int, float)):
-            self.ran[trial_id] = max(self.ran.get(trial_id, 0.0), float(result["epoch"]))
-        self.running.discard(trial_id)
-        super().on_trial_complete(trial_id, result=result, error=error)
-
-    # Tune saves the searcher for --resume through ``save``: keep the budget's books with the inner state.
-    def save(self, checkpoint_path: str):
-        import pickle
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as d:
-            inner = Path(d) / "inner.pkl"
-            self.searcher.save(str(inner))
-            blob = inner.read_bytes() if inner.exists() else None
-        Path(checkpoint_path).write_bytes(pickle.dumps({"inner": blob, "limiter": self.get_state()}))
-
-    def restore(self, checkpoint_path: str):
-        import pickle
-        import tempfile
-
-        data = pickle.loads(Path(checkpoint_path).read_bytes())
-        self.set_state(data["limiter"])
-        if data["inner"] is not None:
-            with tempfile.TemporaryDirectory() as d:
-                inner = Path(d) / "inner.pkl"
-                inner.write_bytes(data["inner"])
-                self.searcher.restore(str(inner))
-
-
-def run_search_stage(spec: SpaceSpec, paths: ExperimentPaths, plan: dict[str, Any], *, resume: bool = False,
-                     quiet: bool = False, budget_fte: float | None = None,
+def run_search_stage(spec: SpaceSpec, paths: ExperimentPaths, plan: SearchPlan, *, resume: bool = False,
+                     quiet: bool = False, budget_fte: float | None = None, budget_is_default: bool = False,
                      fte: tuple[float, float | None, float | None] | None = None) -> pd.DataFrame:
-    """Joint one-cycle + regularization search over ``plan`` (``experiment.search_plan``); writes summary.csv
-    and returns it.
+    """Joint one-cycle + regularization search over ``plan`` (``plan.build_plan``) with the search algorithm of
+    ``searchers.make_searcher``; writes summary.csv and returns it.
 
-    ``budget_fte``: compute the search may spend, in FTE (epochs / ``fixed.epochs``); trials then start
-    until it is spent (``BudgetLimiter``) and ``num_samples`` is no cap. ``fte``: see ``progress.ProgressLines``.
+    ``budget_fte``: compute the search may spend, in FTE (epochs / ``fixed.epochs``; a complete schedule at
+    1/8 of the training costs 1/8); trials start until it is spent and ``num_samples`` is no cap (with
+    ``halving`` it never is: without a budget it spends ``num_samples`` FTE). ``budget_is_default``: the budget
+    is the default one, not the user's: full-length searches (asha, none) then stop at ``num_samples`` too,
+    as they did before there was a default. ``fte``: see
+    ``progress.ProgressLines``.
     """
     import optuna
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
-    from .space import to_optuna
+    from .searchers import make_scheduler, make_searcher
     from .trainables import TensorBoardSessions, onecycle_trainable
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no per-study chatter on the console
     resources, tune = _resources(spec)
     s = spec.search
-    select = plan["select"]
-    base = spec.base.to_flat() | plan["constants"]
+    base = spec.base.to_flat() | plan.constants
     trainable = tune.with_resources(
         tune.with_parameters(onecycle_trainable, base=base, tb_logdir=str(paths.tensorboard), stage="search",
                              cpus=s.cpus_per_trial, user_task=registrations(spec.base.task),
                              select_metric=s.metric, select_last=s.select_last),
         resources)
-    progress = _progress("search", None if budget_fte is not None else s.num_samples, metric=select,
+    # trials start until the compute is spent (halving, or a budget the user gave)
+    counted = plan.scheduler == "halving" or (budget_fte is not None and not budget_is_default)
+    progress = _progress("search", None if counted else s.num_samples, metric=plan.select,
                          mode=s.mode, epochs=spec.base.epochs, quiet=quiet, fte=fte)
     sessions = TensorBoardSessions("search", paths.tensorboard, epochs=spec.base.epochs)
 
     def make():
-        sampler = optuna.samplers.TPESampler(seed=s.seed, multivariate=True,
-                                             n_startup_trials=max(2, min(10, s.num_samples // 3)))
-        # Optuna learns from the selection score (mean of the last evaluations), the number trials are
-        # ranked by; ASHA compares the precise-BN metric of the epoch at which trials reach the same phase.
-        searcher = OptunaSearch(space=to_optuna(plan["dists"]), metric=select, mode=s.mode,
-                                points_to_evaluate=[plan["recipe"]], sampler=sampler)
-        num_samples = s.num_samples
-        if budget_fte is not None:
-            searcher = _budget_limiter()(searcher, s.max_concurrent, budget_epochs=budget_fte * spec.base.epochs,
-                                     max_epochs=spec.base.epochs)
-            num_samples = -1  # the budget decides (BudgetLimiter finishes the search)
-        scheduler = None
-        if s.scheduler == "asha":
-            r = plan["rungs"]
-            scheduler = ASHAScheduler(time_attr=r["time_attr"], metric=s.metric, mode=s.mode, max_t=r["max_t"],
-                                      grace_period=r["grace_period"], reduction_factor=s.reduction_factor)
+        searcher = make_searcher(spec, plan, budget_epochs=None if budget_fte is None else
+                                 budget_fte * spec.base.epochs)
         return tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
-                                        max_concurrent_trials=s.max_concurrent, reuse_actors=True),
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(spec, plan),
+                                        num_samples=-1 if counted else s.num_samples,
+                                        # halving: the searcher limits concurrency itself (searchers)
+                                        max_concurrent_trials=None if plan.scheduler == "halving" else
+                                        s.max_concurrent, reuse_actors=True),
             run_config=_run_config(paths, "search", [progress, sessions], max_failures=2),
         )
 
@@ -376,23 +303,3 @@ def evaluate_search_trial(spec: SpaceSpec, params: dict[str, Any], best_row: dic
     return clean({"runs": [run], "test_acc_mean": acc, "test_acc_std": None, "n": 1, "seeds": [],
                   "refit": False, "val_is_training_data": False, "epochs": int(state["epoch"]),
                   "note": "final.seeds 0: the search's best trial tested as it is (no training, 0 FTE)"})
-
-
-def _budget_limiter() -> type:
-    """``BudgetLimiter`` = BudgetBooks + Ray's ``ConcurrencyLimiter``: made on first use (Ray loads then, not
-    when this module is imported) and kept as a module attribute, so Tune pickles it by name with the tuner's
-    state for --resume."""
-    cls = globals().get("BudgetLimiter")
-    if cls is None:
-        from ray.tune.search import ConcurrencyLimiter
-
-        cls = type("BudgetLimiter", (BudgetBooks, ConcurrencyLimiter),
-                   {"__module__": __name__, "__doc__": BudgetBooks.__doc__})
-        globals()["BudgetLimiter"] = cls
-    return cls
-
-
-def __getattr__(name: str) -> Any:
-    if name == "BudgetLimiter":  # ``from sctune.stages import BudgetLimiter``, and pickle's lookup by name
-        return _budget_limiter()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

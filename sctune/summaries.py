@@ -4,7 +4,7 @@
 line, checkpoint path) and calls these; their tests (``tests/test_summaries.py``) need no Ray.
 
 * stage 1: ``range_bounds`` (bounds per curve and per weight decay, the chosen prior, the verdict: the
-  content of bounds.json), ``stage1_anchors`` (the one place ``Anchors`` are built), ``range_cost_fte``.
+  content of bounds.json; its anchors from ``plan.stage1_anchors``), ``range_cost_fte``.
 * stage 2: ``trial_status`` (completed, pruned, diverged, error), ``summarize_search`` (summary.csv),
   ``pick_best``, ``search_fte``.
 * stage 3: ``final_fit_summary`` (the seeds' test accuracies: mean and spread).
@@ -24,32 +24,13 @@ from .bounds import (
     bounds_from_frame,
     bounds_kwargs,
     choose_weight_decay,
-    recipe_max_lr,
 )
 from .experiment import StageError, clean
-from .space import Anchors, SpaceSpec
+from .plan import SearchPlan, stage1_anchors
+from .space import SpaceSpec
 from .train import tail_key
 
 # -- stage 1 -------------------------------------------------------------------------------------------
-
-
-def stage1_anchors(spec: SpaceSpec, chosen: dict[str, Any] | None, *, lr_bounds: tuple[float, float] | None = None,
-                   wd_prior: float | None = None) -> Anchors | None:
-    """Stage 2's anchors from stage 1's chosen weight decay (``bounds.choose_weight_decay``'s row), or from the
-    user's ``--lr-bounds`` (which win); ``--wd-prior`` wins over the chosen weight decay. None: neither."""
-    if lr_bounds is not None:
-        min_lr, max_lr = lr_bounds
-        prior = wd_prior if wd_prior is not None else (chosen["weight_decay"] if chosen else spec.base.reg.weight_decay)
-        return Anchors(max_lr_bound=max_lr, min_lr_bound=min_lr, wd_prior=prior, max_lr_reason="user (--lr-bounds)",
-                       recipe_reason="max_lr itself: the user's bounds say nothing about a band")
-    if chosen is None:
-        return None
-    prior = wd_prior if wd_prior is not None else chosen["weight_decay"]
-    recipe, recipe_reason = recipe_max_lr(chosen)
-    return Anchors(max_lr_bound=chosen["max_lr"], min_lr_bound=chosen["min_lr"], wd_prior=prior,
-                   max_lr_lower_bound=bool(chosen.get("lower_bound")), ramp_end_lr=spec.range_test.end_lr,
-                   recipe_max_lr=recipe, sc_likely=(chosen.get("verdict") or {}).get("possible"),
-                   max_lr_reason=chosen.get("max_lr_reason") or "", recipe_reason=recipe_reason)
 
 
 def range_cost_fte(per_trial: list[dict]) -> float | None:
@@ -141,36 +122,43 @@ def _close(a: Any, b: Any) -> bool:
     return a == b
 
 
-def summarize_search(rows: list[dict[str, Any]], spec: SpaceSpec, plan: dict[str, Any]) -> pd.DataFrame:
-    """summary.csv: one row per trial (its searched config, selection score, final metrics, status, epochs
-    run, checkpoint). ``rows``: per trial ``trial_id``, ``config``, ``metrics`` (its last result),
-    ``error`` (one line, or None), ``checkpoint`` (a path, or None).
+def summarize_search(rows: list[dict[str, Any]], spec: SpaceSpec, plan: SearchPlan) -> pd.DataFrame:
+    """summary.csv: one row per trial (its searched config, the length of its complete schedule ``epochs``
+    and its ``rung``, selection score, final metrics, status, epochs run, checkpoint). ``rows``: per trial
+    ``trial_id``, ``config``, ``metrics`` (its last result), ``error`` (one line, or None), ``checkpoint``
+    (a path, or None).
 
-    Trials are sorted by the selection score ``<metric>_tail`` (mean of the last ``search.select_last``
-    evaluations); ``final_<metric>`` is the last epoch's value, for reference."""
+    Trials are sorted by rung (the longest schedules first), then by the selection score ``<metric>_tail``
+    (mean of the last ``search.select_last`` evaluations); ``final_<metric>`` is the last epoch's value."""
     out = []
     metric = spec.search.metric
     select = tail_key(metric)
+    rung_of = {e: i for i, e in enumerate(plan.rungs)}
     for row in rows:
         m = row.get("metrics") or {}
-        params = {k: v for k, v in (row.get("config") or {}).items() if k in plan["dists"]}
-        out.append({"trial_id": row["trial_id"], **params, **plan["constants"],
-                    "status": trial_status(m, row.get("error"), spec.base.epochs),
+        config = row.get("config") or {}
+        params = {k: v for k, v in config.items() if k in plan.dists}
+        epochs = int(config.get("epochs", spec.base.epochs))
+        out.append({"trial_id": row["trial_id"], **params, **plan.constants,
+                    "epochs": epochs, "rung": rung_of.get(epochs, len(plan.rungs) - 1 if plan.rungs else 0),
+                    "status": trial_status(m, row.get("error"), epochs),
                     "epochs_run": int(m.get("epoch", 0) or 0),
                     select: m.get(select, math.nan), f"final_{metric}": m.get(metric, math.nan),
                     "final_val/loss": m.get("val/loss", math.nan), "final_train/loss": m.get("train/loss", math.nan),
-                    "is_recipe": all(_close(params.get(k), v) for k, v in plan["recipe"].items()),
+                    "is_recipe": all(_close(params.get(k), v) for k, v in plan.recipe.items()),
                     "node_id": m.get("node_id"),  # the Ray node of the trial's last result
                     "error": row.get("error") or "",
                     "checkpoint": row.get("checkpoint")})
     df = pd.DataFrame(out)
     if len(df):
-        df = df.sort_values(select, ascending=spec.search.mode == "min", na_position="last", ignore_index=True)
+        df = df.sort_values(["epochs", select], ascending=[False, spec.search.mode == "min"], na_position="last",
+                            ignore_index=True)
     return df
 
 
 def pick_best(summary: pd.DataFrame, spec: SpaceSpec) -> dict[str, Any]:
-    """Best completed, finite, non-diverged trial by its selection score (mean of its last evaluations)."""
+    """Best completed, finite, non-diverged trial by its selection score (mean of its last evaluations), among
+    the trials of the longest complete schedule that has one (successive halving's highest rung reached)."""
     metric = tail_key(spec.search.metric)
     if metric not in summary:  # summary.csv of an experiment started before the score existed
         metric = f"final_{spec.search.metric}"
@@ -178,12 +166,15 @@ def pick_best(summary: pd.DataFrame, spec: SpaceSpec) -> dict[str, Any]:
     if ok.empty:
         raise StageError("no search trial completed without diverging; nothing to fit. "
                          "Check summary.csv and TensorBoard, narrow the space, and rerun.")
+    if "epochs" in ok:
+        ok = ok[ok["epochs"] == ok["epochs"].max()]
     row = ok.sort_values(metric, ascending=spec.search.mode == "min", kind="stable").iloc[0]
     return row.to_dict() | {"_score_column": metric}
 
 
 def search_fte(summary: pd.DataFrame | None, spec: SpaceSpec) -> float:
-    """FTE the search spent: every trial's epochs (pruned and diverged ones count what they ran)."""
+    """FTE the search spent: every trial's epochs (pruned and diverged ones count what they ran; a complete
+    schedule at 1/8 of the training costs 1/8 FTE)."""
     if summary is None or "epochs_run" not in summary:
         return 0.0
     return float(summary["epochs_run"].sum()) / spec.base.epochs

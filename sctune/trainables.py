@@ -298,7 +298,8 @@ class TensorBoardSessions(tune.Callback):
         from .summaries import is_pruned
 
         last = trial.last_result or {}
-        status = "failure" if last.get("diverged") else ("aborted" if is_pruned(last, self.epochs) else "success")
+        epochs = (trial.config or {}).get("epochs", self.epochs)  # a halving rung's own schedule length
+        status = "failure" if last.get("diverged") else ("aborted" if is_pruned(last, epochs) else "success")
         self._end(trial, status)
 
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -45,13 +45,21 @@ def _is_stats(d: dict) -> bool:
 def check_search_efficiency(res: dict, out: Path) -> None:
     assert (out / "search_efficiency.png").is_file()
     for task in res.values():
-        assert set(task["methods"]) == {"sctune", "random", "conventional", "fastai"}
+        assert set(task["methods"]) == {"sctune", "random_halving", "random", "conventional", "fastai"}
         for m in task["methods"].values():
             assert _is_stats(m["test_acc_at_budget"]) and _is_stats(m["fte_to_target"])
             assert all(_is_stats(v) for v in m["test_acc_at_fte"].values())
             for curve in m["curves_fte"]:
                 assert all(len(point) == 3 for point in curve)
         assert "target" in task and task["stage1"][0]["iters"] > 0
+
+
+def check_fidelity_rank(res: dict, out: Path) -> None:
+    for task in res.values():
+        assert task["epochs"][-1] == max(task["epochs"]) and len(task["configs"]) >= 3
+        assert set(task["lengths"]) == {str(e) for e in task["epochs"]}
+        assert task["lengths"][str(task["epochs"][-1])]["spearman_vs_full"] == pytest.approx(1.0)
+        assert "full_vs_full_other_seed_spearman" in task
 
 
 def check_super_convergence(res: dict, out: Path) -> None:
@@ -101,7 +109,8 @@ def check_recommended_lr(res: dict, out: Path) -> None:
     assert all(g["n"] >= 1 for g in grid)
 
 
-CHECKS = {"search_efficiency": check_search_efficiency, "super_convergence": check_super_convergence,
+CHECKS = {"search_efficiency": check_search_efficiency, "fidelity_rank": check_fidelity_rank,
+          "super_convergence": check_super_convergence,
           "overhead": check_overhead, "data_path": check_data_path, "end_to_end": check_end_to_end,
           "readme_examples": check_readme_examples, "recommended_lr": check_recommended_lr}
 

@@ -58,6 +58,25 @@ def test_a_budget_is_shared_and_never_exceeded(budget):
     assert f"of a budget of {budget:g} FTE" in lines and "to fit the budget" in lines
 
 
+def test_a_run_without_a_budget_gets_the_default_and_a_smoke_run_keeps_its_own():
+    from sctune.budget import DEFAULT_BUDGET_FTE
+    from sctune.pipeline import make_plan
+
+    assert DEFAULT_BUDGET_FTE <= 8  # issue 18: a default run spends at most ~8 FTE in all
+    spec, plan = make_plan(DIGITS, default_budget=True)
+    assert spec.search.budget == plan["budget_fte"] == DEFAULT_BUDGET_FTE and plan["budget_default"]
+    total = plan["range"]["fte"] + plan["search"]["fte"] + plan["final"]["fte"]
+    assert total == pytest.approx(DEFAULT_BUDGET_FTE)
+    lines = "\n".join(format_plan(plan))
+    assert "the default budget" in lines and "complete one-cycles of 1/8, 1/4, 1/2 and all" in lines
+    given, plan = make_plan(DIGITS.with_search(budget=12.0), default_budget=True)
+    assert given.search.budget == 12.0 and not plan["budget_default"]  # a budget given wins
+    smoke = load_space(REPO / "search_spaces" / "digits.yaml", smoke=True)
+    spec, plan = make_plan(smoke, default_budget=False)  # --smoke: its num_samples, no default
+    assert spec.search.budget is None and plan["budget_fte"] is None
+    assert "search.num_samples full trainings' worth" in "\n".join(format_plan(plan))
+
+
 def test_small_budgets_keep_the_weight_decay_nearest_the_authors_and_test_the_search_winner():
     spec, plan = plan_compute(DIGITS, DIGITS_SIZES, budget=2.0)
     assert spec.range_test.weight_decays == (1e-4,)  # the authors' ResNet-56 best, the config default
@@ -208,7 +227,7 @@ def _inner_searcher():
 def test_budget_limiter_starts_trials_only_while_a_full_run_fits(tmp_path):
     from ray.tune.search import Searcher
 
-    from sctune.stages import BudgetLimiter
+    from sctune.searchers import BudgetLimiter
 
     lim = BudgetLimiter(_inner_searcher(), 2, budget_epochs=25, max_epochs=10)
     assert lim.suggest("t1") and lim.suggest("t2")  # 20 epochs committed

@@ -3,7 +3,7 @@
 During 1cycle's rising phase accuracy dips the more, the larger the LR - exactly the trials
 super-convergence needs - and trials with different ``cycle_frac`` are in different phases at the same
 epoch. sctune's trials report ``phase`` (0 start, 1 LR peak, 2 end of the cycle, 3 end of the run) and
-ASHA's first rung sits at the end of every trial's cycle (``space.rung_plan``). These tests drive Ray's
+ASHA's first rung sits at the end of every trial's cycle (``plan.asha_rungs``). These tests drive Ray's
 own ASHA bracket with recorded per-epoch validation accuracies.
 """
 
@@ -19,8 +19,9 @@ from ray.tune.schedulers import TrialScheduler
 from ray.tune.schedulers.async_hyperband import _Bracket
 
 from sctune.config import TrainConfig
+from sctune.plan import asha_rungs
 from sctune.schedules import build_schedule, schedule_phase
-from sctune.space import load_space, parse_space, rung_plan
+from sctune.space import load_space, parse_space
 from sctune.train import tail_mean
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,12 +80,12 @@ def survivors(histories: dict[str, list[float]], *, grace: float, max_t: float, 
 
 def test_rungs_sit_at_the_end_of_every_cycle_by_default():
     spec = load_space(REPO / "search_spaces" / "digits.yaml")
-    assert rung_plan(spec) == {"time_attr": "phase", "grace_period": 2.0, "max_t": 3.0}
+    assert asha_rungs(spec) == {"time_attr": "phase", "grace_period": 2.0, "max_t": 3.0}
 
 
 def test_explicit_grace_period_restores_epoch_rungs():
     spec = parse_space({"task": {}, "search": {"grace_period": 2}, "fixed": {"epochs": 10}})
-    assert rung_plan(spec) == {"time_attr": "epoch", "grace_period": 2, "max_t": 10}
+    assert asha_rungs(spec) == {"time_attr": "epoch", "grace_period": 2, "max_t": 10}
 
 
 @pytest.mark.parametrize("cycle_frac", [0.75, 0.9, 0.95])

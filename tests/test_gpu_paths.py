@@ -28,9 +28,9 @@ from ray_util import ROOT, in_process_cluster, patched_environ
 from sctune import experiment, pipeline
 from sctune.config import ConfigError, TrainConfig
 from sctune.data import DeviceLoader, resolve_device
-from sctune.experiment import search_plan
 from sctune.models import build_model
-from sctune.space import Anchors, load_space
+from sctune.plan import Anchors, build_plan
+from sctune.space import load_space
 from sctune.train import amp_dtype_for, evaluate, fit
 
 # the module, not the package-level sctune.search() shortcut of the same name
@@ -63,7 +63,7 @@ def _capture_trainables(monkeypatch, spec, tmp_path) -> dict[str, object]:
 
     monkeypatch.setattr(tune, "Tuner", fake_tuner)
     paths = stages.ExperimentPaths(tmp_path / "exp")
-    plan = search_plan(spec, Anchors(max_lr_bound=1.0, min_lr_bound=0.25, wd_prior=1e-4))
+    plan = build_plan(spec, Anchors(max_lr_bound=1.0, min_lr_bound=0.25, wd_prior=1e-4))
     calls = {
         "range": lambda: stages.run_range_stage(spec, paths),
         "search": lambda: stages.run_search_stage(spec, paths, plan),

@@ -6,7 +6,7 @@ import sys
 
 CORE = ["sctune", "sctune.config", "sctune.schedules", "sctune.range_test", "sctune.curvature", "sctune.data",
         "sctune.models", "sctune.train", "sctune.tasks", "sctune.bounds", "sctune.loss_bounds", "sctune.space",
-        "sctune.budget", "sctune.report", "sctune.experiment", "sctune.summaries", "sctune.progress",
+        "sctune.budget", "sctune.report", "sctune.experiment", "sctune.fidelity", "sctune.plan", "sctune.summaries", "sctune.progress",
         "sctune.tune_state", "sctune.stages", "sctune.pipeline", "sctune.search"]
 
 

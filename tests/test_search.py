@@ -11,7 +11,9 @@ import pandas as pd
 import pytest
 
 from sctune.bounds import PEAK_ACC_TIE
-from sctune.space import Anchors, load_space, resolve
+from sctune.fidelity import rung_epochs
+from sctune.plan import Anchors, resolve
+from sctune.space import load_space
 from sctune.tensorboard import experiment_logdir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -114,32 +116,55 @@ def test_summary_has_one_row_per_trial_inside_the_resolved_space(run):
     bounds = _json(run, "range_test/bounds.json")
     anchors = Anchors(**bounds["chosen"])
     dists, constants = resolve(SPEC, anchors)
-    assert len(summary) == SPEC.search.num_samples
+    # no budget: search.num_samples full trainings' worth of epochs, spent as complete schedules
+    assert summary["epochs_run"].sum() <= SPEC.search.num_samples * SPEC.base.epochs
+    assert len(summary) > SPEC.search.num_samples  # shorter schedules: more trials than full ones would fit
     assert summary["trial_id"].is_unique
     assert set(summary["status"]) <= {"completed", "pruned", "diverged", "error"}
     completed = summary[summary["status"] == "completed"]
     assert len(completed) >= 1
-    assert (completed["epochs_run"] == SPEC.base.epochs).all()
+    assert (completed["epochs_run"] == completed["epochs"]).all()  # every schedule ran to its end
+    assert set(summary["epochs"]) <= set(rung_epochs(SPEC.base.epochs))
     assert completed["val/acc_tail"].between(0.0, 1.0).all()
     assert "best_val/acc" not in summary  # an epoch's maximum over a run selects noise; it is not shown
-    assert (summary.loc[summary["status"] == "pruned", "epochs_run"] < SPEC.base.epochs).all()
+    pruned = summary[summary["status"] == "pruned"]
+    assert (pruned["epochs_run"] < pruned["epochs"]).all()
     for name, d in dists.items():
         assert summary[name].between(d.low * (1 - 1e-9), d.high * (1 + 1e-9)).all(), name
     # weight decay on both sides of the stage-1 prior: inside [1e-3, 10] x prior
     prior = anchors.wd_prior or min(w for w in SPEC.range_test.weight_decays if w > 0)  # 0: smallest tested
     assert summary["weight_decay"].between(prior * 1e-3 * (1 - 1e-9), prior * 10 * (1 + 1e-9)).all()
-    assert summary["is_recipe"].sum() == 1  # Smith's recipe is evaluated first
+    shortest = summary[summary["epochs"] == summary["epochs"].min()]
+    assert shortest["is_recipe"].sum() == 1  # Smith's recipe is evaluated first (and maybe promoted)
     for name in constants:
         assert (summary[name] == constants[name]).all()
-    # sorted best first by the selection score
-    scores = summary["val/acc_tail"].dropna().tolist()
-    assert scores == sorted(scores, reverse=True)
+    # sorted longest schedule first, then best first by the selection score
+    assert summary["epochs"].tolist() == sorted(summary["epochs"], reverse=True)
+    for _, rung in summary.groupby("epochs"):
+        scores = rung["val/acc_tail"].dropna().tolist()
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_stage_2_trains_rungs_of_complete_schedules_and_promotes_the_top_half(run):
+    summary = pd.read_csv(run.root / "summary.csv")
+    rungs = rung_epochs(SPEC.base.epochs)
+    assert len(rungs) >= 2 and summary["epochs"].max() == SPEC.base.epochs  # the best went on to the full length
+    key = ["max_lr", "weight_decay", "div_factor"]
+    for short, long in zip(rungs, rungs[1:], strict=False):
+        below = summary[summary["epochs"] == short]
+        above = summary[summary["epochs"] == long]
+        # only the top half goes on (at least the best); promotion is asynchronous, so the top half of the
+        # results finished when it was decided (``tests/test_fidelity.py`` checks that rule)
+        assert len(above) <= max(1, len(below) // 2)
+        for _, row in above.iterrows():  # each promoted configuration ran the shorter schedule before
+            assert any(all(row[k] == pytest.approx(t[k]) for k in key) for _, t in below.iterrows()), row.to_dict()
 
 
 def test_best_json_matches_the_best_completed_trial_and_final_fit(run):
     best = _json(run, "best.json")
     summary = pd.read_csv(run.root / "summary.csv")
     completed = summary[summary["status"] == "completed"]
+    completed = completed[completed["epochs"] == completed["epochs"].max()]  # the longest schedule reached
     top = completed.sort_values("val/acc_tail", ascending=False, kind="stable").iloc[0]
     assert best["trial_id"] == top["trial_id"]
     assert best["metric"] == "val/acc_tail" and best["value"] == pytest.approx(top["val/acc_tail"])
@@ -174,7 +199,7 @@ def test_tensorboard_has_a_run_per_trial(run):
     rt = SPEC.range_test
     range_runs = sorted(p.relative_to(logdir).as_posix() for p in (logdir / "range").glob("wd=*/seed=*"))
     assert len(range_runs) == len(rt.weight_decays) * rt.repeats
-    assert len(list((logdir / "search").iterdir())) == SPEC.search.num_samples
+    assert len(list((logdir / "search").iterdir())) == len(pd.read_csv(run.root / "summary.csv"))
     assert len(list((logdir / "final").iterdir())) == SPEC.final.seeds
 
 
@@ -195,7 +220,10 @@ def test_python_api_runs_stage_by_stage(tmp_path):
     assert r1.stages_run == ["range"] and r1.summary is None and r1.best is None
     assert r1.bounds["status"] == "ok"
     r2 = sctune_run(space, stage="search", num_samples=2, **common)
-    assert r2.stages_run == ["search"] and len(r2.summary) == 2
+    assert r2.stages_run == ["search"]
+    # 2 full trainings' worth: 2 configurations at half the length, the better one in full
+    assert r2.summary["epochs_run"].sum() <= 2 * SPEC.base.epochs
+    assert sorted(r2.summary["epochs"]) == [SPEC.base.epochs // 2] * 2 + [SPEC.base.epochs]
     assert r2.bounds == r1.bounds
     r3 = sctune_run(space, stage="final", **common)
     assert r3.stages_run == ["final"]

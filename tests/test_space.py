@@ -8,7 +8,8 @@ import optuna
 import pytest
 
 from sctune.config import OneCycleConfig, RegularizationConfig
-from sctune.space import RECIPE_DIV_FACTOR, Anchors, load_space, recipe_point, resolve, to_optuna
+from sctune.plan import RECIPE_DIV_FACTOR, Anchors, optuna_space, recipe_point, resolve
+from sctune.space import load_space
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = load_space(REPO / "search_spaces" / "digits.yaml")
@@ -77,7 +78,7 @@ def test_recipe_point_is_smith_clipped_into_the_space():
 
 def test_optuna_distributions_match_the_space():
     dists, _ = resolve(SPEC, Anchors(max_lr_bound=2.0, min_lr_bound=0.5, wd_prior=1e-4))
-    od = to_optuna(dists)
+    od = optuna_space(dists)
     assert isinstance(od["max_lr"], optuna.distributions.FloatDistribution) and od["max_lr"].log
     assert (od["cycle_frac"].low, od["cycle_frac"].high) == (0.75, 0.95) and not od["cycle_frac"].log
 

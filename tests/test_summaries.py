@@ -8,15 +8,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sctune.experiment import StageError, search_plan
-from sctune.space import Anchors, parse_space
+from sctune.experiment import StageError
+from sctune.plan import Anchors, build_plan, stage1_anchors
+from sctune.space import parse_space
 from sctune.summaries import (
     final_fit_summary,
     is_pruned,
     pick_best,
     range_bounds,
     search_fte,
-    stage1_anchors,
     summarize_search,
     trial_status,
 )
@@ -31,7 +31,7 @@ SPEC = parse_space({
               "weight_decay": {"type": "float", "low": 0.1, "high": 10.0, "log": True, "scale": "wd_prior"}},
 }, "test.yaml")
 ANCHORS = Anchors(max_lr_bound=2.0, min_lr_bound=0.5, wd_prior=1e-4)
-PLAN = search_plan(SPEC, ANCHORS)
+PLAN = build_plan(SPEC, ANCHORS)
 SEL = tail_key("val/acc")
 
 
@@ -53,13 +53,13 @@ def test_trial_status_classifies_each_way_a_trial_ends():
 
 def test_summarize_search_sorts_by_the_tail_score_and_keeps_only_searched_parameters():
     rows = [_row("mid", epoch=4, score=0.90), _row("pruned", epoch=2, score=0.95),
-            _row("best", epoch=4, score=0.97, max_lr=PLAN["recipe"]["max_lr"]),
+            _row("best", epoch=4, score=0.97, max_lr=PLAN.recipe["max_lr"]),
             _row("nan", epoch=1, diverged=True), _row("err", epoch=0, error="ValueError: x")]
     df = summarize_search(rows, SPEC, PLAN)
     assert list(df["trial_id"]) == ["best", "pruned", "mid", "nan", "err"]  # unscored trials last
     assert list(df["status"]) == ["completed", "pruned", "completed", "diverged", "error"]
-    assert "seed" not in df and set(PLAN["dists"]) <= set(df.columns)
-    assert PLAN["recipe"]["weight_decay"] == 1e-4  # the anchors' prior: the rows' weight decay
+    assert "seed" not in df and set(PLAN.dists) <= set(df.columns)
+    assert PLAN.recipe["weight_decay"] == 1e-4  # the anchors' prior: the rows' weight decay
     assert list(df["is_recipe"]) == [True, False, False, False, False]  # Smith's recipe: the first point
     assert df.loc[4, "error"] == "ValueError: x" and df.loc[0, "error"] == ""
     assert df.loc[0, "checkpoint"] == "/ckpt/best" and df.loc[1, "epochs_run"] == 2

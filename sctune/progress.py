@@ -128,7 +128,7 @@ class ProgressLines:
         self.done = sum(st in ("TERMINATED", "ERROR") for _, st in states)
         self.errored = sum(st == "ERROR" for _, st in states)
         # a halving trial's own schedule is ``epochs`` of its config: shorter than the full length, not pruned
-        self.pruned = sum(st == "TERMINATED" and is_pruned(t.last_result or {}, (t.config or {}).get("epochs", self.epochs))
+        self.pruned = sum(st == "TERMINATED" and is_pruned(t.last_result or {}, (getattr(t, "config", None) or {}).get("epochs", self.epochs))
                           for t, st in states)
         self.running = sum(st == "RUNNING" for t, st in states if t is not finished)
         for t, st in states:

@@ -164,7 +164,7 @@ def test_a_failing_network_is_named_in_one_line(tmp_path):
         "task: {dataset: my_task:breast_cancer, model: picky_net, modules: [picky]}\n"
         "fixed: {epochs: 2, batch_size: 32}\n"
         "range_test: {end_lr: 3.0, num_iter: 60, eval_every: 3, weight_decays: [0.0001], repeats: 1}\n"
-        "search: {num_samples: 2}\n"
+        "search: {num_samples: 2, scheduler: none}\n"  # two full-length trials: the count below
         "space:\n  dropout: {low: 0.1, high: 0.3}\n")
     storage = tmp_path / "results"
     p = run_in(project, ["-m", "sctune.search", "picky.yaml", "--storage-path", str(storage), "--name", "picky"])

@@ -27,23 +27,23 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
-from ._bounds_common import (
+from .bounds_common import (
     DIVERGENCE_BACKOFF,
     EARLY_CUT_FRAC,
     RECOMMEND_DIVISOR,  # noqa: F401 - re-exported (the recommendation's rule)
     STATUSES,
     LRBounds,
     SuperConvergenceVerdict,
-    _as_1d,
-    _check_common,
-    _check_lr,
-    _check_same_length,
-    _cut_note,
-    _early_cut_message,
-    _first_nonfinite,
-    _no_bounds,
-    _points_confidence,
+    as_1d,
+    check_common,
+    check_lr,
+    check_same_length,
+    cut_note,
+    early_cut_message,
+    first_nonfinite,
     jsonable,
+    no_bounds,
+    points_confidence,
     recommend_max_lr,
 )
 from .loss_bounds import suggest_divergence, suggest_steepest, suggest_valley
@@ -51,7 +51,7 @@ from .loss_bounds import suggest_divergence, suggest_steepest, suggest_valley
 logger = logging.getLogger(__name__)
 
 # LRBounds, SuperConvergenceVerdict, STATUSES, jsonable and recommend_max_lr (with RECOMMEND_DIVISOR) are defined
-# in _bounds_common (loss_bounds builds LRBounds too) and are part of this module's interface: import them from here.
+# in bounds_common (loss_bounds builds LRBounds too) and are part of this module's interface: import them from here.
 METHODS: tuple[str, ...] = ("smith", "steepest", "valley", "divergence")
 
 # The high band: held-out accuracy counts as "still high" while its running median stays within this fraction
@@ -97,7 +97,7 @@ def running_median(values: ArrayLike, *, window: int) -> np.ndarray:
     """
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
         raise ValueError(f"window must be an integer >= 1, got {window!r}")
-    arr = _as_1d("values", values)
+    arr = as_1d("values", values)
     return pd.Series(arr).rolling(int(window), center=True, min_periods=1).median().to_numpy()
 
 
@@ -137,9 +137,9 @@ def super_convergence_verdict(lr: ArrayLike, level: ArrayLike, *, high_level: fl
     when the model was still learning at the end of the ramp. `end_lr` is the last LR tested (the
     divergence point if the loss diverged), default the last of `lr`.
     """
-    lr_a = _as_1d("lr", lr)
-    lv = _as_1d("level", level)
-    _check_same_length("lr", lr_a, "level", lv)
+    lr_a = as_1d("lr", lr)
+    lv = as_1d("level", level)
+    check_same_length("lr", lr_a, "level", lv)
     for name, value in (("min_headroom", min_headroom), ("min_coverage", min_coverage)):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -198,7 +198,7 @@ def smith_bounds(lr: ArrayLike, acc: ArrayLike, *, loss: ArrayLike | None = None
     1.0 if the top is located (accuracy falls or the loss diverges after it), 0.6 if only a lower bound,
     halved again when still learning.
     """
-    _check_common(divisor, window if window is not None else 3, min_points)
+    check_common(divisor, window if window is not None else 3, min_points)
     for name, value in (("flat_tol", flat_tol), ("noise_tol", noise_tol)):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -206,25 +206,25 @@ def smith_bounds(lr: ArrayLike, acc: ArrayLike, *, loss: ArrayLike | None = None
         raise ValueError(f"high_frac must be in (0, 1), got {high_frac!r}")
     if not (math.isfinite(backoff) and 0 < backoff <= 1):
         raise ValueError(f"backoff must be in (0, 1], got {backoff!r}")
-    lr_all = _as_1d("lr", lr)
-    acc_all = _as_1d("acc", acc)
-    _check_same_length("lr", lr_all, "acc", acc_all)
+    lr_all = as_1d("lr", lr)
+    acc_all = as_1d("acc", acc)
+    check_same_length("lr", lr_all, "acc", acc_all)
     loss_all = None
     if loss is not None:
-        loss_all = _as_1d("loss", loss)
-        _check_same_length("lr", lr_all, "loss", loss_all)
+        loss_all = as_1d("loss", loss)
+        check_same_length("lr", lr_all, "loss", loss_all)
     n_total = len(lr_all)
     method = "smith"
 
-    cut = _first_nonfinite(loss_all)
+    cut = first_nonfinite(loss_all)
     end = n_total if cut is None else cut
     keep = np.isfinite(lr_all[:end]) & np.isfinite(acc_all[:end])
     lr_k, acc_k = lr_all[:end][keep], acc_all[:end][keep]
-    _check_lr(lr_k)
+    check_lr(lr_k)
     n = len(lr_k)
 
     if cut is not None and cut < EARLY_CUT_FRAC * n_total:
-        return _no_bounds(method, "diverged_at_start", divisor, _early_cut_message(cut, n_total, lr_all))
+        return no_bounds(method, "diverged_at_start", divisor, early_cut_message(cut, n_total, lr_all))
     # Where the loss diverged: the last LR before it went non-finite, or the range test's last row when the
     # test stopped at divergence (its smoothed loss ran away there).
     before = lr_all[:end][np.isfinite(lr_all[:end])]
@@ -235,7 +235,7 @@ def smith_bounds(lr: ArrayLike, acc: ArrayLike, *, loss: ArrayLike | None = None
                if lr_div is not None else
                f"only {n} evaluated accuracy points (need >= {min_points}): use more num_iter or a smaller "
                f"eval_every.")
-        return _no_bounds(method, "too_few_points", divisor, why[0].upper() + why[1:] + _cut_note(cut, lr_all, n))
+        return no_bounds(method, "too_few_points", divisor, why[0].upper() + why[1:] + cut_note(cut, lr_all, n))
 
     w = _auto_window(n) if window is None else int(window)
     level = running_median(acc_k, window=w)
@@ -245,16 +245,16 @@ def smith_bounds(lr: ArrayLike, acc: ArrayLike, *, loss: ArrayLike | None = None
     if learned < flat_tol:
         start = max(base, float(level[0]))
         if start - float(level.min()) >= max(flat_tol, 0.05):
-            return _no_bounds(method, "diverged_at_start", divisor,
+            return no_bounds(method, "diverged_at_start", divisor,
                               f"Accuracy is highest at the start of the sweep ({start:.3f}) and then falls to "
                               f"{level.min():.3f}: the ramp starts too high, or the model was trained already. "
-                              f"Lower start_lr (Smith starts at 0) and end_lr." + _cut_note(cut, lr_all, n),
+                              f"Lower start_lr (Smith starts at 0) and end_lr." + cut_note(cut, lr_all, n),
                               peak_acc=start)
-        return _no_bounds(method, "flat", divisor,
+        return no_bounds(method, "flat", divisor,
                           f"Held-out accuracy hardly changes over the sweep (from {base:.3f} to a best running "
                           f"median of {top_level:.3f}, flat_tol {flat_tol:g}): nothing was learned or the model "
                           f"is already trained. Raise end_lr or num_iter, or check the model and labels."
-                          + _cut_note(cut, lr_all, n), peak_acc=top_level)
+                          + cut_note(cut, lr_all, n), peak_acc=top_level)
     high_level = top_level - high_frac * learned
     high = np.flatnonzero(level >= high_level)
     first, last = int(high[0]), int(high[-1])
@@ -262,11 +262,11 @@ def smith_bounds(lr: ArrayLike, acc: ArrayLike, *, loss: ArrayLike | None = None
     noise = _robust_std(acc_k - level)
     noise_ratio = noise / learned
     if noise_ratio > noise_tol:
-        return _no_bounds(method, "noisy", divisor,
+        return no_bounds(method, "noisy", divisor,
                           f"Held-out accuracy is too noisy to read a level: its scatter around the running median "
                           f"(robust std {noise:.3g}) is {noise_ratio:.2f} of what the model learned ({learned:.3g}; "
                           f"noise_tol {noise_tol:g}). Raise eval_samples, or repeat seeds and aggregate."
-                          + _cut_note(cut, lr_all, n), peak_acc=top_level)
+                          + cut_note(cut, lr_all, n), peak_acc=top_level)
 
     still_learning = first > (1.0 - LEARNING_TAIL_FRAC) * (n - 1)
     top = float(lr_k[last])
@@ -280,7 +280,7 @@ def smith_bounds(lr: ArrayLike, acc: ArrayLike, *, loss: ArrayLike | None = None
                                         min_headroom=sc_min_headroom, min_coverage=sc_min_coverage)
     min_lr = max_lr / divisor
     located = 1.0 if (falls or lr_div is not None) else 0.6
-    confidence = (_points_confidence(n) * (1.0 - noise_ratio / noise_tol if noise_tol > 0 else 1.0) * located
+    confidence = (points_confidence(n) * (1.0 - noise_ratio / noise_tol if noise_tol > 0 else 1.0) * located
                   * (0.5 if still_learning else 1.0))
 
     head = (f"max_lr {max_lr:.3g}, min_lr {min_lr:.3g} (= max_lr/{divisor:g}): held-out accuracy (running median "
@@ -297,7 +297,7 @@ def smith_bounds(lr: ArrayLike, acc: ArrayLike, *, loss: ArrayLike | None = None
     else:
         tail = (" and is still high at the last LR: max_lr is a lower bound (raise end_lr to see where accuracy "
                 "falls; stage 2 searches above it).")
-    message = head + tail + " " + verdict.message + _cut_note(cut, lr_all, n)
+    message = head + tail + " " + verdict.message + cut_note(cut, lr_all, n)
     logger.debug("smith_bounds: n=%d window=%d band=%d..%d noise_ratio=%.3f confidence=%.3f",
                  n, w, first, last, noise_ratio, confidence)
     recommended, why = recommend_max_lr(verdict.learn_lr, max_lr, likely=verdict.possible)

@@ -31,6 +31,26 @@ class ConfigError(ValueError):
         return type(self), (self.path, self.rule), self.__dict__
 
 
+def error_line(err: Any) -> str | None:
+    """Why a trial failed, in one line: the exception raised in the trial (``ConfigError: task.dataset: ...``),
+    not Ray's wrapping of it (``RayTaskError(...)`` with the worker's traceback). None for no error."""
+    if err is None:
+        return None
+    for _ in range(5):  # RayTaskError / TuneError -> the exception the trial raised
+        cause = getattr(err, "cause", None)
+        if cause is None or cause is err:
+            break
+        err = cause
+    if isinstance(err, str):  # Tune's text trace: its last line names the exception
+        lines = [ln.strip() for ln in err.strip().splitlines() if ln.strip()]
+        text = lines[-1] if lines else "unknown error"
+    else:
+        name = type(err).__name__
+        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
+        text = f"{name}: {first}" if first else name
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 _MODULE_NAME = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*$")
 
 
@@ -82,7 +102,7 @@ def _check_type(path: str, value: Any, hint: Any) -> Any:
     return value
 
 
-class _Config:
+class ConfigBase:
     """Mixin: strict construction from plain dicts, plus ``to_dict``."""
 
     @classmethod
@@ -105,7 +125,7 @@ class _Config:
             if f.name not in data:
                 continue
             sub = hints[f.name]
-            if isinstance(sub, type) and issubclass(sub, _Config):
+            if isinstance(sub, type) and issubclass(sub, ConfigBase):
                 kwargs[f.name] = sub.from_dict(data[f.name], _join(path, f.name))
             else:
                 kwargs[f.name] = _check_type(_join(path, f.name), data[f.name], sub)
@@ -121,13 +141,13 @@ class _Config:
         return dataclasses.replace(self, **changes)
 
 
-def _require(cond: bool, key: str, rule: str) -> None:
+def require(cond: bool, key: str, rule: str) -> None:
     if not cond:
         raise ConfigError(key, rule)
 
 
 @dataclass(frozen=True)
-class TaskConfig(_Config):
+class TaskConfig(ConfigBase):
     """What to train: dataset, model and data split."""
 
     dataset: str = "digits"
@@ -143,15 +163,15 @@ class TaskConfig(_Config):
 
     def __post_init__(self):
         for i, m in enumerate(self.modules):
-            _require(isinstance(m, str) and bool(_MODULE_NAME.match(m)), f"modules[{i}]",
+            require(isinstance(m, str) and bool(_MODULE_NAME.match(m)), f"modules[{i}]",
                      f"must be a module name like my_pkg.tasks, got {m!r}")
-        _require(0.0 < self.val_frac < 0.9, "val_frac", f"must be in (0, 0.9), got {self.val_frac}")
-        _require(self.train_subset is None or self.train_subset > 0, "train_subset",
+        require(0.0 < self.val_frac < 0.9, "val_frac", f"must be in (0, 0.9), got {self.val_frac}")
+        require(self.train_subset is None or self.train_subset > 0, "train_subset",
                  f"must be a positive integer, got {self.train_subset}")
 
 
 @dataclass(frozen=True)
-class OneCycleConfig(_Config):
+class OneCycleConfig(ConfigBase):
     """The 1cycle policy (METHOD.md section 3): one linear cycle then annihilation."""
 
     max_lr: float = 0.1
@@ -165,12 +185,12 @@ class OneCycleConfig(_Config):
     cycle_momentum: bool = True
 
     def __post_init__(self):
-        _require(self.max_lr > 0, "max_lr", f"must be > 0, got {self.max_lr}")
-        _require(self.div_factor >= 1, "div_factor", f"must be >= 1, got {self.div_factor}")
-        _require(0 < self.cycle_frac <= 1, "cycle_frac", f"must be in (0, 1], got {self.cycle_frac}")
-        _require(self.annihilation_factor >= 1, "annihilation_factor",
+        require(self.max_lr > 0, "max_lr", f"must be > 0, got {self.max_lr}")
+        require(self.div_factor >= 1, "div_factor", f"must be >= 1, got {self.div_factor}")
+        require(0 < self.cycle_frac <= 1, "cycle_frac", f"must be in (0, 1], got {self.cycle_frac}")
+        require(self.annihilation_factor >= 1, "annihilation_factor",
                  f"must be >= 1, got {self.annihilation_factor}")
-        _require(0 <= self.min_momentum <= self.max_momentum < 1, "min_momentum",
+        require(0 <= self.min_momentum <= self.max_momentum < 1, "min_momentum",
                  f"need 0 <= min_momentum <= max_momentum < 1, got {self.min_momentum}, {self.max_momentum}")
 
     @property
@@ -179,7 +199,7 @@ class OneCycleConfig(_Config):
 
 
 @dataclass(frozen=True)
-class BaselineConfig(_Config):
+class BaselineConfig(ConfigBase):
     """Non-1cycle schedules: piecewise-constant (the paper's baseline), CLR, constant."""
 
     lr: float = 0.1  # piecewise/constant base LR; CLR uses it as base_lr
@@ -191,18 +211,18 @@ class BaselineConfig(_Config):
     clr_mode: str = "triangular"  # triangular | triangular2 | exp_range
 
     def __post_init__(self):
-        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        _require(all(0 < m < 1 for m in self.milestones_frac), "milestones_frac",
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(all(0 < m < 1 for m in self.milestones_frac), "milestones_frac",
                  f"each must be in (0, 1), got {self.milestones_frac}")
-        _require(list(self.milestones_frac) == sorted(self.milestones_frac), "milestones_frac",
+        require(list(self.milestones_frac) == sorted(self.milestones_frac), "milestones_frac",
                  "must be increasing")
-        _require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
-        _require(self.clr_mode in ("triangular", "triangular2", "exp_range"), "clr_mode",
+        require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        require(self.clr_mode in ("triangular", "triangular2", "exp_range"), "clr_mode",
                  f"must be triangular, triangular2 or exp_range, got {self.clr_mode!r}")
 
 
 @dataclass(frozen=True)
-class RegularizationConfig(_Config):
+class RegularizationConfig(ConfigBase):
     """Regularization to *reduce* when the LR is large (METHOD.md section 4)."""
 
     weight_decay: float = 1e-4
@@ -211,9 +231,9 @@ class RegularizationConfig(_Config):
     wd_norm_bias: bool = False  # apply weight decay to norm weights and biases too (default: no)
 
     def __post_init__(self):
-        _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
-        _require(0 <= self.label_smoothing < 1, "label_smoothing",
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        require(0 <= self.label_smoothing < 1, "label_smoothing",
                  f"must be in [0, 1), got {self.label_smoothing}")
 
 
@@ -222,7 +242,7 @@ OPTIMIZERS = ("sgd", "adamw", "adam")
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Config):
+class TrainConfig(ConfigBase):
     """Everything one training run needs. Flat Tune keys map onto the sections by field name."""
 
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -249,13 +269,13 @@ class TrainConfig(_Config):
     precise_bn_samples: int = 512  # training samples (a fixed, evenly spaced subset) for the statistics
 
     def __post_init__(self):
-        _require(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
-        _require(self.optimizer in OPTIMIZERS, "optimizer",
+        require(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
+        require(self.optimizer in OPTIMIZERS, "optimizer",
                  f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
-        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
-        _require(self.precise_bn_samples >= 1, "precise_bn_samples", f"must be >= 1, got {self.precise_bn_samples}")
+        require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+        require(self.precise_bn_samples >= 1, "precise_bn_samples", f"must be >= 1, got {self.precise_bn_samples}")
 
     # -- flat <-> nested ------------------------------------------------------------------
     @classmethod
@@ -265,7 +285,7 @@ class TrainConfig(_Config):
         hints = get_type_hints(cls)
         for f in fields(cls):
             sub = hints[f.name]
-            if isinstance(sub, type) and issubclass(sub, _Config):
+            if isinstance(sub, type) and issubclass(sub, ConfigBase):
                 for g in fields(sub):
                     out[g.name] = f.name
             else:
@@ -303,7 +323,7 @@ class TrainConfig(_Config):
 
 
 @dataclass(frozen=True)
-class RangeTestConfig(_Config):
+class RangeTestConfig(ConfigBase):
     """The LR range test (METHOD.md section 2). Names follow pytorch-lr-finder."""
 
     start_lr: float = 0.0  # Smith starts at zero; exp mode needs > 0
@@ -329,28 +349,28 @@ class RangeTestConfig(_Config):
     max_fte: float | None = 0.5
 
     def __post_init__(self):
-        _require(self.step_mode in ("linear", "exp"), "step_mode",
+        require(self.step_mode in ("linear", "exp"), "step_mode",
                  f"must be 'linear' or 'exp', got {self.step_mode!r}")
-        _require(self.start_lr >= 0, "start_lr", f"must be >= 0, got {self.start_lr}")
-        _require(self.step_mode != "exp" or self.start_lr > 0, "start_lr",
+        require(self.start_lr >= 0, "start_lr", f"must be >= 0, got {self.start_lr}")
+        require(self.step_mode != "exp" or self.start_lr > 0, "start_lr",
                  "must be > 0 for step_mode 'exp' (a geometric ramp cannot start at zero)")
-        _require(self.end_lr > self.start_lr, "end_lr",
+        require(self.end_lr > self.start_lr, "end_lr",
                  f"must be > start_lr ({self.start_lr}), got {self.end_lr}")
-        _require(self.num_iter >= 10, "num_iter", f"must be >= 10, got {self.num_iter}")
-        _require(0 < self.smooth_f < 1, "smooth_f", f"must be in (0, 1), got {self.smooth_f}")
-        _require(self.diverge_th > 1, "diverge_th", f"must be > 1, got {self.diverge_th}")
-        _require(1 <= self.eval_every <= self.num_iter, "eval_every",
+        require(self.num_iter >= 10, "num_iter", f"must be >= 10, got {self.num_iter}")
+        require(0 < self.smooth_f < 1, "smooth_f", f"must be in (0, 1), got {self.smooth_f}")
+        require(self.diverge_th > 1, "diverge_th", f"must be > 1, got {self.diverge_th}")
+        require(1 <= self.eval_every <= self.num_iter, "eval_every",
                  f"must be in [1, num_iter], got {self.eval_every}")
-        _require(self.eval_samples >= 1, "eval_samples", f"must be >= 1, got {self.eval_samples}")
-        _require(self.recal_samples >= 1, "recal_samples", f"must be >= 1, got {self.recal_samples}")
-        _require(self.divisor >= 1, "divisor", f"must be >= 1, got {self.divisor}")
-        _require(self.max_fte is None or self.max_fte > 0, "max_fte", f"must be > 0 or null, got {self.max_fte}")
-        _require(self.method in ("smith", "steepest", "valley", "divergence"), "method",
+        require(self.eval_samples >= 1, "eval_samples", f"must be >= 1, got {self.eval_samples}")
+        require(self.recal_samples >= 1, "recal_samples", f"must be >= 1, got {self.recal_samples}")
+        require(self.divisor >= 1, "divisor", f"must be >= 1, got {self.divisor}")
+        require(self.max_fte is None or self.max_fte > 0, "max_fte", f"must be > 0 or null, got {self.max_fte}")
+        require(self.method in ("smith", "steepest", "valley", "divergence"), "method",
                  f"must be smith, steepest, valley or divergence, got {self.method!r}")
-        _require(len(self.weight_decays) >= 1, "weight_decays", "must list at least one value")
-        _require(all(w >= 0 for w in self.weight_decays), "weight_decays",
+        require(len(self.weight_decays) >= 1, "weight_decays", "must list at least one value")
+        require(all(w >= 0 for w in self.weight_decays), "weight_decays",
                  f"each must be >= 0, got {self.weight_decays}")
-        _require(self.repeats >= 1, "repeats", f"must be >= 1, got {self.repeats}")
-        _require(0 < self.high_frac < 1, "high_frac", f"must be in (0, 1), got {self.high_frac}")
-        _require(self.sc_min_headroom >= 1, "sc_min_headroom", f"must be >= 1, got {self.sc_min_headroom}")
-        _require(0 <= self.sc_min_coverage <= 1, "sc_min_coverage", f"must be in [0, 1], got {self.sc_min_coverage}")
+        require(self.repeats >= 1, "repeats", f"must be >= 1, got {self.repeats}")
+        require(0 < self.high_frac < 1, "high_frac", f"must be in (0, 1), got {self.high_frac}")
+        require(self.sc_min_headroom >= 1, "sc_min_headroom", f"must be >= 1, got {self.sc_min_headroom}")
+        require(0 <= self.sc_min_coverage <= 1, "sc_min_coverage", f"must be in [0, 1], got {self.sc_min_coverage}")

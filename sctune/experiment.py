@@ -188,7 +188,7 @@ def _json_default(o: Any) -> Any:
 
 def clean(obj: Any) -> Any:
     """NaN/inf -> None recursively, numpy scalars -> Python: strict JSON."""
-    from ._bounds_common import jsonable
+    from .bounds_common import jsonable
 
     return jsonable(obj)
 

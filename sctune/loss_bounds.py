@@ -20,20 +20,20 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
-from ._bounds_common import (
+from .bounds_common import (
     DIVERGENCE_BACKOFF,
     EARLY_CUT_FRAC,
     LRBounds,
-    _as_1d,
-    _check_common,
-    _check_lr,
-    _check_same_length,
-    _cut_note,
-    _early_cut_message,
-    _first_nonfinite,
-    _no_bounds,
-    _points_confidence,
+    as_1d,
+    check_common,
+    check_lr,
+    check_same_length,
+    cut_note,
+    early_cut_message,
+    first_nonfinite,
     logger,
+    no_bounds,
+    points_confidence,
 )
 
 # fastai's valley code lands half-way down the longest valley (start + len/3 + len/6); we go 2/3 of the way,
@@ -71,26 +71,26 @@ class _LossCurve:
 def _loss_prelude(method: str, lr: ArrayLike, loss: ArrayLike, *, divisor: float, window: int,
                   min_points: int, flat_tol: float) -> LRBounds | _LossCurve:
     """Shared checks of the loss methods; returns a no-bounds LRBounds or the prepared curve."""
-    _check_common(divisor, window, min_points)
+    check_common(divisor, window, min_points)
     if not (math.isfinite(flat_tol) and flat_tol >= 0):
         raise ValueError(f"flat_tol must be a finite number >= 0, got {flat_tol!r}")
-    lr_all = _as_1d("lr", lr)
-    loss_all = _as_1d("loss", loss)
-    _check_same_length("lr", lr_all, "loss", loss_all)
+    lr_all = as_1d("lr", lr)
+    loss_all = as_1d("loss", loss)
+    check_same_length("lr", lr_all, "loss", loss_all)
     n_total = len(lr_all)
-    cut = _first_nonfinite(loss_all)
+    cut = first_nonfinite(loss_all)
     end = n_total if cut is None else cut
     # lr > 0: the slope is taken against log10(lr); a linear ramp's LR-0 point carries no information anyway.
     keep = np.isfinite(lr_all[:end]) & (lr_all[:end] > 0)
     lr_k, loss_k = lr_all[:end][keep], loss_all[:end][keep]
-    _check_lr(lr_k)
+    check_lr(lr_k)
     n = len(lr_k)
     if cut is not None and cut < EARLY_CUT_FRAC * n_total:
-        return _no_bounds(method, "diverged_at_start", divisor, _early_cut_message(cut, n_total, lr_all))
+        return no_bounds(method, "diverged_at_start", divisor, early_cut_message(cut, n_total, lr_all))
     if n < min_points:
-        return _no_bounds(method, "too_few_points", divisor,
+        return no_bounds(method, "too_few_points", divisor,
                           f"Only {n} finite loss points with lr > 0 (need >= {min_points}): use more num_iter."
-                          + _cut_note(cut, lr_all, n))
+                          + cut_note(cut, lr_all, n))
     s = smooth(loss_k, window=window)
     low = int(np.argmin(s))
     descent = float(s[: low + 1].max() - s[low])
@@ -106,34 +106,34 @@ def _descent_checks(method: str, c: _LossCurve, *, divisor: float, flat_tol: flo
     s = c.smoothed
     scale = max(abs(float(s[0])), 1e-12)
     if (s.max() - s.min()) < flat_tol * scale:
-        return _no_bounds(method, "flat", divisor,
+        return no_bounds(method, "flat", divisor,
                           f"Smoothed loss hardly changes over the sweep (range {s.max() - s.min():.3g} < flat_tol "
                           f"{flat_tol:g} x start {s[0]:.3g}): nothing was learned or the model is already "
-                          f"trained. Raise end_lr or num_iter." + _cut_note(c.cut, c.lr_all, len(s)))
+                          f"trained. Raise end_lr or num_iter." + cut_note(c.cut, c.lr_all, len(s)))
     if s[0] - s.min() < flat_tol * scale or int(np.argmin(s)) <= 1:
-        return _no_bounds(method, "diverged_at_start", divisor,
+        return no_bounds(method, "diverged_at_start", divisor,
                           f"The smoothed loss never decreases (start {s[0]:.3g}, minimum {s.min():.3g} at LR "
                           f"{c.lr[int(np.argmin(s))]:.3g}): the ramp starts too high. Lower start_lr."
-                          + _cut_note(c.cut, c.lr_all, len(s)))
+                          + cut_note(c.cut, c.lr_all, len(s)))
     if c.noise_ratio > noise_tol:
-        return _no_bounds(method, "noisy", divisor,
+        return no_bounds(method, "noisy", divisor,
                           f"The loss is too noisy on its descent (residual std {c.noise_ratio:.2f} of the drop, "
                           f"noise_tol {noise_tol:g}): widen the smoothing window or repeat seeds and aggregate."
-                          + _cut_note(c.cut, c.lr_all, len(s)))
+                          + cut_note(c.cut, c.lr_all, len(s)))
     return None
 
 
 def _loss_confidence(c: _LossCurve, noise_tol: float) -> float:
     """(1 - exp(-n / 20)) x (1 - noise_ratio / noise_tol), clipped to [0, 1]."""
     noise_factor = max(0.0, 1.0 - c.noise_ratio / noise_tol) if noise_tol > 0 else 1.0
-    return float(np.clip(_points_confidence(len(c.lr)) * noise_factor, 0.0, 1.0))
+    return float(np.clip(points_confidence(len(c.lr)) * noise_factor, 0.0, 1.0))
 
 
 def _loss_ok(method: str, c: _LossCurve, idx: int, max_lr: float, divisor: float, confidence: float,
              what: str) -> LRBounds:
     min_lr = max_lr / divisor
     message = (f"max_lr {max_lr:.3g} ({what}; min_lr {min_lr:.3g} = max_lr/{divisor:g})."
-               + _cut_note(c.cut, c.lr_all, len(c.lr)))
+               + cut_note(c.cut, c.lr_all, len(c.lr)))
     logger.debug("%s: idx=%d max_lr=%.4g confidence=%.3f", method, idx, max_lr, confidence)
     return LRBounds(min_lr=min_lr, max_lr=max_lr, status="ok", confidence=confidence, method=method,
                     divisor=float(divisor), peak_acc=None, verdict=None, message=message)
@@ -277,7 +277,7 @@ def suggest_divergence(lr: ArrayLike, loss: ArrayLike, *, divisor: float = 4.0, 
         k = int(over[0])  # index among kept points; map it to a row for the 10% rule
         row = int(np.flatnonzero(np.isfinite(c.lr_all) & (c.lr_all > 0))[k])
         if row < EARLY_CUT_FRAC * c.n_total or k == 0:
-            return _no_bounds(method, "diverged_at_start", divisor,
+            return no_bounds(method, "diverged_at_start", divisor,
                               f"The smoothed loss exceeds {diverge_th:g}x its best already at LR {c.lr[k]:.3g} "
                               f"(row {row} of {c.n_total}, within the first {EARLY_CUT_FRAC:.0%}): lower end_lr "
                               f"or start_lr.")
@@ -289,7 +289,7 @@ def suggest_divergence(lr: ArrayLike, loss: ArrayLike, *, divisor: float = 4.0, 
         what = f"{backoff:g} x LR {c.lr[last]:.3g}, the last before the loss became non-finite"
     else:
         if (s.max() - s.min()) < flat_tol * max(abs(float(s[0])), 1e-12):
-            return _no_bounds(method, "flat", divisor,
+            return no_bounds(method, "flat", divisor,
                               f"The smoothed loss hardly changes and never diverges (range {s.max() - s.min():.3g}): "
                               f"raise end_lr or num_iter.")
         last = len(c.lr) - 1

@@ -53,7 +53,7 @@ from .ray_session import (
     start_ray,
     user_runtime_env,
 )
-from .safeguards import kept_options, space_sha256
+from .safeguards import kept_options, load_in_driver, space_sha256
 from .space import SpaceError, SpaceSpec
 from .storage import disk_full_message
 from .tune_state import note_orphans
@@ -173,7 +173,7 @@ def _run(space: str | Path | SpaceSpec | None, o: Options) -> SearchResults:
     autoscale = read_cluster_yaml(o.cluster_yaml)  # a bad --cluster-yaml fails before anything else is done
     # The plan (iterations and FTE of each stage; with a budget, stage 1 and the final fit cut to fit it)
     # is made and shown before Ray starts; a budget that cannot hold one search trial is refused here.
-    driver = _load_in_driver(spec, local=address is None)  # a task that fails here stops the run: exit 2
+    driver = load_in_driver(spec, local=address is None)  # a task that fails here stops the run: exit 2
     spec, cplan = make_plan(spec, budget_from_cli=o.budget is not None, sizes=driver.get("sizes", False),
                             default_budget=not o.smoke)
     filled = [f"filled in: {line}" for line in spec.filled]  # sections the file left out (autofill)
@@ -383,40 +383,6 @@ def _dataset_sizes(spec: SpaceSpec) -> dict[str, int] | None:
             log.warning("could not load %s here to count iterations (%s); the plan shows epochs only",
                         spec.base.task.dataset, e)
     return sizes
-
-
-def _load_in_driver(spec: SpaceSpec, *, local: bool) -> dict[str, Any]:
-    """The task's dataset and model, made once in the driver: ``{"sizes": split sizes, "param_bytes": the
-    model's}``. On a local Ray the workers are this machine, so a dataset or model that fails here fails in
-    every trial: a SpaceError (exit 2) with the user's exception, before Ray starts. With ``--address`` the
-    data may live on the workers only: a warning, and {} (the plan then shows epochs only)."""
-    from .data import known_split_sizes, load_dataset
-    from .models import build_model
-    from .progress import error_line
-
-    task = spec.base.task
-    try:
-        data = load_dataset(task)
-    except Exception as e:
-        if local:
-            raise SpaceError(spec.path, "task.dataset", f"{task.dataset} fails to load: {error_line(e)}") from None
-        sizes = known_split_sizes(task)
-        if sizes is None:
-            log.warning("could not load %s here to count iterations (%s); the plan shows epochs only",
-                        task.dataset, e)
-        return {"sizes": sizes}
-    try:
-        model = build_model(task.model, num_classes=data.num_classes, input_shape=data.input_shape,
-                            dropout=spec.base.reg.dropout)
-        param_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    except Exception as e:
-        if local:
-            raise SpaceError(spec.path, "task.model", f"{task.model} cannot be built for {task.dataset} "
-                                                      f"({data.input_shape}, {data.num_classes} classes): "
-                                                      f"{error_line(e)}") from None
-        log.warning("could not build %s here (%s)", task.model, e)
-        param_bytes = None
-    return {"sizes": data.sizes(), "param_bytes": param_bytes}
 
 
 def make_plan(spec: SpaceSpec, *, budget_from_cli: bool = False, sizes: dict[str, int] | None | bool = False,

@@ -18,6 +18,7 @@ import sys
 import time
 from typing import Any
 
+from .config import error_line
 from .lifecycle import GUARD
 from .summaries import is_pruned
 
@@ -43,26 +44,6 @@ def _fmt_s(seconds: float) -> str:
 
 def active_progress() -> ProgressLines | None:
     return _ACTIVE.get("progress")
-
-
-def error_line(err: Any) -> str | None:
-    """Why a trial failed, in one line: the exception raised in the trial (``ConfigError: task.dataset: ...``),
-    not Ray's wrapping of it (``RayTaskError(...)`` with the worker's traceback). None for no error."""
-    if err is None:
-        return None
-    for _ in range(5):  # RayTaskError / TuneError -> the exception the trial raised
-        cause = getattr(err, "cause", None)
-        if cause is None or cause is err:
-            break
-        err = cause
-    if isinstance(err, str):  # Tune's text trace: its last line names the exception
-        lines = [ln.strip() for ln in err.strip().splitlines() if ln.strip()]
-        text = lines[-1] if lines else "unknown error"
-    else:
-        name = type(err).__name__
-        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
-        text = f"{name}: {first}" if first else name
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 class ProgressLines:

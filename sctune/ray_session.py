@@ -112,7 +112,7 @@ def check_task_on_workers(spec: SpaceSpec, regs: dict[str, Any]) -> None:
         log.warning("could not check the task in a Ray worker within %.0fs; starting the trials anyway",
                     TASK_PROBE_TIMEOUT_S)
     except Exception as e:  # ConfigError from the worker; or the driver's registrations could not be unpickled there
-        from .progress import error_line
+        from .config import error_line
 
         cause = getattr(e, "cause", None) or e
         path = cause.path if isinstance(cause, ConfigError) else "task"

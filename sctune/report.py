@@ -63,7 +63,7 @@ def _loss_ylim(losses: Sequence[np.ndarray]) -> tuple[float, float] | None:
     return low - 0.05 * (top - low), top
 
 
-def _bound_dict(bounds: object) -> dict[str, Any]:
+def bound_dict(bounds: object) -> dict[str, Any]:
     if bounds is None:
         return {}
     if hasattr(bounds, "to_dict"):
@@ -72,7 +72,7 @@ def _bound_dict(bounds: object) -> dict[str, Any]:
     return {k: getattr(bounds, k) for k in keys if hasattr(bounds, k)}
 
 
-def _finite_positive(value: object) -> float | None:
+def finite_positive(value: object) -> float | None:
     try:
         x = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -94,7 +94,7 @@ def _bound_lines(axes: Sequence[Axes], bounds: Mapping[str, Any], color: str, la
     ``gid="min_lr:<label>"`` / ``"max_lr:<label>"``. False when neither is a positive number."""
     drawn = False
     for attr, style in (("min_lr", "--"), ("max_lr", ":")):
-        x = _finite_positive(bounds.get(attr))
+        x = finite_positive(bounds.get(attr))
         if x is None:
             continue
         drawn = True
@@ -143,7 +143,7 @@ def range_test_figure(
                 f"range_test_figure: curve {label!r} has no 'lr' column (columns: {list(df.columns)})"
             )
         color = colors[i % len(colors)]
-        b = _bound_dict(bounds.get(label))
+        b = bound_dict(bounds.get(label))
         legend = f"{label} [{b['status']}]" if b.get("status") else label
         acc = _column(df, "acc")
         if acc is not None and np.isfinite(acc).any():
@@ -237,7 +237,7 @@ def _fmt(value: object) -> str:
 def bounds_markdown(bounds: object) -> str:
     """Markdown table of min_lr / max_lr / status / confidence, then the bounds' own message (why
     there are none, what was cut) and the super-convergence verdict message (pure)."""
-    d = _bound_dict(bounds)
+    d = bound_dict(bounds)
     rows = [
         "| min_lr | max_lr | status | confidence |",
         "|---|---|---|---|",

@@ -5,11 +5,17 @@ experiment. Errors are ``ConfigError``s naming the flag or file (exit 2), raised
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError
+
+if TYPE_CHECKING:
+    from .space import SpaceSpec
+
+log = logging.getLogger("sctune")
 
 # -- the options an experiment keeps ------------------------------------------------------------------
 #
@@ -148,3 +154,38 @@ def check_storage(storage_path: str | Path) -> Path:
     except OSError as e:
         raise ConfigError("--storage-path", f"{p}: cannot create a folder in {probe} ({e.strerror or e})") from None
     return p.resolve()
+
+
+def load_in_driver(spec: SpaceSpec, *, local: bool) -> dict[str, Any]:
+    """The task's dataset and model, made once in the driver: ``{"sizes": split sizes, "param_bytes": the
+    model's}``. On a local Ray the workers are this machine, so a dataset or model that fails here fails in
+    every trial: a SpaceError (exit 2) with the user's exception, before Ray starts. With ``--address`` the
+    data may live on the workers only: a warning, and {} (the plan then shows epochs only)."""
+    from .config import error_line
+    from .data import known_split_sizes, load_dataset
+    from .models import build_model
+    from .space import SpaceError
+
+    task = spec.base.task
+    try:
+        data = load_dataset(task)
+    except Exception as e:
+        if local:
+            raise SpaceError(spec.path, "task.dataset", f"{task.dataset} fails to load: {error_line(e)}") from None
+        sizes = known_split_sizes(task)
+        if sizes is None:
+            log.warning("could not load %s here to count iterations (%s); the plan shows epochs only",
+                        task.dataset, e)
+        return {"sizes": sizes}
+    try:
+        model = build_model(task.model, num_classes=data.num_classes, input_shape=data.input_shape,
+                            dropout=spec.base.reg.dropout)
+        param_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    except Exception as e:
+        if local:
+            raise SpaceError(spec.path, "task.model", f"{task.model} cannot be built for {task.dataset} "
+                                                      f"({data.input_shape}, {data.num_classes} classes): "
+                                                      f"{error_line(e)}") from None
+        log.warning("could not build %s here (%s)", task.model, e)
+        param_bytes = None
+    return {"sizes": data.sizes(), "param_bytes": param_bytes}

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, RangeTestConfig, TaskConfig, TrainConfig, _Config, _require
+from .config import ConfigBase, ConfigError, RangeTestConfig, TaskConfig, TrainConfig, require
 
 SECTIONS = ("task", "fixed", "range_test", "search", "final", "space", "smoke")
 # Budgets beyond these cannot end in reasonable time on any hardware sctune targets (the paper's longest
@@ -68,7 +68,7 @@ class SpaceError(ConfigError):
 
 
 @dataclass(frozen=True)
-class SearchConfig(_Config):
+class SearchConfig(ConfigBase):
     metric: str = "val/acc"  # reported every epoch (precise BN); ASHA's rungs compare it at equal phase
     mode: str = "max"
     select_last: int = 3  # trials are ranked by the mean of their last this-many evaluations (``<metric>_tail``)
@@ -86,36 +86,36 @@ class SearchConfig(_Config):
     gpus_per_trial: float = 0.0
 
     def __post_init__(self):
-        _require(self.mode in ("max", "min"), "mode", f"must be 'max' or 'min', got {self.mode!r}")
-        _require(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
-        _require(self.select_last >= 1, "select_last", f"must be >= 1, got {self.select_last}")
-        _require(0 < self.rung_phase < 3, "rung_phase",
+        require(self.mode in ("max", "min"), "mode", f"must be 'max' or 'min', got {self.mode!r}")
+        require(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        require(self.select_last >= 1, "select_last", f"must be >= 1, got {self.select_last}")
+        require(0 < self.rung_phase < 3, "rung_phase",
                  f"must be in (0, 3) (0 start, 1 LR peak, 2 cycle end, 3 run end), got {self.rung_phase}")
-        _require(self.budget is None or self.budget > 0, "budget",
+        require(self.budget is None or self.budget > 0, "budget",
                  f"must be > 0 full-training equivalents, got {self.budget}")
-        _require(self.num_samples <= LIMITS["search.num_samples"], "num_samples",
+        require(self.num_samples <= LIMITS["search.num_samples"], "num_samples",
                  f"must be <= {LIMITS['search.num_samples']:,} (a search that cannot end), got {self.num_samples:,}")
-        _require(self.max_concurrent >= 1, "max_concurrent", f"must be >= 1, got {self.max_concurrent}")
-        _require(self.scheduler in ("halving", "asha", "none"), "scheduler",
+        require(self.max_concurrent >= 1, "max_concurrent", f"must be >= 1, got {self.max_concurrent}")
+        require(self.scheduler in ("halving", "asha", "none"), "scheduler",
                  f"must be 'halving', 'asha' or 'none', got {self.scheduler!r}")
-        _require(self.grace_period is None or self.grace_period >= 1, "grace_period",
+        require(self.grace_period is None or self.grace_period >= 1, "grace_period",
                  f"must be >= 1, got {self.grace_period}")
-        _require(self.reduction_factor > 1, "reduction_factor", f"must be > 1, got {self.reduction_factor}")
-        _require(self.cpus_per_trial > 0, "cpus_per_trial", f"must be > 0, got {self.cpus_per_trial}")
-        _require(self.gpus_per_trial >= 0, "gpus_per_trial", f"must be >= 0, got {self.gpus_per_trial}")
-        _require(self.gpus_per_trial <= 1 or float(self.gpus_per_trial).is_integer(), "gpus_per_trial",
+        require(self.reduction_factor > 1, "reduction_factor", f"must be > 1, got {self.reduction_factor}")
+        require(self.cpus_per_trial > 0, "cpus_per_trial", f"must be > 0, got {self.cpus_per_trial}")
+        require(self.gpus_per_trial >= 0, "gpus_per_trial", f"must be >= 0, got {self.gpus_per_trial}")
+        require(self.gpus_per_trial <= 1 or float(self.gpus_per_trial).is_integer(), "gpus_per_trial",
                  f"above 1 must be a whole number of GPUs, got {self.gpus_per_trial}")
 
 
 @dataclass(frozen=True)
-class FinalConfig(_Config):
+class FinalConfig(ConfigBase):
     seeds: int = 3  # final fit repeated over this many seeds: mean and spread of test accuracy
     # Retrain on train + validation, as the paper's numbers do (its ResNet-56 trained on all 50k CIFAR
     # images), for as many iterations as a search trial ran (its budgets are in iterations).
     refit: bool = False
 
     def __post_init__(self):
-        _require(self.seeds >= 0, "seeds", f"must be >= 0 (0: test the search's best trial itself), got {self.seeds}")
+        require(self.seeds >= 0, "seeds", f"must be >= 0 (0: test the search's best trial itself), got {self.seeds}")
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,11 @@ from typing import Any
 
 import pandas as pd
 
+from .config import error_line
 from .experiment import ExperimentPaths, StageError, clean, write_json
 from .lifecycle import GUARD, Interrupted, interrupted_message
 from .plan import SearchPlan
-from .progress import active_progress, error_line
+from .progress import active_progress
 from .space import SpaceSpec
 from .storage import stage_callbacks
 from .summaries import final_fit_summary, no_bounds_message, range_bounds, summarize_search

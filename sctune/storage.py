@@ -174,7 +174,7 @@ class StorageWatchLogic:
             return
         if not _is_setup_failure(err):
             return  # failed mid-training (Tune retries it from its checkpoint), or its worker died
-        from .progress import error_line
+        from .config import error_line
 
         GUARD.stop_stage(StageError(
             f"trial {trial.trial_id} of stage {self.stage!r} could not set up in its worker: "

@@ -72,7 +72,7 @@ from .hparams import (  # noqa: F401  (re-exported: the protocol lives in hparam
     status_code,
     write_hparams_config,
 )
-from .report import _bound_dict, _finite_positive, bounds_markdown, range_test_figure
+from .report import bound_dict, bounds_markdown, finite_positive, range_test_figure
 from .train import (  # noqa: F401  (re-exported: one definition, in train.py)
     HF_LR,
     HF_LR_EMA,
@@ -433,12 +433,12 @@ def log_range_test(
     for i, step in enumerate(steps):
         logger.scalars({tag: a[i] for tag, a in arrays.items()}, int(step))
     last = int(steps[-1]) if len(steps) else 0
-    b = _bound_dict(bounds)
+    b = bound_dict(bounds)
     if bounds is not None:
         logger.scalars(
             {
-                RANGE_MIN_LR: _finite_positive(b.get("min_lr")),
-                RANGE_MAX_LR: _finite_positive(b.get("max_lr")),
+                RANGE_MIN_LR: finite_positive(b.get("min_lr")),
+                RANGE_MAX_LR: finite_positive(b.get("max_lr")),
             },
             last,
         )

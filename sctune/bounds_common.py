@@ -134,7 +134,7 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def _no_bounds(method: str, status: BoundsStatus, divisor: float, message: str,
+def no_bounds(method: str, status: BoundsStatus, divisor: float, message: str,
                peak_acc: float | None = None) -> LRBounds:
     logger.info("range test (%s): %s - %s", method, status, message)
     return LRBounds(min_lr=None, max_lr=None, status=status, confidence=0.0, method=method, divisor=divisor,
@@ -143,19 +143,19 @@ def _no_bounds(method: str, status: BoundsStatus, divisor: float, message: str,
 
 
 # --------------------------------------------------------------------------------------------- checks
-def _as_1d(name: str, values: ArrayLike) -> np.ndarray:
+def as_1d(name: str, values: ArrayLike) -> np.ndarray:
     arr = np.asarray(values, dtype=float)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
     return arr
 
 
-def _check_same_length(a_name: str, a: np.ndarray, b_name: str, b: np.ndarray) -> None:
+def check_same_length(a_name: str, a: np.ndarray, b_name: str, b: np.ndarray) -> None:
     if len(a) != len(b):
         raise ValueError(f"{a_name} and {b_name} must have the same length, got {len(a)} and {len(b)}")
 
 
-def _check_common(divisor: float, window: int, min_points: int) -> None:
+def check_common(divisor: float, window: int, min_points: int) -> None:
     if not (isinstance(divisor, (int, float, np.floating)) and math.isfinite(divisor) and divisor >= 1):
         raise ValueError(f"divisor must be a finite number >= 1 (min_lr = max_lr / divisor), got {divisor!r}")
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
@@ -164,7 +164,7 @@ def _check_common(divisor: float, window: int, min_points: int) -> None:
         raise ValueError(f"min_points must be an integer >= 3 (a peak needs neighbours), got {min_points!r}")
 
 
-def _check_lr(lr: np.ndarray) -> None:
+def check_lr(lr: np.ndarray) -> None:
     """Kept LRs must be >= 0 and strictly increasing (a range test ramps the LR up)."""
     if len(lr) and lr.min() < 0:
         raise ValueError(f"lr must be >= 0, got min {lr.min():g}")
@@ -178,18 +178,18 @@ def _check_lr(lr: np.ndarray) -> None:
             )
 
 
-def _first_nonfinite(loss: np.ndarray | None) -> int | None:
+def first_nonfinite(loss: np.ndarray | None) -> int | None:
     if loss is None:
         return None
     bad = np.flatnonzero(~np.isfinite(loss))
     return int(bad[0]) if len(bad) else None
 
 
-def _points_confidence(n: int) -> float:
+def points_confidence(n: int) -> float:
     return 1.0 - math.exp(-n / CONF_POINTS_SCALE)
 
 
-def _cut_note(cut: int | None, lr_all: np.ndarray, n_used: int) -> str:
+def cut_note(cut: int | None, lr_all: np.ndarray, n_used: int) -> str:
     if cut is None:
         return ""
     lr_at = lr_all[cut]
@@ -197,7 +197,7 @@ def _cut_note(cut: int | None, lr_all: np.ndarray, n_used: int) -> str:
     return f" The loss became non-finite at row {cut} ({where}); only the {n_used} points before it were used."
 
 
-def _early_cut_message(cut: int, n_total: int, lr_all: np.ndarray) -> str:
+def early_cut_message(cut: int, n_total: int, lr_all: np.ndarray) -> str:
     lr_at = lr_all[cut]
     where = f" (LR {lr_at:.3g})" if math.isfinite(lr_at) else ""
     return (

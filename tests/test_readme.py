@@ -45,7 +45,8 @@ TOLERANCES = [
     [("abs", 0.04), ("factor", 3.0), ("rel", 0.25), ("factor", 3.0), ("abs", 15.0)],
     # the recommended max_lr (max/4 raised to the band's start: follows the bounds) and the band's start
     [("rel", 0.25), ("factor", 3.0)],
-    # val acc (measured 0.963-0.991, 216 images: one image is 0.005) and test acc (0.975-0.994, 360 images)
+    # val acc (measured 0.977-0.991, 216 images: one image is 0.005) and test acc (0.989-0.997, 360 images);
+    # at the band's top (max_lr 3, the example before the recommendation) they spread twice as far: 0.963-0.991
     [("abs", 0.04), ("abs", 0.03)],
 ]
 

@@ -3,8 +3,8 @@
 ``StageProgress`` is a Ray Tune callback: ``[search] 7/16 done (2 pruned, 0 errored) | 2 running | best
 val/acc_tail 0.986 | FTE 5.2/8 | 31s | ETA 40s``. Where a person watches (stderr is a terminal) it is one
 block per stage that updates in place (``rich.live.Live``); elsewhere (logs, CI, ``ray job submit``) a line
-when a trial finishes or fails, and otherwise at most one every ``interval`` seconds, so a piped default run
-prints about one line per trial. The clock runs from the start of the experiment (``start_clock``), not
+when a trial fails, brings a new best or ends the stage, when one finishes at most every ``COMPLETION_GAP_S``
+seconds, and otherwise at most one every ``INTERVAL_S`` seconds, so a piped default run prints ~20 lines per stage. The clock runs from the start of the experiment (``start_clock``), not
 of each stage; the final fit shows the mean test accuracy of its seeds so far, not the best seed. Its logic lives in ``ProgressLines`` (plain Python: the tests drive
 it with stand-in trials); the class Tune gets adds Tune's ``Callback`` base, built on first use so that
 importing this module does not load Ray. TensorBoard's session ends are not done here
@@ -26,6 +26,9 @@ _ACTIVE: dict[str, Any] = {}  # the progress callback of the stage running now (
 # Non-TTY: a line at least this often while trials run (a trial's end always prints one). 30 s: the default
 # digits search's 16 trials take ~3 minutes on 2 CPUs, so its stage stays under ~20 lines.
 INTERVAL_S = 30.0
+# Piped, a finished trial is news, but stage 2's halving finishes many short schedules in a burst (digits'
+# default: 22 in 15 s): one line per COMPLETION_GAP_S at most, unless it brings a new best or ends the stage.
+COMPLETION_GAP_S = 5.0
 
 
 def start_clock() -> None:
@@ -178,7 +181,7 @@ class ProgressLines:
             f["eta"] = f"ETA {_fmt_s(eta)}"
         return f
 
-    def _print(self, *, force: bool = False) -> None:
+    def _print(self, *, force: bool = False, gap: float = INTERVAL_S) -> None:
         f = self._fields()
         if self.quiet:
             return
@@ -191,9 +194,10 @@ class ProgressLines:
                                                                       if k in f)])
         key = line.rsplit(" | ", 2 if "eta" in f else 1)[0]  # unchanged but for the clock: not news
         now = time.monotonic()
-        if key != self._last_line and (force or now - self._last_print >= INTERVAL_S):
+        force = force or f.get("best") != getattr(self, "_shown_best", None)  # a new best is always news
+        if key != self._last_line and (force or now - self._last_print >= gap):
             print(line, file=sys.stderr, flush=True)
-            self._last_line, self._last_print = key, now
+            self._last_line, self._last_print, self._shown_best = key, now, f.get("best")
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._recount(trials, started=trial)
@@ -221,7 +225,7 @@ class ProgressLines:
         self._count(trial, trial.last_result or {})
         self._recount(trials, finished=trial)
         self._offer(trial.last_result or {}, trial)
-        self._print(force=True)
+        self._print(force=self.running == 0, gap=COMPLETION_GAP_S)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._recount(trials, finished=trial, errored=True)

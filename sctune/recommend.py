@@ -94,6 +94,10 @@ def answer_lines(best: Mapping[str, Any] | None, bounds: Mapping[str, Any] | Non
         if f.get("test_acc_mean") is not None:
             if f.get("test_acc_std") is None:
                 acc = f"{f['test_acc_mean']:.4f} (the best search trial tested once; no final fit)"
+            elif f.get("n", 0) < 2:  # one seed has no spread to show: say so rather than print "± 0"
+                where = ", trained on train + validation" if f.get("refit") else ""
+                acc = (f"{f['test_acc_mean']:.4f} (test accuracy of 1 seed{where}; its seed spread is not measured: "
+                       "a larger --budget or final.seeds runs more)")
             else:
                 where = ", trained on train + validation" if f.get("refit") else ""
                 acc = (f"{f['test_acc_mean']:.4f} ± {f['test_acc_std']:.4f} (test accuracy, mean ± std over "

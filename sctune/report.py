@@ -378,8 +378,9 @@ def write_report(root: Path, *, spec_path: str, bounds: dict[str, Any] | None, s
                       f"**{final['test_acc_mean']:.4f}**.", ""]
         elif final.get("test_acc_mean") is not None:
             where = " on train + validation" if final.get("refit") else ""
-            lines += [f"Final fit over {final['n']} seeds{where}: test accuracy **{final['test_acc_mean']:.4f}** "
-                      f"± {final['test_acc_std']:.4f} (std).", ""]
+            spread = f" ± {final['test_acc_std']:.4f} (std)" if final["n"] > 1 else " (1 seed: no spread measured)"
+            lines += [f"Final fit over {final['n']} seed(s){where}: test accuracy **{final['test_acc_mean']:.4f}**"
+                      f"{spread}.", ""]
     lines += ["## TensorBoard", "", "```", paths.tensorboard_command(), "```", ""]
     paths.report.write_text("\n".join(lines))
     return paths.report

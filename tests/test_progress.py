@@ -74,8 +74,10 @@ def test_piped_a_line_per_finished_trial_and_no_escape_codes():
     p = subprocess.run([sys.executable, "-c", STAGE], capture_output=True, text=True, env=_env(), timeout=120)
     assert p.returncode == 0, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("[search]")]
-    # the first start (nothing finished yet: each start shows), then one per finished trial (interval 30 s)
-    assert len(lines) == 4, lines
+    # each start of the first wave (nothing finished yet), each new best (every trial here beats the one before)
+    # and the stage's end always show; nothing else in these few seconds (other finishes: one per
+    # COMPLETION_GAP_S, other results: one per INTERVAL_S), so not one line per result (6) and start (3)
+    assert len(lines) <= 3 + 3 + 1, lines
     assert "\x1b[" not in p.stderr
     assert re.match(r"\[search\] 3/3 done \(0 pruned, 0 errored\) \| 0 running \| best m 0\.7200 \| FTE 3\.50/4 \| \d+s$",
                     lines[-1]), lines[-1]

@@ -93,8 +93,7 @@ def _rules(chosen: dict[str, Any]) -> dict[str, float | None]:
 
 
 def _train(spec, data, chosen: dict[str, Any], max_lr: float, seed: int, epochs: int | None) -> dict[str, Any]:
-    from sctune.space import recipe_point, resolve
-    from sctune.summaries import stage1_anchors
+    from sctune.plan import recipe_point, resolve, stage1_anchors
     from sctune.train import fit
 
     anchors = stage1_anchors(spec, chosen)

@@ -76,6 +76,16 @@ def test_pick_best_takes_the_best_completed_trial_never_a_pruned_one():
     assert best["trial_id"] == "b" and best["_score_column"] == SEL
 
 
+def test_pick_best_breaks_an_exact_tie_by_the_lower_validation_loss():
+    # 38 validation samples: two trials both at 37/38; the one that finished first is not therefore the best
+    tied = [_row("first", epoch=4, score=37 / 38, **{"val/loss": 0.31}),
+            _row("second", epoch=4, score=37 / 38, **{"val/loss": 0.12}), _row("worse", epoch=4, score=36 / 38)]
+    assert pick_best(summarize_search(tied, SPEC, PLAN), SPEC)["trial_id"] == "second"
+    # the score still comes first: a lower loss does not beat a higher accuracy
+    better = [*tied, _row("higher", epoch=4, score=38 / 38, **{"val/loss": 0.5})]
+    assert pick_best(summarize_search(better, SPEC, PLAN), SPEC)["trial_id"] == "higher"
+
+
 def test_pick_best_refuses_when_nothing_completed():
     df = summarize_search([_row("p", epoch=2, score=0.99), _row("d", epoch=1, diverged=True),
                            _row("e", epoch=4, score=0.9, error="OSError: x")], SPEC, PLAN)

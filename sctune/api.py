@@ -58,18 +58,24 @@ def tune(model_fn: Callable[..., Any], data_fn: Callable[..., Any], *, budget: f
     from .pipeline import run
     from .recommend import recommended, torch_snippet
     from .space import SpaceError, parse_space
+    from .tasks import DATASETS, MODELS
 
-    data = data_fn if _takes_task(data_fn) else _WithoutTask(data_fn)
-    register_dataset(DATASET_NAME, data, overwrite=True)
-    register_model(MODEL_NAME, model_fn, overwrite=True)
     raw = dict(space or {})
     if "task" in raw:
         raise SpaceError("sctune.tune", "space.task", "is set by model_fn and data_fn: leave it out")
-    raw["task"] = {"dataset": DATASET_NAME, "model": MODEL_NAME}
-    raw, filled = fill_missing(raw, "sctune.tune")
-    spec = dataclasses.replace(parse_space(raw, "sctune.tune", smoke=bool(options.get("smoke"))), filled=tuple(filled))
-    options.setdefault("exist_ok", True)
-    res = run(spec, name=name, storage_path=storage_path, budget=budget, **options)
+    data = data_fn if _takes_task(data_fn) else _WithoutTask(data_fn)
+    register_dataset(DATASET_NAME, data, overwrite=True)
+    register_model(MODEL_NAME, model_fn, overwrite=True)
+    try:  # the names serve this call only: the process's registries are left as they were
+        raw["task"] = {"dataset": DATASET_NAME, "model": MODEL_NAME}
+        raw, filled = fill_missing(raw, "sctune.tune")
+        spec = dataclasses.replace(parse_space(raw, "sctune.tune", smoke=bool(options.get("smoke"))),
+                                   filled=tuple(filled))
+        options.setdefault("exist_ok", True)
+        res = run(spec, name=name, storage_path=storage_path, budget=budget, **options)
+    finally:
+        DATASETS.entries.pop(DATASET_NAME, None)
+        MODELS.entries.pop(MODEL_NAME, None)
     best = res.best or {}
     config = best.get("config") or {}
     final = best.get("final") or {}

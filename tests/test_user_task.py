@@ -72,7 +72,7 @@ def test_readme_walkthrough_ends_at_or_above_plain_adam(tmp_path):
                timeout=1500)
     assert p.returncode == 0, p.stderr[-4000:]
     final = json.loads((storage / "vs-adam" / "best.json").read_text())["final"]
-    assert final["n"] >= 2
+    assert final["n"] >= 1  # the default budget (8 FTE) leaves the walk-through's final fit one seed
     adam = adam_baseline(project, final["seeds"])
     assert adam["epochs"] == json.loads((storage / "vs-adam" / "best.json").read_text())["config"]["epochs"]
     adam_mean = sum(adam["test_acc"]) / len(adam["test_acc"])

@@ -64,11 +64,14 @@ def test_smoke_search_spreads_over_worker_nodes(tmp_path):
     # stage 2 spends search.num_samples full trainings' worth as complete schedules (halving)
     assert summary["epochs_run"].sum() <= spec.search.num_samples * spec.base.epochs
     assert (summary["epochs"] == spec.base.epochs).any()
-    assert set(summary["node_id"]) == worker_ids, summary[["trial_id", "node_id"]]
+    # on worker nodes only; which of the two each short schedule lands on is Ray's choice (halving can run
+    # them one after another, all on one node), so spreading is asserted over the stages together below
+    assert set(summary["node_id"]) <= worker_ids, summary[["trial_id", "node_id"]]
     # stage 3
     best = json.loads((exp / "best.json").read_text())
     assert best["final"]["test_acc_mean"] is not None
     assert {r["node_id"] for r in best["final"]["runs"]} <= worker_ids
+    assert set(range_nodes) | set(summary["node_id"]) | {r["node_id"] for r in best["final"]["runs"]} == worker_ids
 
     # all results in one place: the storage path holds every stage's outputs and the trials'
     # checkpoints and TensorBoard runs, whichever node wrote them

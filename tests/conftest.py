@@ -46,3 +46,13 @@ def smoke_run(tmp_path_factory) -> SmokeRun:
     proc = subprocess.run([sys.executable, "-m", "sctune.search", "--smoke", "--storage-path", str(storage),
                            "--name", "smoke"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     return SmokeRun(storage / "smoke", proc.returncode, proc.stdout, proc.stderr, time.monotonic() - t0)
+
+
+# -- a Ray temp dir of a test's own (short: Ray's socket paths have a length limit) ----------------------
+@pytest.fixture
+def ray_tmp():
+    from fault_util import cleanup_ray_tmp, short_tmpdir
+
+    d = short_tmpdir()
+    yield d
+    cleanup_ray_tmp(d)

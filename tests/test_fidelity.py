@@ -33,8 +33,6 @@ def _run(books: Promotion, score_of, *, concurrency: int = 1, limit: int = 1000)
             n += 1
             cid = s.cid if s.cid is not None else books.add_config(tid, {"x": len(books.configs)})
             running.append((tid, cid, s.rung))
-        else:
-            pass
         if not running:
             assert books.suggest("probe") == "finished"
             return ran

@@ -11,12 +11,10 @@ import pandas as pd
 import pytest
 from fault_util import (
     Cli,
-    cleanup_ray_tmp,
     cli_env,
     fault_env,
     pids_mentioning,
     run_cli,
-    short_tmpdir,
     tb_steps,
     tune_trials,
 )
@@ -36,13 +34,6 @@ space:
   max_lr: {type: float, low: 0.25, high: 1.0, log: true, scale: max_lr_bound}
   div_factor: {type: float, low: 3.0, high: 20.0, log: true}
 """
-
-
-@pytest.fixture
-def ray_tmp():
-    d = short_tmpdir("scthr")
-    yield d
-    cleanup_ray_tmp(d)
 
 
 def test_driver_killed_mid_ladder_resumes_the_same_ladder(tmp_path: Path, ray_tmp):

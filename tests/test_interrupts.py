@@ -48,13 +48,6 @@ space:
 """
 
 
-@pytest.fixture
-def ray_tmp():
-    d = short_tmpdir("sctint")
-    yield d
-    cleanup_ray_tmp(d)
-
-
 def _setup(tmp_path: Path, name: str) -> tuple[list, Path]:
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)

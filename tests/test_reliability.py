@@ -40,13 +40,6 @@ TRAIN_LOSS = "train/loss"  # logged once per epoch (val/acc is logged again at a
 DIGITS = "task: {dataset: digits, model: digits_cnn}\n"
 
 
-@pytest.fixture
-def ray_tmp():
-    d = short_tmpdir()
-    yield d
-    cleanup_ray_tmp(d)
-
-
 def _space(tmp_path: Path, name: str, text: str) -> Path:
     p = tmp_path / f"{name}.yaml"
     p.write_text(text)

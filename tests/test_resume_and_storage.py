@@ -57,13 +57,6 @@ final: {seeds: 1}
 """ + SPACE_AXES
 
 
-@pytest.fixture
-def ray_tmp():
-    d = short_tmpdir("sctres")
-    yield d
-    cleanup_ray_tmp(d)
-
-
 def _resume_command(stderr: str) -> list[str]:
     """The resume command sctune printed, as argv (``python`` is this interpreter)."""
     line = next(ln for ln in reversed(stderr.splitlines()) if "resume with: python -m sctune.search" in ln.lower())

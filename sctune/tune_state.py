@@ -31,15 +31,24 @@ BACKUP_DIR = ".sctune-good"  # the last readable copy of Tune's stage-level stat
 
 
 def _readable(path: Path) -> bool:
+    """Whole JSON or a whole pickle, whatever the suffix: Tune's ``search_gen_state-*.json`` and
+    ``basic-variant-state-*.json`` are pickles despite their name."""
     try:
         data = path.read_bytes()
-        if path.suffix == ".json":
-            json.loads(data)
-        else:
-            import ray.cloudpickle as cloudpickle
+    except OSError:
+        return False
+    if not data:
+        return False
+    try:
+        json.loads(data)
+        return True
+    except ValueError:
+        pass
+    try:
+        import ray.cloudpickle as cloudpickle
 
-            cloudpickle.loads(data)
-        return bool(data)
+        cloudpickle.loads(data)
+        return True
     except Exception:
         return False
 

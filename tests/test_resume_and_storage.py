@@ -368,3 +368,29 @@ def test_restore_options_rules(tmp_path):
     with pytest.raises(ConfigError):
         restore_options(Options(resume=True, lr_bounds=(0.2, 1.0)),
                         {"options": {"lr_bounds": [0.1, 1.0]}}, tmp_path / "e")
+
+
+def test_backup_keeps_every_tune_state_file_and_restores_a_truncated_one(tmp_path):
+    """Tune's stage state is JSON (experiment state) and pickles, two of them named ``*.json``
+    (``search_gen_state-*.json``, ``basic-variant-state-*.json``). Each whole file gets a backup copy; one cut
+    short by a full disk (here: emptied) is put back from it, and the stage reads as restorable again."""
+    import ray.cloudpickle as cloudpickle
+
+    from sctune.tune_state import BACKUP_DIR, backup_state, check_restorable
+
+    stage = tmp_path / "search"
+    stage.mkdir()
+    session = "2026-12-06_04-29-55"
+    files = {
+        f"experiment_state-{session}.json": json.dumps({"trial_data": []}).encode(),
+        f"search_gen_state-{session}.json": cloudpickle.dumps({"counter": 3, "finished": False}),
+        f"searcher-state-{session}.pkl": cloudpickle.dumps({"points": [1, 2]}),
+    }
+    for name, data in files.items():
+        (stage / name).write_bytes(data)
+    backup_state(stage, {})
+    assert sorted(p.name for p in (stage / BACKUP_DIR).iterdir()) == sorted(files)
+
+    (stage / f"search_gen_state-{session}.json").write_bytes(b"")
+    assert check_restorable(stage) is True
+    assert (stage / f"search_gen_state-{session}.json").read_bytes() == files[f"search_gen_state-{session}.json"]

@@ -1,9 +1,9 @@
 """Stage 2's Ray Tune searchers, made in one place (``make_searcher``) for the stage and the benchmarks.
 
 * ``HalvingSearcher`` (``search.scheduler: halving``, the default): successive halving over complete
-  one-cycle schedules (``sctune.fidelity.Promotion``). New configurations come from Optuna (TPE, Smith's
-  recipe first) at the shortest length; a configuration in the top half of its length's results is
-  suggested again with a longer ``epochs`` (the trainable builds the whole one-cycle for that length).
+  one-cycle schedules (``sctune.fidelity.Promotion``). Smith's recipe trains at the full length first (the
+  anchor); new configurations come from Optuna (TPE) at the shortest length; a configuration in the top
+  half of its length's results is suggested again with a longer ``epochs`` (the trainable builds the whole one-cycle for that length).
   It spends the budget itself, in epochs, so it needs no ``BudgetLimiter``.
 * ``OptunaSearch`` (``asha`` or ``none``: every trial at the full length), wrapped in ``BudgetLimiter``
   when there is a budget.
@@ -47,12 +47,15 @@ class HalvingSearcher(Searcher):
         # the ladder would wait for them for ever.
         self.max_concurrent = max_concurrent
         self.space = optuna_space(plan.dists)
-        # a budget of B full trainings carries a ladder over the longest floor(B) rungs (``rungs_for_budget``)
-        self.books = Promotion(rungs_for_budget(plan.rungs, budget_epochs), eta=plan.eta, mode=mode,
+        # Smith's recipe is the anchor: one full training first (``Promotion.add_anchor``); the ladder gets
+        # what is left, over as many rungs as that leaves room for (``rungs_for_budget``)
+        full = plan.rungs[-1] if plan.rungs else None
+        ladder = budget_epochs - full if recipe and budget_epochs is not None and full else budget_epochs
+        self.books = Promotion(rungs_for_budget(plan.rungs, ladder), eta=plan.eta, mode=mode,
                                budget_epochs=budget_epochs, max_configs=max_configs)
-        self.study = optuna.create_study(direction="maximize" if mode == "max" else "minimize", sampler=sampler)
         if recipe:
-            self.study.enqueue_trial(dict(plan.recipe))  # Smith's recipe: the first configuration
+            self.books.add_anchor(dict(plan.recipe))
+        self.study = optuna.create_study(direction="maximize" if mode == "max" else "minimize", sampler=sampler)
         self.asked: dict[str, Any] = {}  # trial id -> its Optuna trial (shortest length only)
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:

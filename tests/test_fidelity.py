@@ -125,8 +125,10 @@ def test_a_small_budget_uses_only_the_longest_rungs():
     rungs = (2, 4, 8, 16)
     assert rungs_for_budget(rungs, None) == rungs
     assert rungs_for_budget(rungs, 16) == (16,)  # 1 FTE: one full training
-    assert rungs_for_budget(rungs, 40) == (8, 16)  # 2.5 FTE: two halves, the better one in full
-    assert rungs_for_budget(rungs, 64) == rungs
+    assert rungs_for_budget(rungs, 40) == (16,)  # 2.5 FTE: two full trainings, no halving
+    assert rungs_for_budget(rungs, 64) == (8, 16)  # 4 FTE: four halves, the better two in full
+    assert rungs_for_budget(rungs, 128) == rungs  # 8 FTE: 16 at 1/8 -> 8 -> 4 -> 2 in full
+    assert rungs_for_budget(rungs, 64, top=1) == rungs  # one configuration in full: all four rungs
     assert rungs_for_budget(rungs, 8) == (16,)  # less than one training: Promotion then starts nothing
     assert Promotion((16,), budget_epochs=8).suggest("t") == "finished"
 
@@ -147,3 +149,35 @@ def test_a_configuration_overtaken_after_its_promotion_does_not_open_an_extra_pl
     assert (s.cid, s.rung) == (3, 1)  # the best takes the second place; config 2 gets none
     assert books.promotable() is None
     assert len(books.started[1]) == 4 // 2
+
+
+def test_the_anchor_trains_first_at_the_full_length_and_the_ladder_gets_the_rest():
+    """Smith's recipe point is trained in full before any other and never at a short rung; the ladder is
+    planned with what is left, and the answer is the best at the full length, anchor included."""
+    rungs = (2, 4, 8, 16)
+    budget = 16 * 5  # 5 FTE: the anchor, then a ladder of 4 FTE over the two longest rungs
+    books = Promotion(rungs_for_budget(rungs, budget - 16), budget_epochs=budget)
+    assert books.rungs == (8, 16)
+    anchor = books.add_anchor({"x": -1})
+    first = books.suggest("a")
+    assert first == Suggestion(anchor, 1, 16)
+    books.complete("a", 0.5, 16)
+    ran = _run(books, lambda c, r: 1 + 0.1 * c + 0.01 * r)  # later configurations score higher than the anchor
+    assert (anchor, 0) not in ran  # never at a short rung
+    assert books.spent <= budget
+    top = [c for c, r in ran if r == 1]
+    assert len(top) >= 2  # the full length holds two promoted configurations beside the anchor
+    assert books.incumbent()[0] == max(top)
+    # an anchor that scores best stays the answer
+    books2 = Promotion((8, 16), budget_epochs=budget)
+    a2 = books2.add_anchor({})
+    books2.suggest("a")
+    books2.complete("a", 9.0, 16)
+    _run(books2, lambda c, r: 0.1 * c)
+    assert books2.incumbent()[:2] == (a2, 1)
+
+
+def test_an_anchor_that_does_not_fit_the_budget_finishes_the_search():
+    books = Promotion((16,), budget_epochs=8)
+    books.add_anchor({})
+    assert books.suggest("t") == "finished"

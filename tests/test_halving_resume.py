@@ -23,8 +23,9 @@ pytestmark = pytest.mark.ray
 
 TRAIN_LOSS = "train/loss"
 
-# 4 epochs: rungs of 1, 2 and 4 epochs; no --budget: the default 8 FTE, the search's share of it spent as a
-# ladder of configurations at 1 epoch, the top half at 2, the best at 4 (``fidelity.Promotion.planned``).
+# 4 epochs: rungs of 1, 2 and 4 epochs; no --budget: the default 8 FTE, the search's share of it spent as
+# the recipe in full (the anchor), then a ladder of configurations at the shorter lengths the budget carries,
+# the top half promoted, at least two in full (``fidelity.rungs_for_budget``, ``Promotion.planned``).
 SPACE = """task: {dataset: digits, model: digits_cnn}
 fixed: {epochs: 4, batch_size: 64}
 range_test: {num_iter: 20, eval_every: 2, weight_decays: [0.0], repeats: 1}
@@ -70,9 +71,12 @@ def test_driver_killed_mid_ladder_resumes_the_same_ladder(tmp_path: Path, ray_tm
     # and the whole run inside the default budget (no --budget: 8 FTE)
     assert summary["status"].eq("completed").all(), summary
     assert (summary["epochs_run"] == summary["epochs"]).all()
-    counts = summary["epochs"].value_counts().to_dict()
-    assert set(counts) == {1, 2, 4}, counts
-    assert counts[2] <= counts[1] // 2 and counts[4] <= max(1, counts[2] // 2), counts
+    assert summary.loc[summary["is_recipe"], "epochs"].tolist() == [4]  # the anchor: once, in full
+    counts = summary.loc[~summary["is_recipe"], "epochs"].value_counts().sort_index().to_dict()
+    lengths = list(counts)
+    assert len(lengths) >= 2 and lengths[-1] == 4 and set(lengths) <= {1, 2, 4}, counts
+    for short, long in zip(lengths, lengths[1:], strict=False):
+        assert counts[long] <= max(1, counts[short] // 2), counts
     best = json.loads((exp / "best.json").read_text())
     assert best["trial_id"] in set(summary.loc[summary["epochs"] == 4, "trial_id"])
     compute = best["compute"]

@@ -134,8 +134,9 @@ def test_summary_has_one_row_per_trial_inside_the_resolved_space(run):
     # weight decay on both sides of the stage-1 prior: inside [1e-3, 10] x prior
     prior = anchors.wd_prior or min(w for w in SPEC.range_test.weight_decays if w > 0)  # 0: smallest tested
     assert summary["weight_decay"].between(prior * 1e-3 * (1 - 1e-9), prior * 10 * (1 + 1e-9)).all()
-    shortest = summary[summary["epochs"] == summary["epochs"].min()]
-    assert shortest["is_recipe"].sum() == 1  # Smith's recipe is evaluated first (and maybe promoted)
+    # Smith's recipe is the anchor: trained once, at the full length, never at a shorter schedule
+    assert summary["is_recipe"].sum() == 1
+    assert summary.loc[summary["is_recipe"], "epochs"].tolist() == [SPEC.base.epochs]
     for name in constants:
         assert (summary[name] == constants[name]).all()
     # sorted longest schedule first, then best first by the selection score
@@ -150,14 +151,20 @@ def test_stage_2_trains_rungs_of_complete_schedules_and_promotes_the_top_half(ru
     rungs = rung_epochs(SPEC.base.epochs)
     assert len(rungs) >= 2 and summary["epochs"].max() == SPEC.base.epochs  # the best went on to the full length
     key = ["max_lr", "weight_decay", "div_factor"]
+    ladder = summary[~summary["is_recipe"]]  # the anchor starts at the full length
+    used = 0
     for short, long in zip(rungs, rungs[1:], strict=False):
-        below = summary[summary["epochs"] == short]
-        above = summary[summary["epochs"] == long]
+        below = ladder[ladder["epochs"] == short]
+        above = ladder[ladder["epochs"] == long]
+        if below.empty:  # a rung the budget leaves out (``fidelity.rungs_for_budget``)
+            continue
+        used += 1
         # only the top half goes on (at least the best); promotion is asynchronous, so the top half of the
         # results finished when it was decided (``tests/test_fidelity.py`` checks that rule)
         assert len(above) <= max(1, len(below) // 2)
         for _, row in above.iterrows():  # each promoted configuration ran the shorter schedule before
             assert any(all(row[k] == pytest.approx(t[k]) for k in key) for _, t in below.iterrows()), row.to_dict()
+    assert used >= 1 and len(ladder[ladder["epochs"] == SPEC.base.epochs]) >= 2, ladder  # a halving, two in full
 
 
 def test_best_json_matches_the_best_completed_trial_and_final_fit(run):
@@ -221,9 +228,10 @@ def test_python_api_runs_stage_by_stage(tmp_path):
     assert r1.bounds["status"] == "ok"
     r2 = sctune_run(space, stage="search", num_samples=2, **common)
     assert r2.stages_run == ["search"]
-    # 2 full trainings' worth: 2 configurations at half the length, the better one in full
+    # 2 full trainings' worth: the recipe in full, then one more configuration in full (too little for a ladder)
     assert r2.summary["epochs_run"].sum() <= 2 * SPEC.base.epochs
-    assert sorted(r2.summary["epochs"]) == [SPEC.base.epochs // 2] * 2 + [SPEC.base.epochs]
+    assert sorted(r2.summary["epochs"]) == [SPEC.base.epochs] * 2
+    assert r2.summary["is_recipe"].sum() == 1
     assert r2.bounds == r1.bounds
     r3 = sctune_run(space, stage="final", **common)
     assert r3.stages_run == ["final"]

@@ -174,9 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     payload = envelope(NAME, args, conf)
     t_start = time.perf_counter()
 
-    from sctune.pipeline import _quiet_ray_env
+    from sctune.ray_session import quiet_ray_env
 
-    _quiet_ray_env(False)
+    quiet_ray_env(False)
     import torch
 
     torch.set_num_threads(1)

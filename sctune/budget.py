@@ -24,7 +24,9 @@ training (``range_test_length``): a space file's ``num_iter`` sized for the full
 cost more than the trainings it sizes when the data shrink (``train_subset: 1000`` of MNIST-1D: two
 160-iteration tests = 2.3 FTE of a 140-iteration training).
 
-This module needs neither Ray nor torch; dataset sizes are passed in.
+The plan needs neither Ray nor torch (dataset sizes are passed in); ``make_plan`` loads them in the driver
+(``dataset_sizes``), and the accounting after the stages (``range_cost_fte``, ``compute_summary``) reads what
+they wrote.
 """
 
 from __future__ import annotations
@@ -202,3 +204,87 @@ def format_plan(plan: dict[str, Any]) -> list[str]:
     for key, ch in plan.get("trimmed", {}).items():
         lines.append(f"{ch.get('why', 'to fit the budget')}: {key} {ch['from']} -> {ch['to']}")
     return lines
+
+
+# -- a run's compute: the plan on the task's real split sizes, the FTE each stage spent ------------------
+
+def dataset_sizes(spec) -> dict[str, int] | None:
+    """Split sizes of the task's data (loaded once in the driver, then freed); None if it cannot be loaded
+    here (e.g. a cluster whose data lives only on the workers)."""
+    import logging
+
+    from .data import known_split_sizes, load_dataset
+
+    try:
+        sizes = load_dataset(spec.base.task).sizes()
+    except Exception as e:
+        sizes = known_split_sizes(spec.base.task)
+        if sizes is None:
+            logging.getLogger("sctune").warning("could not load %s here to count iterations (%s); the plan "
+                                                "shows epochs only", spec.base.task.dataset, e)
+    return sizes
+
+
+def make_plan(spec, *, budget_from_cli: bool = False, sizes: dict[str, int] | None | bool = False,
+              default_budget: bool = False) -> tuple[Any, dict[str, Any]]:
+    """``plan_compute`` on the task's real split sizes (``sizes``, loaded here if not given); a budget it
+    cannot meet is a UsageError (exit 2) naming ``--budget`` or the space file's ``search.budget``.
+    ``default_budget``: a spec without a budget gets ``DEFAULT_BUDGET_FTE`` (not with --smoke: its tiny
+    budgets are the smoke section's)."""
+    from .experiment import UsageError
+
+    key = "--budget" if budget_from_cli else f"{spec.path}: search.budget"
+    is_default = default_budget and spec.search.budget is None
+    if is_default:
+        spec = spec.with_search(budget=DEFAULT_BUDGET_FTE)
+        key = f"--budget (none given: the default {DEFAULT_BUDGET_FTE:g} FTE)"
+    try:
+        return plan_compute(spec, dataset_sizes(spec) if sizes is False else sizes, budget=spec.search.budget,
+                            budget_key=key, budget_is_default=is_default)
+    except BudgetError as e:
+        raise UsageError(key, e.rule) from None
+
+
+def search_budget(budget_fte: float | None, range_fte: float | None, cplan: dict[str, Any]) -> float | None:
+    """The search's share of the budget: what is left after stage 1 (its real cost) and the planned final fit."""
+    from .experiment import StageError
+
+    if budget_fte is None:
+        return None
+    left = budget_fte - (range_fte or 0.0) - cplan["final"]["fte"]
+    if left < 1.0:
+        raise StageError(f"after stage 1 ({range_fte:.2f} FTE) and the final fit ({cplan['final']['fte']:.2f} "
+                         f"FTE), the budget of {budget_fte:g} FTE leaves {left:.2f} FTE: not one "
+                         "full search trial; raise --budget")
+    return left
+
+
+def range_cost_fte(bounds: dict[str, Any] | None, paths, full_iters: int | None) -> float | None:
+    """Stage 1's cost in FTE: bounds.json's ``cost_fte`` when stage 1 reports it, else the range-test
+    iterations in curves.csv (one row per step taken; ``paths``: the ``ExperimentPaths``) / the iterations of
+    one FTE."""
+    if bounds is None:
+        return None
+    if isinstance(bounds.get("cost_fte"), (int, float)):
+        return float(bounds["cost_fte"])
+    if not full_iters or not paths.curves.exists():
+        return None
+    with paths.curves.open() as f:
+        steps = sum(1 for _ in f) - 1
+    return max(0, steps) / full_iters
+
+
+def accuracy_se(value: Any, n: int | None) -> float | None:
+    """Binomial standard error of an accuracy measured on ``n`` samples (None where it does not apply)."""
+    if not n or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        return None
+    return (value * (1.0 - value) / n) ** 0.5
+
+
+def compute_summary(budget: float | None, range_fte: float | None, search: float, final: float,
+                    plan: dict[str, Any]) -> dict[str, Any]:
+    """best.json's ``compute``: the FTE each stage spent, against the budget."""
+    total = (range_fte or 0.0) + search + final
+    return {"budget_fte": budget, "spent_fte": {"range": range_fte, "search": search, "final": final,
+                                                "total": total},
+            "fte": plan["fte"], "within_budget": None if budget is None else total <= budget + 1e-9}

@@ -3,10 +3,10 @@
 ``run(space, options)``:
 
 1. validates the request (``experiment.prepare``) and takes the experiment's lock; SIGINT/SIGTERM become a
-   pause (``lifecycle``), and a watchdog ends the Ray it starts if this process dies;
-2. plans the compute (``budget.plan_compute``, the ``[plan]`` lines) before Ray starts;
-3. starts or joins Ray, refuses per-trial resources no node can hold (``cluster.preflight``) and a task the
-   workers cannot import (one probe task), before the experiment folder exists;
+   pause, and a watchdog ends the Ray it starts if this process dies (``ray_session.experiment_session``);
+2. plans the compute (``budget.make_plan``, the ``[plan]`` lines) before Ray starts;
+3. starts or joins Ray, refuses per-trial resources no node can hold and a task the workers cannot import
+   (one probe task), before the experiment folder exists (``ray_session.start_checked``);
 4. runs the stages not done yet (``_run_stages``): stage 1's bounds give the anchors, the anchors give stage
    2's plan (made once, stored in search_plan.json), the search's best trial is fitted again and tested;
 5. writes best.json and report.md, and shuts its Ray down.
@@ -17,9 +17,6 @@ trials of an unfinished stage, so nothing is retrained.
 
 from __future__ import annotations
 
-import errno
-import logging
-import os
 import shutil
 import sys
 import time
@@ -27,13 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .budget import accuracy_se, compute_summary, make_plan, range_cost_fte, search_budget
 from .config import ConfigError
 from .experiment import (
     DEFAULT_SPACE,
     ExperimentPaths,
     Options,
     StageError,
-    UsageError,
     as_options,
     cluster_address,
     mark_done,
@@ -44,30 +41,16 @@ from .experiment import (
     resumed_options,
     write_json,
 )
-from .lifecycle import GUARD, DiskFull, Interrupted, interrupted_message
-from .ray_session import (
-    check_task_on_workers,
-    preflight_check,
-    quiet_ray_env,
-    read_cluster_yaml,
-    start_ray,
-    user_runtime_env,
-)
+from .lifecycle import GUARD, Interrupted, interrupted_message
+from .ray_session import experiment_session, quiet_ray_env, read_cluster_yaml, start_checked, stop_ray
 from .safeguards import kept_options, load_in_driver, space_sha256
 from .space import SpaceError, SpaceSpec
-from .storage import disk_full_message
 from .tune_state import note_orphans
-
-# the names tests and benchmarks reach for
-_preflight, _quiet_ray_env = preflight_check, quiet_ray_env
 
 if TYPE_CHECKING:
     from .plan import SearchPlan
 
-log = logging.getLogger("sctune")
-
 STAGE_ORDER = {"range": ("range",), "search": ("search",), "final": ("final",), "all": ("range", "search", "final")}
-_RESERVE_MIN = 2 * 1024 * 1024  # an error reading Ray's files back with less than this free: the disk was full
 
 
 @dataclass
@@ -99,10 +82,6 @@ def run(space: str | Path | SpaceSpec | None = None, options: Options | None = N
     While it runs it holds the experiment's lock (one run per experiment folder), treats SIGINT/SIGTERM as a
     pause (main thread), and when it starts Ray itself, a watchdog ends Ray's processes if this process dies.
     """
-    import signal
-
-    from .lifecycle import MARKER_VAR, ExperimentLock, LockedError, new_marker, reap, start_watchdog
-
     o = as_options(options, **changes)
     quiet_ray_env(o.verbose)
     if o.stage == "plan":  # a dry run: no lock, no Ray, nothing written
@@ -110,51 +89,8 @@ def run(space: str | Path | SpaceSpec | None = None, options: Options | None = N
     address = cluster_address(o.address)
     _, exp, state = prepare(space, o.replace(address=address))
     o = resumed_options(o.replace(name=state["name"]))  # a generated name, fixed once; --resume: the kept options
-    try:
-        lock = ExperimentLock(exp).acquire()
-    except LockedError as e:
-        raise UsageError("--name", str(e)) from None
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise DiskFull(exp, None, disk_full_message(exp, None, None, exp)) from None
-        raise UsageError("--storage-path", f"cannot create the experiment folder {exp}: {e.strerror or e}") from None
-    marker = watchdog = None
-    try:
-        GUARD.reset()
-        GUARD.install()
-        ray_mod = sys.modules.get("ray")
-        if address is None and not (ray_mod is not None and ray_mod.is_initialized()):
-            # every process of the Ray we start carries the marker: the watchdog ends them if we die
-            marker = new_marker()
-            os.environ[MARKER_VAR] = marker
-            watchdog = start_watchdog(marker)
-        try:
-            return _run(space, o)
-        except Interrupted:
-            raise
-        except (OSError, EOFError) as e:  # on a full disk, Ray's own files read back truncated (EOFError)
-            from .storage import as_disk_full
-
-            full = GUARD.pending if isinstance(GUARD.pending, DiskFull) else as_disk_full(e, exp, _RESERVE_MIN)
-            if full is None:
-                raise
-            raise full from None
-        except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM: stopped at once
-            from .progress import active_progress
-
-            p = active_progress()  # the stage running when stopped (None before the first one started)
-            raise Interrupted(GUARD.signum or signal.SIGINT, interrupted_message(
-                p.stage if p else None, p.done if p else None, p.total if p else None, exp,
-                GUARD.signum or signal.SIGINT)) from None
-    finally:
-        if marker is not None:
-            os.environ.pop(MARKER_VAR, None)
-            reap(marker, grace=1.0)  # Ray's agents can outlive ray.shutdown()
-            if watchdog is not None:
-                watchdog.kill()
-                watchdog.wait()
-        GUARD.uninstall()
-        lock.release()
+    with experiment_session(exp, address):
+        return _run(space, o)
 
 
 def _run(space: str | Path | SpaceSpec | None, o: Options) -> SearchResults:
@@ -187,20 +123,8 @@ def _run(space: str | Path | SpaceSpec | None, o: Options) -> SearchResults:
         check_shippable(spec.base.task, regs)
     except ConfigError as e:
         raise SpaceError(spec.path, e.path, e.rule) from None
-    started = start_ray(address, verbose=o.verbose, dashboard=o.dashboard, num_cpus=o.num_cpus,
-                         runtime_env=user_runtime_env(spec, regs, address))
-    GUARD.install()  # again: ray.init replaces the SIGTERM handler (its own aborts with a stack dump)
-    try:
-        # Before any trial is queued and before the experiment folder exists: a refused request
-        # leaves nothing behind, so the same command can be rerun with a fixed option.
-        preflight_check(spec, cluster_yaml=o.cluster_yaml, autoscale=autoscale)
-        check_task_on_workers(spec, regs)
-    except BaseException:
-        if started:
-            import ray
-
-            ray.shutdown()
-        raise
+    # Before any trial is queued and before the experiment folder exists (a refusal leaves nothing behind)
+    started = start_checked(spec, o, regs, address, autoscale)
     paths = ExperimentPaths(exp)
     exp.mkdir(parents=True, exist_ok=True)
     if not paths.space.exists() and not isinstance(space, SpaceSpec):
@@ -226,10 +150,7 @@ def _run(space: str | Path | SpaceSpec | None, o: Options) -> SearchResults:
                          f"--name {exp.name} --storage-path {exp.parent} [more options]") from None
     finally:
         configure(None)
-        if started:
-            import ray
-
-            ray.shutdown()
+        stop_ray(started)
     write_report(exp, spec_path=str(spec.path), bounds=results.bounds, summary=results.summary, best=results.best,
                  metric=tail_key(spec.search.metric), wall_s=time.monotonic() - t0, plan=cplan,
                  compute=results.compute)
@@ -248,6 +169,7 @@ def _run_stages(spec: SpaceSpec, paths: ExperimentPaths, state: dict[str, Any], 
     needs = needs or {}
     from .report import print_bounds, search_figure
     from .stages import run_range_stage, run_search_stage
+    from .tensorboard import write_tb_config
     from .train import tail_key
 
     full_iters = cplan["fte"]["iterations"]  # iterations of one FTE (None: dataset size unknown)
@@ -272,7 +194,7 @@ def _run_stages(spec: SpaceSpec, paths: ExperimentPaths, state: dict[str, Any], 
         print_bounds(results.bounds)
     anchors = search_anchors(results.bounds, spec, lr_bounds=o.lr_bounds, wd_prior=o.wd_prior)
     plan = stored_plan(paths, spec, anchors) if anchors is not None else None
-    range_fte = _range_cost_fte(results.bounds, paths, full_iters)
+    range_fte = range_cost_fte(results.bounds, paths, full_iters)
     results.compute = {"budget_fte": budget_fte, "range_fte": range_fte}
     # Stage 2
     _check_interrupt("search", paths.root)
@@ -280,10 +202,10 @@ def _run_stages(spec: SpaceSpec, paths: ExperimentPaths, state: dict[str, Any], 
     if "search" in want and not ("search" in state["done"] and saved_summary is not None):
         if plan is None:
             raise StageError("no LR bounds to search within; give --lr-bounds MIN_LR MAX_LR")
-        search_budget = _search_budget(budget_fte, range_fte, cplan)
+        budget_left = search_budget(budget_fte, range_fte, cplan)
         check_free(paths.root, "search", needs.get("search", 0))
         write_tb_config(spec, paths, plan.dists)  # now with the searched ranges
-        results.summary = run_search_stage(spec, paths, plan, resume=o.resume, quiet=o.quiet, budget_fte=search_budget,
+        results.summary = run_search_stage(spec, paths, plan, resume=o.resume, quiet=o.quiet, budget_fte=budget_left,
                                            budget_is_default=bool(cplan.get("budget_default")),
                                            fte=(range_fte or 0.0, budget_fte, 1.0 / spec.base.epochs))
         _stage_done(state, "search", paths, results)
@@ -305,18 +227,6 @@ def _stage_done(state: dict[str, Any], stage: str, paths: ExperimentPaths, resul
     mark_done(state, stage)
     write_json(paths.state, state)
     results.stages_run.append(stage)
-
-
-def _search_budget(budget_fte: float | None, range_fte: float | None, cplan: dict[str, Any]) -> float | None:
-    """The search's share of the budget: what is left after stage 1 (its real cost) and the planned final fit."""
-    if budget_fte is None:
-        return None
-    search_budget = budget_fte - (range_fte or 0.0) - cplan["final"]["fte"]
-    if search_budget < 1.0:
-        raise StageError(f"after stage 1 ({range_fte:.2f} FTE) and the final fit ({cplan['final']['fte']:.2f} "
-                         f"FTE), the budget of {budget_fte:g} FTE leaves {search_budget:.2f} FTE: not one "
-                         "full search trial; raise --budget")
-    return search_budget
 
 
 def _final(spec: SpaceSpec, paths: ExperimentPaths, state: dict[str, Any], o: Options, cplan: dict[str, Any],
@@ -343,14 +253,14 @@ def _final(spec: SpaceSpec, paths: ExperimentPaths, state: dict[str, Any], o: Op
     metric = best_row["_score_column"]
     final_fte = fte_per_epoch * sum(float(r.get("epochs") or 0) for r in (final or {}).get("runs", [])
                                     if not r.get("search_trial"))  # the best trial tested as it is: 0
-    results.compute = _compute_summary(budget_fte, range_fte, spent_search, final_fte, cplan)
+    results.compute = compute_summary(budget_fte, range_fte, spent_search, final_fte, cplan)
     results.best = {
         "trial_id": best_row["trial_id"], "config": spec.base.with_flat(**params).to_flat(),
         "searched": params, "metric": metric, "value": _py(best_row[metric]),
         "select_last": spec.search.select_last,
         # binomial standard error of an accuracy on the validation split: differences below ~2 of
         # these between trials are noise (digits: 216 images, one image = 0.46 points)
-        "value_se": _accuracy_se(_py(best_row[metric]), cplan["fte"]["val_samples"]),
+        "value_se": accuracy_se(_py(best_row[metric]), cplan["fte"]["val_samples"]),
         "final_epoch_value": _py(best_row.get(f"final_{spec.search.metric}")),
         "final": final, "anchors": anchors.to_dict() if anchors else None,
         "compute": results.compute,
@@ -368,108 +278,3 @@ def _py(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
 
 
-# -- compute: the plan before the start, the FTE spent after ----------------------------------------------
-
-def _dataset_sizes(spec: SpaceSpec) -> dict[str, int] | None:
-    """Split sizes of the task's data (loaded once in the driver, then freed); None if it cannot be loaded
-    here (e.g. a cluster whose data lives only on the workers)."""
-    from .data import known_split_sizes, load_dataset
-
-    try:
-        sizes = load_dataset(spec.base.task).sizes()
-    except Exception as e:
-        sizes = known_split_sizes(spec.base.task)
-        if sizes is None:
-            log.warning("could not load %s here to count iterations (%s); the plan shows epochs only",
-                        spec.base.task.dataset, e)
-    return sizes
-
-
-def make_plan(spec: SpaceSpec, *, budget_from_cli: bool = False, sizes: dict[str, int] | None | bool = False,
-              default_budget: bool = False) -> tuple[SpaceSpec, dict[str, Any]]:
-    """``budget.plan_compute`` on the task's real split sizes (``sizes``, loaded here if not given); a budget
-    it cannot meet is a UsageError (exit 2) naming ``--budget`` or the space file's ``search.budget``.
-    ``default_budget``: a spec without a budget gets ``budget.DEFAULT_BUDGET_FTE`` (not with --smoke: its tiny
-    budgets are the smoke section's)."""
-    from .budget import DEFAULT_BUDGET_FTE, BudgetError, plan_compute
-
-    key = "--budget" if budget_from_cli else f"{spec.path}: search.budget"
-    is_default = default_budget and spec.search.budget is None
-    if is_default:
-        spec = spec.with_search(budget=DEFAULT_BUDGET_FTE)
-        key = f"--budget (none given: the default {DEFAULT_BUDGET_FTE:g} FTE)"
-    try:
-        return plan_compute(spec, _dataset_sizes(spec) if sizes is False else sizes, budget=spec.search.budget,
-                            budget_key=key, budget_is_default=is_default)
-    except BudgetError as e:
-        raise UsageError(key, e.rule) from None
-
-
-def _range_cost_fte(bounds: dict[str, Any] | None, paths: ExperimentPaths, full_iters: int | None) -> float | None:
-    """Stage 1's cost in FTE: bounds.json's ``cost_fte`` when stage 1 reports it, else the range-test
-    iterations in curves.csv (one row per step taken) / the iterations of one FTE."""
-    if bounds is None:
-        return None
-    if isinstance(bounds.get("cost_fte"), (int, float)):
-        return float(bounds["cost_fte"])
-    if not full_iters or not paths.curves.exists():
-        return None
-    with paths.curves.open() as f:
-        steps = sum(1 for _ in f) - 1
-    return max(0, steps) / full_iters
-
-
-def _accuracy_se(value: Any, n: int | None) -> float | None:
-    if not n or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        return None
-    return (value * (1.0 - value) / n) ** 0.5
-
-
-def _compute_summary(budget: float | None, range_fte: float | None, search: float, final: float,
-                     plan: dict[str, Any]) -> dict[str, Any]:
-    total = (range_fte or 0.0) + search + final
-    return {"budget_fte": budget, "spent_fte": {"range": range_fte, "search": search, "final": final,
-                                                "total": total},
-            "fte": plan["fte"], "within_budget": None if budget is None else total <= budget + 1e-9}
-
-
-# -- TensorBoard's HParams config ----------------------------------------------------------------
-
-def write_tb_config(spec: SpaceSpec, paths: ExperimentPaths, dists: dict | None = None) -> None:
-    """One HParams config for every stage, written before the first trial.
-
-    TensorBoard shows only the columns the config lists and a running TensorBoard keeps the first
-    config it reads, so it names the range-test, search and final hparams and metrics at once. ``dists``:
-    stage 2's searched ranges (its plan); until stage 1 is done, ranges relative to its results are shown
-    over what they can span.
-    """
-    from . import tensorboard as tb
-    from .train import TEST_ACC, VAL_ACC, tail_key
-
-    rt = spec.range_test
-    if dists is None:
-        span = {"max_lr_bound": (rt.start_lr, rt.end_lr), "min_lr_bound": (rt.start_lr, rt.end_lr),
-                "wd_prior": (0.0, max(rt.weight_decays))}
-        dists = {}
-        for n, d in spec.space.items():
-            if d.scale is None:
-                dists[n] = d
-            else:
-                lo, hi = span[d.scale]
-                dists[n] = type(d)(n, d.kind, low=d.low * lo, high=max(d.high * hi, d.low * lo), log=False)
-    hparams = {n: {k: v for k, v in d.to_dict().items() if k != "log"} for n, d in dists.items()}
-    hparams.setdefault("weight_decay", {"type": "float", "low": 0.0, "high": max(rt.weight_decays)})
-    # the fidelity: a halving trial's schedule length (complete one-cycles of 1/8 .. 1 of the training)
-    hparams.setdefault("epochs", {"type": "int", "low": 1, "high": spec.base.epochs})
-    hparams |= {"seed": {"type": "int", "low": 0, "high": spec.search.seed + 10_000},
-                "stage": {"choices": ["range", "search", "final"]}}
-    metrics = [(VAL_ACC, "validation accuracy"), (TEST_ACC, "test accuracy (final fit)"),
-               ("val/loss", "validation loss"), ("train/loss", "training loss"),
-               ("range_test/max_lr", "range test: max LR"), ("range_test/min_lr", "range test: min LR"),
-               ("range_test/peak_acc", "range test: peak accuracy"),
-               (tail_key(spec.search.metric),
-                f"selection score: mean of the last {spec.search.select_last} {spec.search.metric}")]
-    try:
-        tb.write_hparams_config(paths.tensorboard, hparams=hparams, metrics=metrics)
-    except (ValueError, OSError) as e:  # TensorBoard bookkeeping must never stop a search
-        log.warning("could not write the TensorBoard HParams config: %s", e)

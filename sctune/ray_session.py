@@ -1,19 +1,122 @@
 """Ray for one run: start it (local, loopback only) or join a cluster, ship the user's code to its workers,
-check the task there, and refuse per-trial resources no node can hold (the preflight), before any trial."""
+check the task there, and refuse per-trial resources no node can hold (the preflight), before any trial
+(``start_checked``); around it all, the run's hold on its experiment (``experiment_session``: the lock,
+SIGINT/SIGTERM as a pause, the watchdog that ends the Ray it started if the driver dies)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
-from .experiment import UsageError
+from .experiment import Options, UsageError
 from .space import SpaceError, SpaceSpec
 
 log = logging.getLogger("sctune")
 
 TASK_PROBE_TIMEOUT_S = 120.0
+RESERVE_MIN = 2 * 1024 * 1024  # an error reading Ray's files back with less than this free: the disk was full
+
+
+@contextlib.contextmanager
+def experiment_session(exp: Path, address: str | None) -> Iterator[None]:
+    """The run's hold on experiment ``exp``: its lock (one run per experiment folder), SIGINT/SIGTERM as a pause
+    (main thread), and when this process starts Ray itself (no ``address``, none running), a watchdog that
+    ends Ray's processes if this process dies. Inside it, a full disk becomes ``DiskFull`` and a second
+    Ctrl-C/SIGTERM ``Interrupted``."""
+    import errno
+    import signal
+    import sys
+
+    from .lifecycle import (
+        GUARD,
+        MARKER_VAR,
+        DiskFull,
+        ExperimentLock,
+        Interrupted,
+        LockedError,
+        interrupted_message,
+        new_marker,
+        reap,
+        start_watchdog,
+    )
+    from .storage import as_disk_full, disk_full_message
+
+    try:
+        lock = ExperimentLock(exp).acquire()
+    except LockedError as e:
+        raise UsageError("--name", str(e)) from None
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise DiskFull(exp, None, disk_full_message(exp, None, None, exp)) from None
+        raise UsageError("--storage-path", f"cannot create the experiment folder {exp}: {e.strerror or e}") from None
+    marker = watchdog = None
+    try:
+        GUARD.reset()
+        GUARD.install()
+        ray_mod = sys.modules.get("ray")
+        if address is None and not (ray_mod is not None and ray_mod.is_initialized()):
+            # every process of the Ray we start carries the marker: the watchdog ends them if we die
+            marker = new_marker()
+            os.environ[MARKER_VAR] = marker
+            watchdog = start_watchdog(marker)
+        try:
+            yield
+        except Interrupted:
+            raise
+        except (OSError, EOFError) as e:  # on a full disk, Ray's own files read back truncated (EOFError)
+            full = GUARD.pending if isinstance(GUARD.pending, DiskFull) else as_disk_full(e, exp, RESERVE_MIN)
+            if full is None:
+                raise
+            raise full from None
+        except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM: stopped at once
+            from .progress import active_progress
+
+            p = active_progress()  # the stage running when stopped (None before the first one started)
+            raise Interrupted(GUARD.signum or signal.SIGINT, interrupted_message(
+                p.stage if p else None, p.done if p else None, p.total if p else None, exp,
+                GUARD.signum or signal.SIGINT)) from None
+    finally:
+        if marker is not None:
+            os.environ.pop(MARKER_VAR, None)
+            reap(marker, grace=1.0)  # Ray's agents can outlive ray.shutdown()
+            if watchdog is not None:
+                watchdog.kill()
+                watchdog.wait()
+        GUARD.uninstall()
+        lock.release()
+
+
+def start_checked(spec: SpaceSpec, o: Options, regs: dict[str, Any], address: str | None,
+                  autoscale: tuple[dict[str, float] | None, list[dict[str, float]] | None]) -> bool:
+    """Start or join Ray (``start_ray``) with the user's code shipped, then check the request against it:
+    before any trial is queued and before the experiment folder exists, so a refused request leaves nothing
+    behind and the same command can be rerun with a fixed option. Returns True if it started Ray (then the
+    caller ends it with ``stop_ray``; a refusal here ends it already)."""
+    from .lifecycle import GUARD
+
+    started = start_ray(address, verbose=o.verbose, dashboard=o.dashboard, num_cpus=o.num_cpus,
+                        runtime_env=user_runtime_env(spec, regs, address))
+    GUARD.install()  # again: ray.init replaces the SIGTERM handler (its own aborts with a stack dump)
+    try:
+        preflight_check(spec, cluster_yaml=o.cluster_yaml, autoscale=autoscale)
+        check_task_on_workers(spec, regs)
+    except BaseException:
+        stop_ray(started)
+        raise
+    return started
+
+
+def stop_ray(started: bool) -> None:
+    """``ray.shutdown()`` if this run started (or joined) Ray; else nothing."""
+    if started:
+        import ray
+
+        ray.shutdown()
 
 
 def quiet_ray_env(verbose: bool) -> None:

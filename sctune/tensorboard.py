@@ -84,11 +84,14 @@ from .train import (  # noqa: F401  (re-exported: one definition, in train.py)
     TRAIN_LOSS,
     VAL_ACC,
     VAL_LOSS,
+    tail_key,
 )
 
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
+
+    from .space import SpaceSpec
 
 log = logging.getLogger(__name__)
 
@@ -451,3 +454,44 @@ def log_range_test(
     logger.figure(RANGE_CURVE, fig, last)
     if bounds is not None:
         logger.text(RANGE_BOUNDS_TEXT, bounds_markdown(bounds), last)
+
+
+# ---------------------------------------------------------------------------------------------
+# the experiment's HParams config
+
+
+def write_tb_config(spec: SpaceSpec, paths: ExperimentPaths, dists: dict | None = None) -> None:
+    """One HParams config for every stage, written before the first trial.
+
+    TensorBoard shows only the columns the config lists and a running TensorBoard keeps the first
+    config it reads, so it names the range-test, search and final hparams and metrics at once. ``dists``:
+    stage 2's searched ranges (its plan); until stage 1 is done, ranges relative to its results are shown
+    over what they can span.
+    """
+    rt = spec.range_test
+    if dists is None:
+        span = {"max_lr_bound": (rt.start_lr, rt.end_lr), "min_lr_bound": (rt.start_lr, rt.end_lr),
+                "wd_prior": (0.0, max(rt.weight_decays))}
+        dists = {}
+        for n, d in spec.space.items():
+            if d.scale is None:
+                dists[n] = d
+            else:
+                lo, hi = span[d.scale]
+                dists[n] = type(d)(n, d.kind, low=d.low * lo, high=max(d.high * hi, d.low * lo), log=False)
+    hparams = {n: {k: v for k, v in d.to_dict().items() if k != "log"} for n, d in dists.items()}
+    hparams.setdefault("weight_decay", {"type": "float", "low": 0.0, "high": max(rt.weight_decays)})
+    # the fidelity: a halving trial's schedule length (complete one-cycles of 1/8 .. 1 of the training)
+    hparams.setdefault("epochs", {"type": "int", "low": 1, "high": spec.base.epochs})
+    hparams |= {"seed": {"type": "int", "low": 0, "high": spec.search.seed + 10_000},
+                "stage": {"choices": ["range", "search", "final"]}}
+    metrics = [(VAL_ACC, "validation accuracy"), (TEST_ACC, "test accuracy (final fit)"),
+               ("val/loss", "validation loss"), ("train/loss", "training loss"),
+               (RANGE_MAX_LR, "range test: max LR"), (RANGE_MIN_LR, "range test: min LR"),
+               ("range_test/peak_acc", "range test: peak accuracy"),
+               (tail_key(spec.search.metric),
+                f"selection score: mean of the last {spec.search.select_last} {spec.search.metric}")]
+    try:
+        write_hparams_config(paths.tensorboard, hparams=hparams, metrics=metrics)
+    except (ValueError, OSError) as e:  # TensorBoard bookkeeping must never stop a search
+        log.warning("could not write the TensorBoard HParams config: %s", e)

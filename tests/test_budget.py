@@ -59,8 +59,7 @@ def test_a_budget_is_shared_and_never_exceeded(budget):
 
 
 def test_a_run_without_a_budget_gets_the_default_and_a_smoke_run_keeps_its_own():
-    from sctune.budget import DEFAULT_BUDGET_FTE
-    from sctune.pipeline import make_plan
+    from sctune.budget import DEFAULT_BUDGET_FTE, make_plan
 
     assert DEFAULT_BUDGET_FTE <= 8  # issue 18: a default run spends at most ~8 FTE in all
     spec, plan = make_plan(DIGITS, default_budget=True)
@@ -304,14 +303,14 @@ def test_budget_in_the_space_file_is_named_in_its_error(tmp_path):
 
 
 def test_stage_1_cost_is_read_from_bounds_json_or_counted_from_its_curves(tmp_path):
+    from sctune.budget import range_cost_fte
     from sctune.experiment import ExperimentPaths
-    from sctune.pipeline import _range_cost_fte
 
     paths = ExperimentPaths(tmp_path)
     paths.range_dir.mkdir(parents=True)
-    assert _range_cost_fte({"cost_fte": 1.25}, paths, 228) == 1.25  # stage 1's own count wins
+    assert range_cost_fte({"cost_fte": 1.25}, paths, 228) == 1.25  # stage 1's own count wins
     # fallback: one curves.csv row per range-test step taken (a diverged test stops early and costs less)
     pd.DataFrame({"weight_decay": [0.0] * 100 + [1e-4] * 14, "seed": 0, "step": list(range(100)) + list(range(14))}
                  ).to_csv(paths.range_dir / "curves.csv", index=False)
-    assert _range_cost_fte({"chosen": {}}, paths, 228) == pytest.approx(114 / 228)
-    assert _range_cost_fte(None, paths, 228) is None
+    assert range_cost_fte({"chosen": {}}, paths, 228) == pytest.approx(114 / 228)
+    assert range_cost_fte(None, paths, 228) is None

@@ -25,7 +25,7 @@ import pytest
 import torch
 from ray_util import ROOT, in_process_cluster, patched_environ
 
-from sctune import experiment, pipeline
+from sctune import experiment, ray_session
 from sctune.config import ConfigError, TrainConfig
 from sctune.data import DeviceLoader, resolve_device
 from sctune.models import build_model
@@ -184,7 +184,7 @@ def test_preflight_with_cluster_yaml_node_types(cpu_cluster, tmp_path, caplog):
     ray.init(address=cpu_cluster.address)
     try:
         with caplog.at_level(logging.WARNING, logger="sctune"):
-            pipeline._preflight(spec, cluster_yaml=str(CLUSTER_YAML))
+            ray_session.preflight_check(spec, cluster_yaml=str(CLUSTER_YAML))
     finally:
         ray.shutdown()
     assert any("autoscaler" in r.getMessage() for r in caplog.records), caplog.text

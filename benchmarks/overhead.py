@@ -8,7 +8,7 @@
     - ``fit``: ``sctune.train.fit`` with no callback;
     - ``fit+checkpoint``: ``fit`` with the trainable's per-epoch work minus Ray: a deep-copied
       resumable state (``state_fn``) written with ``torch.save`` every epoch;
-    - ``ray_trial``: sctune's real ``onecycle_trainable`` through a one-trial Ray Tune ``Tuner``
+    - ``ray_trial``: sctune's real ``train_trial`` through a one-trial Ray Tune ``Tuner``
       (per-epoch ``tune.report`` with a checkpoint, TensorBoard logging) on an already started Ray:
       CPU of the whole process tree (driver, Ray's daemons, the worker) during ``Tuner.fit()``, its
       wall time, and the trial's own ``time_total_s``.
@@ -143,13 +143,13 @@ def _collector():
 
 
 def ray_trials(base: dict[str, Any], seeds: list[int], *, reuse: bool, root: Path, stage: str) -> dict[str, Any]:
-    """Run ``len(seeds)`` trials of sctune's onecycle_trainable one at a time; wall and in-trial times."""
+    """Run ``len(seeds)`` trials of sctune's train_trial one at a time; wall and in-trial times."""
     from ray import tune
 
-    from sctune.trainables import onecycle_trainable
+    from sctune.trainables import train_trial
 
     trainable = tune.with_resources(
-        tune.with_parameters(onecycle_trainable, base=base, tb_logdir=str(root / "tb"), stage="search", cpus=1),
+        tune.with_parameters(train_trial, base=base, tb_logdir=str(root / "tb"), stage="search", cpus=1),
         {"cpu": 1, "gpu": 0})
     collect = _collector()
     tuner = _tuner(trainable, {"seed": tune.grid_search(seeds)}, root=root, stage=stage, reuse=reuse,

@@ -237,7 +237,7 @@ class RegularizationConfig(ConfigBase):
                  f"must be in [0, 1), got {self.label_smoothing}")
 
 
-SCHEDULES = ("onecycle", "piecewise", "clr", "constant")
+SCHEDULE_NAMES = ("onecycle", "piecewise", "clr", "constant")  # the names of schedules.SCHEDULES, without torch
 OPTIMIZERS = ("sgd", "adamw", "adam")
 
 
@@ -269,7 +269,7 @@ class TrainConfig(ConfigBase):
     precise_bn_samples: int = 512  # training samples (a fixed, evenly spaced subset) for the statistics
 
     def __post_init__(self):
-        require(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
+        require(self.schedule in SCHEDULE_NAMES, "schedule", f"must be one of {SCHEDULE_NAMES}, got {self.schedule!r}")
         require(self.optimizer in OPTIMIZERS, "optimizer",
                  f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")

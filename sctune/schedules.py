@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch.optim import Optimizer
@@ -137,18 +138,39 @@ def constant(optimizer: Optimizer, cfg: BaselineConfig) -> ConstantLR:
     return ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
+def _one_cycle(optimizer: Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> LRScheduler:
+    return one_cycle(optimizer, cfg.onecycle, total_steps=cfg.epochs * steps_per_epoch)
+
+
+def _piecewise(optimizer: Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> LRScheduler:
+    return piecewise(optimizer, cfg.baseline, total_steps=cfg.epochs * steps_per_epoch)
+
+
+def _clr(optimizer: Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> LRScheduler:
+    return clr(optimizer, cfg.baseline, steps_per_epoch=steps_per_epoch)
+
+
+def _constant(optimizer: Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> LRScheduler:
+    return constant(optimizer, cfg.baseline)
+
+
+# The schedules, by the name ``TrainConfig.schedule`` gives: each builds torch's scheduler for an optimizer,
+# the config and the iterations of an epoch. A new schedule is one entry here (its name also goes to
+# ``config.SCHEDULE_NAMES``, read without torch to check a space file, and what it reads to
+# ``autofill.SCHEDULE_PARAMS``; tests/test_schedules.py checks the three agree).
+SCHEDULES: dict[str, Callable[[Optimizer, TrainConfig, int], LRScheduler]] = {
+    "onecycle": _one_cycle,
+    "piecewise": _piecewise,
+    "clr": _clr,
+    "constant": _constant,
+}
+
+
 def build_schedule(optimizer: Optimizer, cfg: TrainConfig, *, steps_per_epoch: int) -> LRScheduler:
-    """The schedule named by ``cfg.schedule`` over ``cfg.epochs * steps_per_epoch`` steps."""
-    total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "onecycle":
-        return one_cycle(optimizer, cfg.onecycle, total_steps=total)
-    if cfg.schedule == "piecewise":
-        return piecewise(optimizer, cfg.baseline, total_steps=total)
-    if cfg.schedule == "clr":
-        return clr(optimizer, cfg.baseline, steps_per_epoch=steps_per_epoch)
-    if cfg.schedule == "constant":
-        return constant(optimizer, cfg.baseline)
-    raise ValueError(f"unknown schedule {cfg.schedule!r}")
+    """The schedule named by ``cfg.schedule`` (``SCHEDULES``) over ``cfg.epochs * steps_per_epoch`` steps."""
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}")
+    return SCHEDULES[cfg.schedule](optimizer, cfg, steps_per_epoch)
 
 
 # ``schedule_phase``'s landmarks: the LR peak, the cycle's end (min LR), the run's end (after annihilation)

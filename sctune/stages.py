@@ -196,14 +196,14 @@ def run_search_stage(spec: SpaceSpec, paths: ExperimentPaths, plan: SearchPlan, 
     import optuna
 
     from .searchers import make_scheduler, make_searcher
-    from .trainables import TensorBoardSessions, onecycle_trainable
+    from .trainables import TensorBoardSessions, train_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no per-study chatter on the console
     resources, tune = _resources(spec)
     s = spec.search
     base = spec.base.to_flat() | plan.constants
     trainable = tune.with_resources(
-        tune.with_parameters(onecycle_trainable, base=base, tb_logdir=str(paths.tensorboard), stage="search",
+        tune.with_parameters(train_trial, base=base, tb_logdir=str(paths.tensorboard), stage="search",
                              cpus=s.cpus_per_trial, user_task=registrations(spec.base.task),
                              select_metric=s.metric, select_last=s.select_last),
         resources)
@@ -248,7 +248,7 @@ def run_final_stage(spec: SpaceSpec, paths: ExperimentPaths, params: dict[str, A
     """
     if spec.final.seeds == 0:
         return evaluate_search_trial(spec, params, best_row or {})
-    from .trainables import TensorBoardSessions, onecycle_trainable
+    from .trainables import TensorBoardSessions, train_trial
 
     resources, tune = _resources(spec)
     base = spec.base.to_flat() | params
@@ -256,7 +256,7 @@ def run_final_stage(spec: SpaceSpec, paths: ExperimentPaths, params: dict[str, A
         base |= {"train_on_val": True, "epochs": refit_epochs or spec.base.epochs}
     seeds = [spec.search.seed + 1000 + i for i in range(spec.final.seeds)]  # unseen by the search
     trainable = tune.with_resources(
-        tune.with_parameters(onecycle_trainable, base=base, tb_logdir=str(paths.tensorboard), stage="final",
+        tune.with_parameters(train_trial, base=base, tb_logdir=str(paths.tensorboard), stage="final",
                              hparam_keys=tuple(params),
                              cpus=spec.search.cpus_per_trial, user_task=registrations(spec.base.task),
                              select_metric=spec.search.metric, select_last=spec.search.select_last),

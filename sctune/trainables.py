@@ -2,7 +2,7 @@
 
 * ``range_test_trainable``: one LR range test (one weight decay, one seed); reports its curve and
   bounds once, at the end, and logs the curve to TensorBoard.
-* ``onecycle_trainable``: one training run of a ``TrainConfig`` built from the base config plus
+* ``train_trial``: one training run of a ``TrainConfig`` built from the base config plus
   the sampled parameters; reports and checkpoints every epoch, resumes from its checkpoint on
   retry, and writes its TensorBoard run (HParams session from the first moment).
 * ``TensorBoardSessions``: a Tune callback (in the driver) that ends each search/final trial's HParams session.
@@ -199,7 +199,7 @@ def _load_state(checkpoint: tune.Checkpoint, problems: list[str] | None = None) 
     return None
 
 
-def onecycle_trainable(config: dict[str, Any], *, base: dict[str, Any], tb_logdir: str | None,
+def train_trial(config: dict[str, Any], *, base: dict[str, Any], tb_logdir: str | None,
                        stage: str = "search", hparam_keys: tuple[str, ...] = (), cpus: float = 1.0,
                        user_task: dict | None = None, select_metric: str = VAL_ACC,
                        select_last: int = 3) -> None:

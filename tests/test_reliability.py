@@ -639,7 +639,7 @@ def test_worker_node_removed_mid_run_trials_resume_elsewhere(tmp_path, monkeypat
         def remove_a_worker():
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
-                dirs = [d for d in (exp / "ray" / "search").glob("onecycle_trainable_*") if d.is_dir()]
+                dirs = [d for d in (exp / "ray" / "search").glob("train_trial_*") if d.is_dir()]
                 # as soon as two trials (one per worker) hold a checkpoint, while they still have epochs to go
                 if sum(any(d.glob("checkpoint_*")) for d in dirs) >= 2:
                     removed["node_id"] = workers[0].node_id

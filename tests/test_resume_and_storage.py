@@ -335,10 +335,10 @@ def test_orphaned_trial_records_get_a_note_and_an_ended_session(tmp_path):
         logger = tb.TrialLogger(tb_dir, tb.run_name("search", trial=trial), hparams={"x": 1.0})
         logger.scalars({"val/acc": 0.5}, 1)
         logger.close()  # no session end: killed while running
-        (stage_dir / f"onecycle_trainable_{trial}_1_x=1_2026-01-01").mkdir(parents=True)
+        (stage_dir / f"train_trial_{trial}_1_x=1_2026-01-01").mkdir(parents=True)
     assert note_orphans(stage_dir, tb_dir, "search", {"aaaa0001"}) == ["bbbb0002"]
     assert (tb_dir / "search" / "bbbb0002" / ORPHAN_NOTE).exists()
-    assert (stage_dir / "onecycle_trainable_bbbb0002_1_x=1_2026-01-01" / ORPHAN_NOTE).exists()
+    assert (stage_dir / "train_trial_bbbb0002_1_x=1_2026-01-01" / ORPHAN_NOTE).exists()
     assert not (tb_dir / "search" / "aaaa0001" / ORPHAN_NOTE).exists()
     assert tb_session_status(tb_dir / "search" / "bbbb0002") == "STATUS_UNKNOWN"  # aborted (as pruned trials)
     assert note_orphans(stage_dir, tb_dir, "search", {"aaaa0001"}) == []  # noted once

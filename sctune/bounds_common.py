@@ -28,6 +28,12 @@ EARLY_CUT_FRAC = 0.10
 # within ~5% of the sweep; 8 points (the minimum) give 0.33, 30 (RangeTestConfig: 300 iters / eval_every 10)
 # give 0.78, 61 give 0.95.
 CONF_POINTS_SCALE = 20.0
+# Both readers' defaults (Smith's and the loss methods): a curve of fewer than MIN_POINTS evaluations is too short
+# (a peak needs neighbours); one whose smoothed level moves less than FLAT_TOL (of accuracy; of the starting loss)
+# is flat; one whose scatter around its smoothed level exceeds NOISE_TOL of the change is noisy.
+MIN_POINTS = 8
+FLAT_TOL = 0.02
+NOISE_TOL = 0.25
 # The divergence point is where the loss has already risen to diverge_th x its best, past the usable range;
 # back off by 2x. (fastai's "lr_min / 10" targets a fixed LR; a one-cycle peak can sit closer to the edge.)
 DIVERGENCE_BACKOFF = 0.5

@@ -19,6 +19,9 @@ from numpy.typing import ArrayLike
 from .bounds_common import (
     DIVERGENCE_BACKOFF,
     EARLY_CUT_FRAC,
+    FLAT_TOL,
+    MIN_POINTS,
+    NOISE_TOL,
     LRBounds,
     SuperConvergenceVerdict,
     as_1d,
@@ -32,24 +35,14 @@ from .bounds_common import (
     points_confidence,
     recommend_max_lr,
 )
+from .config import HIGH_FRAC, MIN_LR_DIVISOR, SC_MIN_COVERAGE, SC_MIN_HEADROOM
 
 logger = logging.getLogger("sctune.bounds")
 
-# The high band: held-out accuracy counts as "still high" while its running median stays within this fraction
-# of the learned range (best running median - untrained accuracy) below its best. On the authors' ResNet-56
-# tests (shared reference curves) high-LR accuracy swings by 0.1-0.2 around ~0.75 after learning from 0.1:
-# single points fall 15-30% of the learned range, the running median stays within ~10%.
-HIGH_FRAC = 0.2
 # Running-median window as a share of the evaluated points (odd, 3..25): 5 of 51, 21 of 201, 25 of 1001.
 MEDIAN_WINDOW_FRAC = 0.1
 # The model is "still learning" when its accuracy first reaches the high band in the last quarter of the ramp.
 LEARNING_TAIL_FRAC = 0.25
-# Super-convergence verdict: the band must reach >= 3x the LR at which the model learned (a cycle between
-# Smith's max_lr/3 and max_lr then lies wholly inside it) and cover most (>= 60%) of the sweep past that LR:
-# MNIST-1D's BatchNorm CNN, where one-cycle does not beat the baseline at 8x fewer iterations (BENCHMARKS.md),
-# collapses at 30-50% of a 0->3 sweep; every curve of the authors' stays high to the end (100%).
-SC_MIN_HEADROOM = 3.0
-SC_MIN_COVERAGE = 0.6
 
 
 def robust_std(x: np.ndarray) -> float:
@@ -318,8 +311,8 @@ def smith_message(c: Cut, lv: Level, band: Band, verdict: SuperConvergenceVerdic
     return head + tail + " " + verdict.message + c.note()
 
 
-def smith_bounds(lr: ArrayLike, acc: ArrayLike, *, loss: ArrayLike | None = None, divisor: float = 4.0,
-                 window: int | None = None, min_points: int = 8, flat_tol: float = 0.02, noise_tol: float = 0.25,
+def smith_bounds(lr: ArrayLike, acc: ArrayLike, *, loss: ArrayLike | None = None, divisor: float = MIN_LR_DIVISOR,
+                 window: int | None = None, min_points: int = MIN_POINTS, flat_tol: float = FLAT_TOL, noise_tol: float = NOISE_TOL,
                  high_frac: float = HIGH_FRAC, sc_min_headroom: float = SC_MIN_HEADROOM,
                  sc_min_coverage: float = SC_MIN_COVERAGE, diverged: bool = False,
                  backoff: float = DIVERGENCE_BACKOFF,

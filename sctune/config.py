@@ -322,6 +322,23 @@ class TrainConfig(ConfigBase):
         return TrainConfig.from_flat(flat)
 
 
+# The range test's reading, one definition each: ``RangeTestConfig``'s fields and the readers' defaults
+# (bounds_smith, loss_bounds) both take these.
+# min_lr = max_lr / MIN_LR_DIVISOR: Smith's CLR lower bound, max/3..4 (1506.01186).
+MIN_LR_DIVISOR = 4.0
+# The high band: held-out accuracy counts as "still high" while its running median stays within this fraction
+# of the learned range (best running median - untrained accuracy) below its best. On the authors' ResNet-56
+# tests (shared reference curves) high-LR accuracy swings by 0.1-0.2 around ~0.75 after learning from 0.1:
+# single points fall 15-30% of the learned range, the running median stays within ~10%.
+HIGH_FRAC = 0.2
+# Super-convergence verdict: the band must reach >= 3x the LR at which the model learned (a cycle between
+# Smith's max_lr/3 and max_lr then lies wholly inside it) and cover most (>= 60%) of the sweep past that LR:
+# MNIST-1D's BatchNorm CNN, where one-cycle does not beat the baseline at 8x fewer iterations (BENCHMARKS.md),
+# collapses at 30-50% of a 0->3 sweep; every curve of the authors' stays high to the end (100%).
+SC_MIN_HEADROOM = 3.0
+SC_MIN_COVERAGE = 0.6
+
+
 @dataclass(frozen=True)
 class RangeTestConfig(ConfigBase):
     """The LR range test (METHOD.md section 2). Names follow pytorch-lr-finder."""
@@ -336,13 +353,13 @@ class RangeTestConfig(ConfigBase):
     eval_samples: int = 2048  # cap on the held-out set size, keeps evaluation cheap
     bn_recalibrate: bool = True  # precise BN before each evaluation (see train.recalibrate_bn)
     recal_samples: int = 512  # training samples used to recompute BatchNorm statistics
-    divisor: float = 4.0  # min_lr = max_lr / divisor (Smith: 3..4)
+    divisor: float = MIN_LR_DIVISOR  # min_lr = max_lr / divisor (Smith: 3..4)
     method: str = "smith"  # smith | steepest | valley | divergence
     weight_decays: tuple[float, ...] = (1e-3, 1e-4, 1e-5, 0.0)  # Smith's WD comparison (1803.09820)
     repeats: int = 3  # seeds per WD: range tests are noisy, aggregate with the median
-    high_frac: float = 0.2  # accuracy within this share of its learned range below the best is "still high"
-    sc_min_headroom: float = 3.0  # super-convergence: the high band reaches >= this x the LR where it learned
-    sc_min_coverage: float = 0.6  # ...and covers >= this share of the sweep past that LR (bounds.py)
+    high_frac: float = HIGH_FRAC  # accuracy within this share of its learned range below the best: "still high"
+    sc_min_headroom: float = SC_MIN_HEADROOM  # super-convergence: the band reaches >= this x the LR where it learned
+    sc_min_coverage: float = SC_MIN_COVERAGE  # ...and covers >= this share of the sweep past that LR (bounds_smith)
     # One test's length at most this share of one full training's iterations (the paper: 5k-iteration tests
     # for a 10k-iteration training); longer tests are shortened by ``budget.plan_compute``, ``eval_every``
     # scaled so the curve keeps its number of evaluations. null: as long as ``num_iter`` says.

@@ -23,6 +23,9 @@ from numpy.typing import ArrayLike
 from .bounds_common import (
     DIVERGENCE_BACKOFF,
     EARLY_CUT_FRAC,
+    FLAT_TOL,
+    MIN_POINTS,
+    NOISE_TOL,
     LRBounds,
     as_1d,
     check_common,
@@ -35,6 +38,7 @@ from .bounds_common import (
     no_bounds,
     points_confidence,
 )
+from .config import MIN_LR_DIVISOR
 
 # fastai's valley code lands half-way down the longest valley (start + len/3 + len/6); we go 2/3 of the way,
 # nearer the loss minimum, because max_lr in one-cycle is a peak visited only briefly.
@@ -166,8 +170,8 @@ def _local_slope(x: np.ndarray, y: np.ndarray, *, half_width: float, min_side: i
     return slope
 
 
-def suggest_steepest(lr: ArrayLike, loss: ArrayLike, *, divisor: float = 4.0, window: int = 5,
-                     min_points: int = 8, flat_tol: float = 0.02, noise_tol: float = 0.25,
+def suggest_steepest(lr: ArrayLike, loss: ArrayLike, *, divisor: float = MIN_LR_DIVISOR, window: int = 5,
+                     min_points: int = MIN_POINTS, flat_tol: float = FLAT_TOL, noise_tol: float = NOISE_TOL,
                      span_decades: float = 0.2) -> LRBounds:
     """``max_lr`` at the steepest negative slope of the loss against log10(lr) (pytorch-lr-finder's rule).
 
@@ -223,8 +227,8 @@ def _longest_decreasing(s: np.ndarray) -> tuple[int, int]:
     return start, end
 
 
-def suggest_valley(lr: ArrayLike, loss: ArrayLike, *, divisor: float = 4.0, window: int = 5, min_points: int = 8,
-                   flat_tol: float = 0.02, noise_tol: float = 0.25, frac: float = VALLEY_FRAC) -> LRBounds:
+def suggest_valley(lr: ArrayLike, loss: ArrayLike, *, divisor: float = MIN_LR_DIVISOR, window: int = 5,
+                   min_points: int = MIN_POINTS, flat_tol: float = FLAT_TOL, noise_tol: float = NOISE_TOL, frac: float = VALLEY_FRAC) -> LRBounds:
     """fastai's 'valley': ``max_lr`` a fraction `frac` (default 2/3) of the way, in log10(lr), down the longest
     descending stretch (longest strictly decreasing subsequence) of the smoothed loss. The result depends on
     where the sweep starts, as fastai's does: the valley begins at the first LR.
@@ -248,8 +252,9 @@ def suggest_valley(lr: ArrayLike, loss: ArrayLike, *, divisor: float = 4.0, wind
                     f"{frac:.2f} of the way down the loss valley from LR {c.lr[start]:.3g} to {c.lr[end]:.3g}")
 
 
-def suggest_divergence(lr: ArrayLike, loss: ArrayLike, *, divisor: float = 4.0, diverge_th: float = 4.0,
-                       min_points: int = 8, window: int = 5, flat_tol: float = 0.02, noise_tol: float = 0.25,
+def suggest_divergence(lr: ArrayLike, loss: ArrayLike, *, divisor: float = MIN_LR_DIVISOR,
+                       diverge_th: float = 4.0, min_points: int = MIN_POINTS, window: int = 5,
+                       flat_tol: float = FLAT_TOL, noise_tol: float = NOISE_TOL,
                        backoff: float = DIVERGENCE_BACKOFF) -> LRBounds:
     """``max_lr = backoff x`` the last LR before the divergence point (METHOD.md section 2).
 

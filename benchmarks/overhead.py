@@ -121,11 +121,11 @@ def _tuner(trainable, param_space: dict, *, root: Path, stage: str, reuse: bool,
     from ray import tune
 
     from sctune.experiment import ExperimentPaths
-    from sctune.stages import _run_config
+    from sctune.stages import stage_run_config
 
     return tune.Tuner(trainable, param_space=param_space,
                       tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=reuse),
-                      run_config=_run_config(ExperimentPaths(root), stage, callbacks, max_failures=0))
+                      run_config=stage_run_config(ExperimentPaths(root), stage, callbacks, max_failures=0))
 
 
 def _collector():

@@ -69,11 +69,7 @@ def register_dataset(name: str, fn: DatasetFn | None = None, *, overwrite: bool 
     return DATASETS.register(name, fn, overwrite=overwrite)
 
 
-def dataset_names() -> list[str]:
-    return DATASETS.names()
-
-
-def _stratified_val_split(y: torch.Tensor, val_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_val_split(y: torch.Tensor, val_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(y))
@@ -108,7 +104,7 @@ def load_dataset(task: TaskConfig) -> DatasetSplits:
     import_modules(task)
     x, y, x_test, y_test, num_classes, augment = dataset_fn(task.dataset)(task)
     x, y = x.float(), y.long()
-    tr, va = _stratified_val_split(y, task.val_frac, task.data_seed)
+    tr, va = stratified_val_split(y, task.val_frac, task.data_seed)
     if task.train_subset is not None:
         if task.train_subset > len(tr):
             raise ConfigError("task.train_subset",
@@ -156,7 +152,7 @@ def _mnist1d(task: TaskConfig) -> RawData:
             torch.tensor(d["y_test"]).long(), 10, False)
 
 
-_CIFAR_STATS = {
+CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
@@ -174,8 +170,8 @@ def _cifar(task: TaskConfig, name: str) -> RawData:
         raise ConfigError("task.data_root",
                           f"{name} not found under {root} ({e}); set task.download: true to fetch it "
                           "or point data_root at a copy in torchvision's CIFAR format") from None
-    mean = torch.tensor(_CIFAR_STATS[name][0]).view(1, 3, 1, 1)
-    std = torch.tensor(_CIFAR_STATS[name][1]).view(1, 3, 1, 1)
+    mean = torch.tensor(CIFAR_STATS[name][0]).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STATS[name][1]).view(1, 3, 1, 1)
 
     def to_tensor(ds) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).float() / 255.0  # NHWC uint8 -> NCHW

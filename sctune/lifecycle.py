@@ -46,7 +46,7 @@ class LockedError(RuntimeError):
     """The experiment is in use by another run; ``str()`` says which."""
 
 
-def _start_ticks(pid: int) -> str | None:
+def start_ticks(pid: int) -> str | None:
     """The start time of ``pid`` (clock ticks since boot, /proc/PID/stat field 22): with the pid it names a
     process uniquely, so a recycled pid is not mistaken for the run that wrote a lock."""
     try:
@@ -62,7 +62,7 @@ def _running(pid: int, ticks: str | None) -> bool:
         return False
     except PermissionError:
         pass
-    now = _start_ticks(pid)
+    now = start_ticks(pid)
     return now is None or ticks is None or now == ticks
 
 
@@ -154,7 +154,7 @@ class ExperimentLock:
                                       "or stop it (Ctrl-C) and rerun with --resume")
                 log.warning("taking over the lock of %s left by %s, which %s", self.exp, _describe(owner),
                             "is no longer running" if same_host else "no longer holds it")
-            record = {"pid": os.getpid(), "host": socket.gethostname(), "ticks": _start_ticks(os.getpid()),
+            record = {"pid": os.getpid(), "host": socket.gethostname(), "ticks": start_ticks(os.getpid()),
                       "started": time.time(), "command": " ".join(sys.argv)[:300]}
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(record).encode(), 0)
@@ -361,7 +361,7 @@ def marked_pids(marker: str, *, exclude: tuple[int, ...] = ()) -> list[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0]
     except (OSError, IndexError):
@@ -374,14 +374,14 @@ def reap(marker: str, *, grace: float = 2.0) -> list[int]:
     me = (os.getpid(),)
     found = marked_pids(marker, exclude=me)
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        pids = [p for p in marked_pids(marker, exclude=me) if _alive(p)]
+        pids = [p for p in marked_pids(marker, exclude=me) if pid_alive(p)]
         if not pids:
             break
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
             time.sleep(0.05)
     return found
 
@@ -404,7 +404,7 @@ def start_watchdog(marker: str) -> subprocess.Popen | None:
 
 def _watch(driver: int, marker: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the driver is not for us
-    ticks = _start_ticks(driver)
+    ticks = start_ticks(driver)
     try:
         fd = os.pidfd_open(driver)
     except (AttributeError, OSError):

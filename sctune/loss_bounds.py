@@ -200,7 +200,7 @@ def suggest_steepest(lr: ArrayLike, loss: ArrayLike, *, divisor: float = MIN_LR_
                     f"steepest descent of the loss, {slope[idx]:.3g} per decade")
 
 
-def _longest_decreasing(s: np.ndarray) -> tuple[int, int]:
+def longest_decreasing(s: np.ndarray) -> tuple[int, int]:
     """Start and end index of a longest strictly decreasing subsequence, O(n log n) (patience sorting).
 
     fastai's valley uses the same longest decreasing subsequence in O(n^2); a subsequence (not a contiguous
@@ -244,7 +244,7 @@ def suggest_valley(lr: ArrayLike, loss: ArrayLike, *, divisor: float = MIN_LR_DI
     bad = _descent_checks(method, c, divisor=divisor, flat_tol=flat_tol, noise_tol=noise_tol)
     if bad is not None:
         return bad
-    start, end = _longest_decreasing(c.smoothed)
+    start, end = longest_decreasing(c.smoothed)
     # the fraction is taken in log10(lr), not in points, so linear and exponential sweeps agree
     x = np.log10(c.lr)
     idx = int(np.argmin(np.abs(x - (x[start] + frac * (x[end] - x[start])))))

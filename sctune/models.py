@@ -30,10 +30,6 @@ def register_model(name: str, fn: ModelFn | None = None, *, overwrite: bool = Fa
     return MODELS.register(name, fn, overwrite=overwrite)
 
 
-def model_names() -> list[str]:
-    return MODELS.names()
-
-
 def model_fn(name: str) -> ModelFn:
     """The builder a model name stands for: registered, or ``module:builder`` (imported here)."""
     return MODELS.lookup(name)
@@ -95,7 +91,7 @@ def mlp(num_classes: int, input_shape: tuple[int, ...], dropout: float = 0.0) ->
                          nn.Linear(256, 256), nn.ReLU(), nn.Dropout(dropout), nn.Linear(256, num_classes))
 
 
-class _BasicBlock(nn.Module):
+class BasicBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
@@ -124,7 +120,7 @@ class CifarResNet(nn.Module):
         layers, c = [], 16
         for i, width in enumerate((16, 32, 64)):
             for j in range(n):
-                layers.append(_BasicBlock(c, width, stride=2 if (i > 0 and j == 0) else 1))
+                layers.append(BasicBlock(c, width, stride=2 if (i > 0 and j == 0) else 1))
                 c = width
         self.layers = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(64, num_classes))

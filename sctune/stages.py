@@ -33,18 +33,16 @@ from .train import TEST_ACC, VAL_ACC
 
 log = logging.getLogger(__name__)
 
-STAGES = ("range", "search", "final")
-
 
 # -- Ray helpers -------------------------------------------------------------------------------
 
-def _resources(spec: SpaceSpec):
+def trial_resources(spec: SpaceSpec):
     from ray import tune
 
     return {"cpu": spec.search.cpus_per_trial, "gpu": spec.search.gpus_per_trial}, tune
 
 
-def _run_config(paths: ExperimentPaths, stage: str, callbacks: list, *, max_failures: int, keep: int | None = 2):
+def stage_run_config(paths: ExperimentPaths, stage: str, callbacks: list, *, max_failures: int, keep: int | None = 2):
     from ray import tune
 
     return tune.RunConfig(
@@ -107,7 +105,7 @@ def run_range_stage(spec: SpaceSpec, paths: ExperimentPaths, *, resume: bool = F
     """Parallel range tests -> ``range_test/bounds.json`` (returned). Raises StageError if unusable."""
     from .trainables import range_test_trainable
 
-    resources, tune = _resources(spec)
+    resources, tune = trial_resources(spec)
     rt = spec.range_test
     seeds = [spec.search.seed + i for i in range(rt.repeats)]
     trainable = tune.with_resources(
@@ -123,7 +121,7 @@ def run_range_stage(spec: SpaceSpec, paths: ExperimentPaths, *, resume: bool = F
             trainable,
             param_space={"weight_decay": tune.grid_search(list(rt.weight_decays)), "seed": tune.grid_search(seeds)},
             tune_config=tune.TuneConfig(max_concurrent_trials=spec.search.max_concurrent, reuse_actors=True),
-            run_config=_run_config(paths, "range", [progress], max_failures=2, keep=None),
+            run_config=stage_run_config(paths, "range", [progress], max_failures=2, keep=None),
         )
 
     grid = _fit(make, paths.ray_stage("range"), trainable, resume=resume)
@@ -199,7 +197,7 @@ def run_search_stage(spec: SpaceSpec, paths: ExperimentPaths, plan: SearchPlan, 
     from .trainables import TensorBoardSessions, train_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no per-study chatter on the console
-    resources, tune = _resources(spec)
+    resources, tune = trial_resources(spec)
     s = spec.search
     base = spec.base.to_flat() | plan.constants
     trainable = tune.with_resources(
@@ -223,7 +221,7 @@ def run_search_stage(spec: SpaceSpec, paths: ExperimentPaths, plan: SearchPlan, 
                                         # halving: the searcher limits concurrency itself (searchers)
                                         max_concurrent_trials=None if plan.scheduler == "halving" else
                                         s.max_concurrent, reuse_actors=True),
-            run_config=_run_config(paths, "search", [progress, sessions], max_failures=2),
+            run_config=stage_run_config(paths, "search", [progress, sessions], max_failures=2),
         )
 
     grid = _fit(make, paths.ray_stage("search"), trainable, resume=resume)
@@ -250,7 +248,7 @@ def run_final_stage(spec: SpaceSpec, paths: ExperimentPaths, params: dict[str, A
         return evaluate_search_trial(spec, params, best_row or {})
     from .trainables import TensorBoardSessions, train_trial
 
-    resources, tune = _resources(spec)
+    resources, tune = trial_resources(spec)
     base = spec.base.to_flat() | params
     if spec.final.refit:
         base |= {"train_on_val": True, "epochs": refit_epochs or spec.base.epochs}
@@ -268,7 +266,7 @@ def run_final_stage(spec: SpaceSpec, paths: ExperimentPaths, params: dict[str, A
         return tune.Tuner(
             trainable, param_space={"seed": tune.grid_search(seeds)},
             tune_config=tune.TuneConfig(max_concurrent_trials=spec.search.max_concurrent, reuse_actors=True),
-            run_config=_run_config(paths, "final", [progress, sessions], max_failures=2),
+            run_config=stage_run_config(paths, "final", [progress, sessions], max_failures=2),
         )
 
     grid = _fit(make, paths.ray_stage("final"), trainable, resume=resume)

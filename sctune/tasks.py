@@ -31,13 +31,8 @@ from typing import Any
 from .config import ConfigError, TaskConfig
 
 _MODULE = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
-_MODULE_RE = re.compile(rf"^{_MODULE}$")
 _REFERENCE_RE = re.compile(rf"^({_MODULE}):([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)$")
 RESERVED_PREFIXES = ("torchvision:",)  # model names with a colon that are not module references
-
-
-def is_module_name(name: str) -> bool:
-    return bool(_MODULE_RE.match(name))
 
 
 def is_reference(name: str) -> bool:

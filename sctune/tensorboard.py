@@ -95,8 +95,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TB_DIRNAME = ExperimentPaths(Path()).tensorboard.name  # the experiment's layout names it (experiment.py)
-
 # Range-test tags (log_range_test).
 RANGE_LOSS = "range_test/loss"
 RANGE_SMOOTH_LOSS = "range_test/smooth_loss"

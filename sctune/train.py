@@ -36,7 +36,6 @@ TRAIN_LOSS, VAL_LOSS, VAL_ACC, TEST_LOSS, TEST_ACC = "train/loss", "val/loss", "
 LR, MOMENTUM, THROUGHPUT = "lr", "momentum", "perf/samples_per_s"
 GPU_MEM = "perf/gpu_mem_peak_mib"  # CUDA only: torch.cuda.max_memory_allocated of the run so far
 HF_LR, HF_LR_EMA = "curvature/lr_estimate", "curvature/lr_estimate_ema"
-VAL_ACC_BEST = "val/acc_best"  # best val/acc so far (no longer reported: an epoch's maximum is selection noise)
 PHASE = "phase"  # where a run is in its schedule (schedules.schedule_phase): ASHA's time axis
 
 

@@ -171,7 +171,7 @@ def load_checkpoint_state(directory: str | Path) -> dict[str, Any]:
     return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
-def _load_state(checkpoint: tune.Checkpoint, problems: list[str] | None = None) -> dict[str, Any] | None:
+def load_trial_state(checkpoint: tune.Checkpoint, problems: list[str] | None = None) -> dict[str, Any] | None:
     """The state of the checkpoint Tune hands back; if that one is unusable (missing, truncated, refused),
     the newest other checkpoint of the same trial that is usable (Tune keeps two); None if there is none,
     and the trial starts over. What was unusable, and what was used instead, is appended to ``problems``."""
@@ -214,7 +214,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], tb_logdir: str 
     data = _setup(cfg.task, user_task)
     checkpoint = tune.get_checkpoint()
     problems: list[str] = []
-    state = _load_state(checkpoint, problems) if checkpoint else None
+    state = load_trial_state(checkpoint, problems) if checkpoint else None
     # a damaged checkpoint is named in every report of this run of the trial (the driver prints it once)
     recovered = {"checkpoint_recovered": "; ".join(problems)} if problems else {}
     if state is not None:
@@ -262,7 +262,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], tb_logdir: str 
         result = fit(cfg, data=data, on_epoch=on_epoch, state=state, test_at_end=stage == "final")
         if not reported and state is not None and state["history"]:
             # Resumed from a checkpoint of the run's last epoch (the trial finished just before the driver
-            # died, and Tune's saved state still held an older result; _load_state fell back to the newest
+            # died, and Tune's saved state still held an older result; load_trial_state fell back to the newest
             # good checkpoint): nothing is left to train. Its last epoch is reported again, unchanged, so
             # Tune's last result is the finished run's, not the older one (which would read as pruned).
             on_epoch(dict(state["history"][-1]), lambda: state, again=True)

@@ -3,7 +3,7 @@
 A Tune that cannot read its own state logs a traceback and silently runs the whole stage again; a trial
 whose latest checkpoint folder vanished fails. So the state is read here first: corrupted state stops with
 a ``StageError`` saying what to do, and a missing checkpoint folder is re-created empty so the trial resumes
-from its previous good checkpoint (``trainables._load_state``). This reads Tune's private formats (the
+from its previous good checkpoint (``trainables.load_trial_state``). This reads Tune's private formats (the
 experiment-state JSON, the checkpoint manager's pickle): if they change, the checks step aside and leave it
 to Tune. Also here: the two log filters that keep Tune's by-design warnings off the console.
 """
@@ -96,7 +96,7 @@ def check_restorable(stage_dir: Path) -> bool:
     """True if Tune's state in ``stage_dir`` (ray/<stage>) can be restored, False if there is none yet
     (the driver stopped before Tune recorded anything: the stage starts fresh); StageError if it is
     corrupted. Re-creates the newest checkpoint folder of an unfinished trial if it went missing, so the
-    trial resumes from its previous good checkpoint instead of failing (``trainables._load_state``)."""
+    trial resumes from its previous good checkpoint instead of failing (``trainables.load_trial_state``)."""
     states = sorted(stage_dir.glob("experiment_state-*.json"))
     if not states:
         log.warning("%s holds no Tune experiment state yet: this stage starts fresh", stage_dir)

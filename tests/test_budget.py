@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sctune.budget import BudgetError, format_plan, plan_compute
-from sctune.data import _stratified_val_split, known_split_sizes, load_dataset
+from sctune.data import known_split_sizes, load_dataset, stratified_val_split
 from sctune.space import load_space
 from sctune.train import tail_key, tail_mean
 
@@ -141,7 +141,7 @@ def test_shipped_range_tests_fit_half_a_training():
 
 def test_known_split_sizes_follow_the_real_split_rule():
     y = torch.arange(50_000) % 10
-    tr, va = _stratified_val_split(y, 0.15, 0)
+    tr, va = stratified_val_split(y, 0.15, 0)
     sizes = known_split_sizes(load_space(REPO / "search_spaces" / "cifar10_resnet56.yaml").base.task)
     assert (len(tr), len(va)) == (sizes["train"], sizes["val"])
 

@@ -85,9 +85,9 @@ def _bundles(trainable) -> list[dict[str, float]]:
 @pytest.mark.parametrize("gpus", [0.25, 0.5, 1.0, 2.0])
 def test_gpus_per_trial_reaches_every_stages_tune_resources(gpus, monkeypatch, tmp_path):
     spec = load_space(SPACE, smoke=True).with_search(gpus_per_trial=gpus, cpus_per_trial=2)
-    from sctune.stages import _resources
+    from sctune.stages import trial_resources
 
-    assert _resources(spec)[0] == {"cpu": 2.0, "gpu": gpus}
+    assert trial_resources(spec)[0] == {"cpu": 2.0, "gpu": gpus}
     for stage, trainable in _capture_trainables(monkeypatch, spec, tmp_path).items():
         assert _bundles(trainable) == [{"CPU": 2.0, "GPU": gpus}], stage
 

@@ -69,9 +69,9 @@ def _marker_of(ray_tmp: Path) -> str | None:
 
 
 def _marked(marker: str) -> list[int]:
-    from sctune.lifecycle import _alive, marked_pids
+    from sctune.lifecycle import marked_pids, pid_alive
 
-    return [p for p in marked_pids(marker) if _alive(p)]
+    return [p for p in marked_pids(marker) if pid_alive(p)]
 
 
 def _wait_gone(ray_tmp: Path, marker: str | None, timeout: float = 30.0) -> list[int]:
@@ -282,7 +282,7 @@ time.sleep(120)
 
 
 def test_lock_refuses_a_live_holder_and_takes_over_stale_records(tmp_path):
-    from sctune.lifecycle import LOCK_NAME, ExperimentLock, LockedError, _start_ticks, holder
+    from sctune.lifecycle import LOCK_NAME, ExperimentLock, LockedError, holder, start_ticks
 
     exp = tmp_path / "exp"
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(exp)], cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -305,7 +305,7 @@ def test_lock_refuses_a_live_holder_and_takes_over_stale_records(tmp_path):
     # unless its pid now belongs to another process (start time differs), or the record is another host's
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        record = {"pid": live.pid, "host": socket.gethostname(), "ticks": _start_ticks(live.pid), "started": 0,
+        record = {"pid": live.pid, "host": socket.gethostname(), "ticks": start_ticks(live.pid), "started": 0,
                   "command": "sleeper"}
         (exp / LOCK_NAME).write_text(json.dumps(record))
         assert str(live.pid) in holder(exp)

@@ -436,7 +436,7 @@ def test_checkpoint_with_pickled_object_is_refused(tmp_path):
     import torch
     from ray import tune
 
-    from sctune.trainables import CHECKPOINT_FILE, _load_state, load_checkpoint_state
+    from sctune.trainables import CHECKPOINT_FILE, load_checkpoint_state, load_trial_state
 
     marker = tmp_path / "pwned"
     trial = tmp_path / "trial"
@@ -449,13 +449,13 @@ def test_checkpoint_with_pickled_object_is_refused(tmp_path):
         load_checkpoint_state(evil)
     assert not marker.exists()
     # a trial handed the refused checkpoint falls back to its previous good one, never runs the payload
-    state = _load_state(tune.Checkpoint.from_directory(str(evil)))
+    state = load_trial_state(tune.Checkpoint.from_directory(str(evil)))
     assert state is not None and state["epoch"] == 1
     # a truncated newest checkpoint, or a missing one, falls back the same way
     (evil / CHECKPOINT_FILE).write_bytes((good / CHECKPOINT_FILE).read_bytes()[:100])
-    assert _load_state(tune.Checkpoint.from_directory(str(evil)))["epoch"] == 1
+    assert load_trial_state(tune.Checkpoint.from_directory(str(evil)))["epoch"] == 1
     shutil.rmtree(good)
-    assert _load_state(tune.Checkpoint.from_directory(str(evil))) is None  # nothing usable: start over
+    assert load_trial_state(tune.Checkpoint.from_directory(str(evil))) is None  # nothing usable: start over
     assert not marker.exists()
 
 

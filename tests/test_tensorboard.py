@@ -114,7 +114,7 @@ def test_run_name_examples_and_sanitizing() -> None:
 
 def test_experiment_logdir(tmp_path: Path) -> None:
     assert tb.experiment_logdir(tmp_path) == tmp_path / "tensorboard"
-    assert tb.experiment_logdir(str(tmp_path)) == tmp_path / tb.TB_DIRNAME
+    assert tb.experiment_logdir(str(tmp_path)) == tmp_path / "tensorboard"
 
 
 def test_module_does_not_import_ray() -> None:

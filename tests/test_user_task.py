@@ -87,14 +87,14 @@ def max_running(stderr: str, stage: str) -> int:
 
 
 def test_help_says_how_to_name_a_task():
-    from sctune.data import dataset_names
+    from sctune.tasks import DATASETS
 
     p = subprocess.run([sys.executable, "-m", "sctune.search", "--help"], cwd=REPO, capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 0, p.stderr
     assert "task: {dataset: my_pkg.data:load_cells, model: my_pkg.nets:Net}" in p.stdout
     assert "modules: [my_pkg.tasks]" in p.stdout and "ray job submit --working-dir" in p.stdout
-    for name in dataset_names():  # the built-ins it lists are the real ones
+    for name in DATASETS.names():  # the built-ins it lists are the real ones
         assert name in p.stdout, name
 
 

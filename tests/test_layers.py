@@ -109,3 +109,15 @@ def test_no_private_name_imported_across_modules():
 def test_module_is_at_most_500_lines(name):
     lines = len(_modules()[name].read_text().splitlines())
     assert lines <= MAX_LINES, f"sctune/{name}: {lines} lines"
+
+
+def test_tests_and_benchmarks_import_no_private_sctune_name():
+    """They use what the package offers: a name they need is public."""
+    root = PACKAGE.parent
+    found = []
+    for path in sorted([*root.glob("tests/*.py"), *root.glob("benchmarks/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "sctune":
+                found += [f"{path.name}: {a.name} from {node.module}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert found == []

@@ -121,3 +121,29 @@ def test_tests_and_benchmarks_import_no_private_sctune_name():
                 found += [f"{path.name}: {a.name} from {node.module}" for a in node.names
                           if a.name.startswith("_") and not a.name.startswith("__")]
     assert found == []
+
+
+def _level(graph: dict[str, set[str]], module: str, seen: dict[str, int]) -> int:
+    """Layers below ``module``: the longest chain of imports under it (0: imports nothing of sctune)."""
+    if module not in seen:
+        seen[module] = 1 + max((_level(graph, m, seen) for m in graph[module]), default=-1)
+    return seen[module]
+
+
+def test_readme_walk_of_one_parameter_goes_down_the_layers():
+    """README's "Follow one parameter": every hop names a function that exists, in a module lower than the one
+    before, never returning to a module it has left."""
+    import importlib
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    walk = readme[readme.index("**Follow one parameter.**"):readme.index("Choices worth knowing:")]
+    hops = re.findall(r"^\d+\. `(\w+)\.([\w.]+)`", walk, flags=re.MULTILINE)
+    assert len(hops) >= 8, hops
+    for module, name in hops:
+        obj = importlib.import_module(f"sctune.{module}")
+        for part in name.split("."):
+            obj = getattr(obj, part)
+    graph, seen = _graph(), {}
+    levels = [_level(graph, module, seen) for module, _ in hops]
+    assert levels == sorted(levels, reverse=True) and len(set(levels)) == len(levels), list(zip(hops, levels, strict=True))

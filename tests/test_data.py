@@ -1,4 +1,4 @@
-"""sctune.data: built-in datasets, seeded stratified splits, CIFAR through torchvision's own loader,
+"""sctune.core.data: built-in datasets, seeded stratified splits, CIFAR through torchvision's own loader,
 the device-resident loader and its batched augmentation."""
 
 import hashlib
@@ -10,9 +10,9 @@ import pytest
 import torch
 from torchvision import datasets as tv_datasets
 
-from sctune import data as data_mod
-from sctune.config import ConfigError, TaskConfig
-from sctune.data import (
+from sctune.core import data as data_mod
+from sctune.core.config import ConfigError, TaskConfig
+from sctune.core.data import (
     DeviceLoader,
     load_dataset,
     make_synthetic,
@@ -21,7 +21,7 @@ from sctune.data import (
     register_dataset,
     resolve_device,
 )
-from sctune.tasks import DATASETS
+from sctune.core.tasks import DATASETS
 
 
 @pytest.fixture

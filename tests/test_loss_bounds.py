@@ -1,4 +1,4 @@
-"""Tests for sctune.loss_bounds (the loss-based LR finders) on synthetic loss curves of known shape."""
+"""Tests for sctune.core.loss_bounds (the loss-based LR finders) on synthetic loss curves of known shape."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from sctune.loss_bounds import (
+from sctune.core.loss_bounds import (
     longest_decreasing,
     smooth,
     suggest_divergence,

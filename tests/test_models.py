@@ -1,4 +1,4 @@
-"""sctune.models: built-in shapes, the paper's CIFAR ResNets, torchvision names, dropout, the registry."""
+"""sctune.core.models: built-in shapes, the paper's CIFAR ResNets, torchvision names, dropout, the registry."""
 
 import math
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from sctune.config import ConfigError
-from sctune.models import BasicBlock, CifarResNet, build_model, register_model
-from sctune.tasks import MODELS
+from sctune.core.config import ConfigError
+from sctune.core.models import BasicBlock, CifarResNet, build_model, register_model
+from sctune.core.tasks import MODELS
 
 # name -> an input shape the model is meant for
 BUILTIN_INPUTS = {

@@ -22,7 +22,7 @@ from tb_util import (
     write_demo_logdir,
 )
 
-from sctune import tensorboard as tb
+from sctune.present import tensorboard as tb
 
 pytestmark = pytest.mark.slow
 

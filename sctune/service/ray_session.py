@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from ..core.config import ConfigError
 from .experiment import Options, UsageError
 from .space import SpaceError, SpaceSpec
 
@@ -74,7 +74,7 @@ def experiment_session(exp: Path, address: str | None) -> Iterator[None]:
                 raise
             raise full from None
         except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM: stopped at once
-            from .progress import active_progress
+            from ..present.progress import active_progress
 
             p = active_progress()  # the stage running when stopped (None before the first one started)
             raise Interrupted(GUARD.signum or signal.SIGINT, interrupted_message(
@@ -180,7 +180,7 @@ def job_runtime_env() -> dict[str, Any]:
 
 def user_runtime_env(spec: SpaceSpec, regs: dict[str, Any], address: str | None) -> dict[str, Any] | None:
     """``{"py_modules": [...]}`` for the user's code the workers could not import by themselves."""
-    from .tasks import py_modules_to_ship
+    from ..core.tasks import py_modules_to_ship
 
     job_env = job_runtime_env()
     ship = py_modules_to_ship(spec.base.task, regs, local=address is None,
@@ -201,7 +201,7 @@ def check_task_on_workers(spec: SpaceSpec, regs: dict[str, Any]) -> None:
     import ray
     from ray.exceptions import GetTimeoutError
 
-    from .tasks import check_in_worker, is_reference
+    from ..core.tasks import check_in_worker, is_reference
 
     task = spec.base.task
     if not (task.modules or is_reference(task.dataset) or is_reference(task.model) or any(regs.values())):
@@ -215,7 +215,7 @@ def check_task_on_workers(spec: SpaceSpec, regs: dict[str, Any]) -> None:
         log.warning("could not check the task in a Ray worker within %.0fs; starting the trials anyway",
                     TASK_PROBE_TIMEOUT_S)
     except Exception as e:  # ConfigError from the worker; or the driver's registrations could not be unpickled there
-        from .config import error_line
+        from ..core.config import error_line
 
         cause = getattr(e, "cause", None) or e
         path = cause.path if isinstance(cause, ConfigError) else "task"

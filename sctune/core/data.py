@@ -9,7 +9,7 @@ Built-ins:
     GPU checks and benchmarks where CIFAR cannot be downloaded.
 
 ``register_dataset`` adds a user's own dataset under a new name; ``task.dataset: module:function`` names
-one without registering it, and ``task.modules`` are imported first (see ``sctune.tasks``).
+one without registering it, and ``task.modules`` are imported first (see ``sctune.core.tasks``).
 
 The ``DeviceLoader`` keeps the whole training set as one tensor on the device and augments whole
 batches with tensor ops (random crop with padding, horizontal flip), so no per-image Python or PIL

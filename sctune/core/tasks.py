@@ -121,8 +121,8 @@ class Registry:
         return fn if fn is not None and not _is_ours(fn) else None
 
 
-DATASETS = Registry("dataset", attr="function", key="task.dataset", builtins="sctune.data")
-MODELS = Registry("model", attr="builder", key="task.model", builtins="sctune.models",
+DATASETS = Registry("dataset", attr="function", key="task.dataset", builtins="sctune.core.data")
+MODELS = Registry("model", attr="builder", key="task.model", builtins="sctune.core.models",
                   extra_names=("torchvision:<name>",))
 
 

@@ -392,10 +392,10 @@ def start_watchdog(marker: str) -> subprocess.Popen | None:
         return None
     env = {k: v for k, v in os.environ.items() if k != MARKER_VAR}
     try:
-        return subprocess.Popen([sys.executable, "-m", "sctune.lifecycle", str(os.getpid()), marker], env=env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True, close_fds=True,
-                                cwd=str(Path(__file__).resolve().parent.parent))
+        return subprocess.Popen([sys.executable, "-m", "sctune.service.lifecycle", str(os.getpid()), marker],
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                                cwd=str(Path(__file__).resolve().parents[2]))  # where ``sctune`` imports from
     except OSError as e:
         log.warning("could not start the process watchdog (%s): if this run is killed, stop its Ray with "
                     "`ray stop` yourself", e)
@@ -420,5 +420,5 @@ def _watch(driver: int, marker: str) -> None:
     reap(marker)
 
 
-if __name__ == "__main__":  # the watchdog process: python -m sctune.lifecycle DRIVER_PID MARKER
+if __name__ == "__main__":  # the watchdog process: python -m sctune.service.lifecycle DRIVER_PID MARKER
     _watch(int(sys.argv[1]), sys.argv[2])

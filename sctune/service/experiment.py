@@ -18,7 +18,7 @@ Layout of ``<storage-path>/<name>/`` (each name is spelled once, in ``Experiment
 Here too: ``Options`` (every option of a run, as the CLI, the Python API and the tests give them),
 ``prepare`` (all validation of a request, before Ray starts: bad input is a ``UsageError``, exit 2),
 the state (``state.json``, rebuilt from the stage outputs when it is corrupted), the readers of stage
-outputs. Stage 2's plan (search_plan.json) is ``sctune.plan``'s.
+outputs. Stage 2's plan (search_plan.json) is ``sctune.service.plan``'s.
 
 No torch and no Ray at import: the CLI refuses bad input in milliseconds.
 """
@@ -34,7 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from ..core.config import ConfigError
 from .lifecycle import LOCK_NAME
 from .safeguards import check_same_space, check_storage, restore_options
 from .space import DEFAULT_SPACE_DIR, SearchConfig, SpaceError, SpaceSpec, load_space
@@ -188,7 +188,7 @@ def _json_default(o: Any) -> Any:
 
 def clean(obj: Any) -> Any:
     """NaN/inf -> None recursively, numpy scalars -> Python: strict JSON."""
-    from .bounds_common import jsonable
+    from ..core.bounds_common import jsonable
 
     return jsonable(obj)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from .experiment import StageError
 
 # its warnings read as they did when this lived in stages.py (the console text is unchanged)
-log = logging.getLogger("sctune.stages")
+log = logging.getLogger("sctune.service.stages")
 
 
 def corrupted_tune_state(stage_dir: Path, why: str) -> str:
@@ -160,7 +160,7 @@ def note_orphans(stage_dir: Path, tb_dir: Path, stage: str, trial_ids: set[str])
     the driver started just before it was killed, which Tune's saved state never recorded and so started
     again under another id) get a note saying so, and their TensorBoard sessions end as aborted (else they
     read as running forever). Returns the orphans' ids."""
-    from . import tensorboard as tb
+    from ..present import tensorboard as tb
 
     text = (f"This trial is not in the results of stage {stage!r}: the driver was stopped (e.g. killed) before "
             "Tune recorded it, and --resume ran its configuration again under another trial id. Its records "

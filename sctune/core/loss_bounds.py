@@ -4,9 +4,9 @@
 * :func:`suggest_valley`: fastai's 'valley', a fraction of the way down the longest descent of the loss.
 * :func:`suggest_divergence`: a back-off from where the loss runs away.
 
-Smith's rule on held-out accuracy (:mod:`sctune.bounds`) is the default; these are chosen with
-``range_test.method`` and reached through :func:`sctune.bounds.bounds_from_frame`. Each returns an
-:class:`~sctune.bounds.LRBounds` with the same statuses and the same no-bounds contract (METHOD.md section 2).
+Smith's rule on held-out accuracy (:mod:`sctune.core.bounds`) is the default; these are chosen with
+``range_test.method`` and reached through :func:`sctune.core.bounds.bounds_from_frame`. Each returns an
+:class:`~sctune.core.bounds.LRBounds` with the same statuses and the same no-bounds contract (METHOD.md section 2).
 Nothing here imports torch or ray.
 """
 

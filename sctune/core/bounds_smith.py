@@ -2,7 +2,7 @@
 held-out accuracy through its running median, the band where it stays high, and whether super-convergence
 is likely. ``smith_bounds`` composes the steps, each a public function of its own: ``divergence_cut``,
 ``cut_status`` / ``accuracy_level`` / ``level_status``, ``high_band``, ``super_convergence_verdict``,
-``smith_confidence``, ``smith_message``. ``sctune.bounds`` re-exports the public names (its interface).
+``smith_confidence``, ``smith_message``. ``sctune.core.bounds`` re-exports the public names (its interface).
 Nothing here imports torch or ray.
 """
 
@@ -37,7 +37,7 @@ from .bounds_common import (
 )
 from .config import HIGH_FRAC, MIN_LR_DIVISOR, SC_MIN_COVERAGE, SC_MIN_HEADROOM
 
-logger = logging.getLogger("sctune.bounds")
+logger = logging.getLogger("sctune.core.bounds")
 
 # Running-median window as a share of the evaluated points (odd, 3..25): 5 of 51, 21 of 201, 25 of 1001.
 MEDIAN_WINDOW_FRAC = 0.1

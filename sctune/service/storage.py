@@ -114,7 +114,7 @@ def as_disk_full(exc: BaseException, exp: Path, reserve: int) -> DiskFull | None
     free = free_bytes(exp)
     low = free is not None and free < reserve
     if is_enospc(exc) or (low and isinstance(exc, EOFError)):
-        from .progress import active_progress
+        from ..present.progress import active_progress
 
         p = active_progress()
         path = Path(getattr(exc, "filename", None) or exp)
@@ -174,7 +174,7 @@ class StorageWatchLogic:
             return
         if not _is_setup_failure(err):
             return  # failed mid-training (Tune retries it from its checkpoint), or its worker died
-        from .config import error_line
+        from ..core.config import error_line
 
         GUARD.stop_stage(StageError(
             f"trial {trial.trial_id} of stage {self.stage!r} could not set up in its worker: "

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..core.config import ConfigError
 from .budget import accuracy_se, compute_summary, make_plan, range_cost_fte, search_budget
-from .config import ConfigError
 from .experiment import (
     DEFAULT_SPACE,
     ExperimentPaths,
@@ -95,10 +95,10 @@ def run(space: str | Path | SpaceSpec | None = None, options: Options | None = N
 
 def _run(space: str | Path | SpaceSpec | None, o: Options) -> SearchResults:
     """``run``'s work, under the experiment lock (its validation is repeated here, under the lock)."""
-    from .progress import start_clock
-    from .report import print_plan, write_report
-    from .tasks import check_shippable, registrations
-    from .train import tail_key
+    from ..core.tasks import check_shippable, registrations
+    from ..core.train import tail_key
+    from ..present.progress import start_clock
+    from ..present.report import print_plan, write_report
 
     t0 = time.monotonic()
     start_clock()  # the progress display's elapsed time and ETA count from here, across the stages
@@ -167,10 +167,10 @@ def _run_stages(spec: SpaceSpec, paths: ExperimentPaths, state: dict[str, Any], 
     from .storage import check_free
 
     needs = needs or {}
-    from .report import print_bounds, search_figure
+    from ..core.train import tail_key
+    from ..present.report import print_bounds, search_figure
+    from ..present.tensorboard import write_tb_config
     from .stages import run_range_stage, run_search_stage
-    from .tensorboard import write_tb_config
-    from .train import tail_key
 
     full_iters = cplan["fte"]["iterations"]  # iterations of one FTE (None: dataset size unknown)
     budget_fte = spec.search.budget

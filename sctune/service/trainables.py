@@ -27,13 +27,13 @@ from typing import Any
 import torch
 from ray import tune
 
-from . import tensorboard as tb
-from .config import RangeTestConfig, TaskConfig, TrainConfig
-from .data import DatasetSplits, load_dataset
-from .range_test import run_range_test
-from .schedules import schedule_phase
-from .tasks import install
-from .train import PHASE, TEST_ACC, VAL_ACC, fit, tail_key, tail_mean
+from ..core.config import RangeTestConfig, TaskConfig, TrainConfig
+from ..core.data import DatasetSplits, load_dataset
+from ..core.range_test import run_range_test
+from ..core.schedules import schedule_phase
+from ..core.tasks import install
+from ..core.train import PHASE, TEST_ACC, VAL_ACC, fit, tail_key, tail_mean
+from ..present import tensorboard as tb
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def trial_hook() -> TrialHook | None:
 
 def range_test_trainable(config: dict[str, Any], *, train: dict[str, Any], range_test: dict[str, Any],
                          tb_logdir: str | None, cpus: float = 1.0, user_task: dict | None = None) -> None:
-    """``user_task``: the driver's own dataset/model registrations (``sctune.tasks.registrations``)."""
+    """``user_task``: the driver's own dataset/model registrations (``sctune.core.tasks.registrations``)."""
     _threads(cpus)
     train_cfg = TrainConfig.from_flat(train)
     data = _setup(train_cfg.task, user_task)

@@ -290,7 +290,7 @@ def cluster_snapshot() -> tuple[dict[str, float], list[dict[str, float]]]:
     Quantities are totals (not what is free right now): they answer "can a trial ever
     fit", which is what ``preflight`` checks. Call after ``ray.init(...)``.
     """
-    import ray  # lazy: keep `import sctune.cluster` free of Ray start-up cost
+    import ray  # lazy: keep `import sctune.service.cluster` free of Ray start-up cost
 
     if not ray.is_initialized():
         raise RuntimeError("cluster_snapshot() needs a connected Ray: call ray.init(...) first")

@@ -18,9 +18,9 @@ import sys
 import time
 from typing import Any
 
-from .config import error_line
-from .lifecycle import GUARD
-from .summaries import is_pruned
+from ..core.config import error_line
+from ..service.lifecycle import GUARD
+from ..service.summaries import is_pruned
 
 _ACTIVE: dict[str, Any] = {}  # the progress callback of the stage running now (the restored one on --resume)
 # Non-TTY: a line at least this often while trials run (a trial's end always prints one). 30 s: the default

@@ -1,7 +1,7 @@
 """Stage 2's Ray Tune searchers, made in one place (``make_searcher``) for the stage and the benchmarks.
 
 * ``HalvingSearcher`` (``search.scheduler: halving``, the default): successive halving over complete
-  one-cycle schedules (``sctune.fidelity.Promotion``). New configurations come from Optuna (TPE, Smith's
+  one-cycle schedules (``sctune.service.fidelity.Promotion``). New configurations come from Optuna (TPE, Smith's
   recipe first) at the shortest length; a configuration in the top half of its length's results is
   suggested again with a longer ``epochs`` (the trainable builds the whole one-cycle for that length).
   It spends the budget itself, in epochs, so it needs no ``BudgetLimiter``.

@@ -3,7 +3,7 @@
 ``SearchPlan`` (typed, frozen; stored as ``search_plan.json``) holds the searched ranges resolved against
 stage 1 (``dists``), the parameters that collapsed to a constant, the ``Anchors`` they were scaled with,
 Smith's recipe as the first point, the rungs (the lengths of the complete one-cycle schedules stage 2's
-successive halving trains, ``sctune.fidelity``; or ASHA's rungs with ``search.scheduler: asha``), the
+successive halving trains, ``sctune.service.fidelity``; or ASHA's rungs with ``search.scheduler: asha``), the
 selection score's key and the hash of its inputs (a stored plan is reused only when they are unchanged).
 
 The functions that build it: ``stage1_anchors`` / ``search_anchors`` (stage 1's result or the user's
@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .bounds import recipe_max_lr
+from ..core.bounds import recipe_max_lr
 from .experiment import ExperimentPaths, read_dict, read_output, write_json
 from .fidelity import ETA, RUNG_FRACTIONS, rung_epochs
 from .space import Dist, SpaceSpec
@@ -191,7 +191,7 @@ def recipe_point(dists: Mapping[str, Dist], anchors: Anchors, *, divisor: float)
     (MNIST-1D) and 98.2% (digits) where random draws from the same space reached ~97% and ~99.4%; its LR was
     too high over the cycle, and on MNIST-1D, where the LR cannot be large, the missing dropout cost a point.
     """
-    from .config import OneCycleConfig, RegularizationConfig
+    from ..core.config import OneCycleConfig, RegularizationConfig
 
     large_lr = anchors.sc_likely is not False
     recipe = OneCycleConfig().to_dict()
@@ -229,7 +229,7 @@ def asha_rungs(spec: SpaceSpec) -> dict[str, Any]:
     because rankings during one-cycle flip up to the cycle's end. An explicit ``search.grace_period``
     (epochs) restores epoch rungs.
     """
-    from .schedules import PHASE_RUN_END  # imported here: schedules loads torch, space files must not
+    from ..core.schedules import PHASE_RUN_END  # imported here: schedules loads torch, space files must not
 
     s = spec.search
     if s.grace_period is not None:
@@ -294,7 +294,7 @@ def plan_inputs(spec: SpaceSpec, anchors: Anchors) -> dict[str, Any]:
 def build_plan(spec: SpaceSpec, anchors: Anchors) -> SearchPlan:
     """Stage 2 from stage 1's anchors: the searched ranges, the constants, Smith's recipe as the first point,
     the rungs and the selection score's key."""
-    from .train import tail_key  # train loads torch: only when a plan is made
+    from ..core.train import tail_key  # train loads torch: only when a plan is made
 
     dists, constants = resolve(spec, anchors)
     inputs = plan_inputs(spec, anchors)

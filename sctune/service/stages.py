@@ -20,16 +20,16 @@ from typing import Any
 
 import pandas as pd
 
-from .config import error_line
+from ..core.config import error_line
+from ..core.tasks import registrations
+from ..core.train import TEST_ACC, VAL_ACC
+from ..present.progress import active_progress
 from .experiment import ExperimentPaths, StageError, clean, write_json
 from .lifecycle import GUARD, Interrupted, interrupted_message
 from .plan import SearchPlan
-from .progress import active_progress
 from .space import SpaceSpec
 from .storage import stage_callbacks
 from .summaries import final_fit_summary, no_bounds_message, range_bounds, summarize_search
-from .tasks import registrations
-from .train import TEST_ACC, VAL_ACC
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def stage_run_config(paths: ExperimentPaths, stage: str, callbacks: list, *, max
 
 
 def _progress(stage: str, total: int | None, **kw):
-    from .progress import StageProgress  # Tune's Callback base: Ray loads here
+    from ..present.progress import StageProgress  # Tune's Callback base: Ray loads here
 
     return StageProgress(stage, total, **kw)
 
@@ -163,7 +163,7 @@ def summarize_range_tests(spec: SpaceSpec, paths: ExperimentPaths, curves: pd.Da
 
 def _range_figure(spec: SpaceSpec, paths: ExperimentPaths, curves: pd.DataFrame, bounds: dict[str, Any]) -> None:
     try:
-        from .report import range_summary_figure
+        from ..core.curves import range_summary_figure
 
         curves = pd.concat([df for _, df in curves.groupby(["weight_decay", "seed"], sort=True)], ignore_index=True)
         fig = range_summary_figure(curves, bounds, log_x=spec.range_test.step_mode == "exp",
@@ -281,9 +281,9 @@ def run_final_stage(spec: SpaceSpec, paths: ExperimentPaths, params: dict[str, A
 
 def evaluate_search_trial(spec: SpaceSpec, params: dict[str, Any], best_row: dict[str, Any]) -> dict[str, Any]:
     """Test the search's best trial as it is: its last checkpoint (precise-BN statistics included), once."""
-    from .data import load_dataset
-    from .models import build_model
-    from .train import TrainConfig, evaluate
+    from ..core.data import load_dataset
+    from ..core.models import build_model
+    from ..core.train import TrainConfig, evaluate
     from .trainables import load_checkpoint_state
 
     path = best_row.get("checkpoint")

@@ -35,7 +35,7 @@ import dataclasses
 import math
 from typing import Any
 
-from .config import ConfigError, RegularizationConfig
+from ..core.config import ConfigError, RegularizationConfig
 
 # Shares of a budget: stage 1 is a measurement whose value does not grow with the budget (a few range
 # tests place the bounds; BENCHMARKS.md: 12 of them cost 9-16 FTE on the CPU tasks and left the search
@@ -213,7 +213,7 @@ def dataset_sizes(spec) -> dict[str, int] | None:
     here (e.g. a cluster whose data lives only on the workers)."""
     import logging
 
-    from .data import known_split_sizes, load_dataset
+    from ..core.data import known_split_sizes, load_dataset
 
     try:
         sizes = load_dataset(spec.base.task).sizes()

@@ -18,17 +18,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .bounds import (
+from ..core.bounds import (
     LRBounds,
     aggregate_bounds,
     bounds_from_frame,
     bounds_kwargs,
     choose_weight_decay,
 )
+from ..core.train import tail_key
 from .experiment import StageError, clean
 from .plan import SearchPlan, stage1_anchors
 from .space import SpaceSpec
-from .train import tail_key
 
 # -- stage 1 -------------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError
+from ..core.config import ConfigError
 
 if TYPE_CHECKING:
     from .space import SpaceSpec
@@ -161,9 +161,9 @@ def load_in_driver(spec: SpaceSpec, *, local: bool) -> dict[str, Any]:
     model's}``. On a local Ray the workers are this machine, so a dataset or model that fails here fails in
     every trial: a SpaceError (exit 2) with the user's exception, before Ray starts. With ``--address`` the
     data may live on the workers only: a warning, and {} (the plan then shows epochs only)."""
-    from .config import error_line
-    from .data import known_split_sizes, load_dataset
-    from .models import build_model
+    from ..core.config import error_line
+    from ..core.data import known_split_sizes, load_dataset
+    from ..core.models import build_model
     from .space import SpaceError
 
     task = spec.base.task

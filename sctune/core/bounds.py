@@ -5,11 +5,11 @@ accuracy, take ``max_lr`` at the top of the band where accuracy stays high - the
 away for good or the loss diverges - and ``min_lr = max_lr / 3..4``. If accuracy stays high far past the LR
 at which the model learned (ResNet-56/CIFAR-10: up to LR 3.0), super-convergence is likely;
 :func:`super_convergence_verdict` reports that band, relative to the curve itself. Smith's reader, step by
-step, lives in :mod:`sctune.bounds_smith`; this module re-exports it, runs a method on a range-test frame,
+step, lives in :mod:`sctune.core.bounds_smith`; this module re-exports it, runs a method on a range-test frame,
 and aggregates the tests of a weight decay and across weight decays.
 
 The loss-based suggestions (steepest, valley, divergence: the LR-finder conventions of fastai and
-pytorch-lr-finder, for runs without held-out accuracy) live in :mod:`sctune.loss_bounds`;
+pytorch-lr-finder, for runs without held-out accuracy) live in :mod:`sctune.core.loss_bounds`;
 :func:`bounds_from_frame` runs whichever ``range_test.method`` names.
 
 Every function returns an :class:`LRBounds` whose ``status`` says whether the curve was usable. A degenerate

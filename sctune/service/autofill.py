@@ -29,7 +29,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from .config import ConfigError, TaskConfig, TrainConfig
+from ..core.config import ConfigError, TaskConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ DEFAULT_SPACE = {
 
 def _sizes(task: TaskConfig) -> dict[str, int] | None:
     """Train and validation sizes of ``task`` (loads the data once, here); None if it cannot be loaded."""
-    from .data import known_split_sizes, load_dataset
+    from ..core.data import known_split_sizes, load_dataset
 
     try:
         return load_dataset(task).sizes()

@@ -61,19 +61,8 @@ from tensorboard.plugins.hparams import metadata as hp_metadata
 from tensorboard.plugins.text.summary_v2 import text_pb
 from torch.utils.tensorboard import SummaryWriter
 
-# The figure and the bounds table are presentation (report.py); this module writes them as events.
-from .experiment import ExperimentPaths
-from .hparams import (  # noqa: F401  (re-exported: the protocol lives in hparams.py)
-    STATUSES,
-    hparams_experiment,
-    merge_experiments,
-    session_end_summary,
-    session_start_summary,
-    status_code,
-    write_hparams_config,
-)
-from .report import bound_dict, bounds_markdown, finite_positive, range_test_figure
-from .train import (  # noqa: F401  (re-exported: one definition, in train.py)
+from ..core.curves import bound_dict, finite_positive, range_test_figure
+from ..core.train import (  # noqa: F401  (re-exported: one definition, in train.py)
     HF_LR,
     HF_LR_EMA,
     LR,
@@ -87,11 +76,24 @@ from .train import (  # noqa: F401  (re-exported: one definition, in train.py)
     tail_key,
 )
 
+# The figure and the bounds table are presentation (report.py); this module writes them as events.
+from ..service.experiment import ExperimentPaths
+from .hparams import (  # noqa: F401  (re-exported: the protocol lives in hparams.py)
+    STATUSES,
+    hparams_experiment,
+    merge_experiments,
+    session_end_summary,
+    session_start_summary,
+    status_code,
+    write_hparams_config,
+)
+from .report import bounds_markdown
+
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
-    from .space import SpaceSpec
+    from ..service.space import SpaceSpec
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """What the LR-bound finders share: the result types, input checks, the cut at the first non-finite loss, the
 recommended max_lr's rule (``recommend_max_lr``).
 
-Private to :mod:`sctune.bounds` (Smith's rule) and :mod:`sctune.loss_bounds` (the loss-based finders), which
-both build an :class:`LRBounds`; import the public names from ``sctune.bounds``. A module of its own so that
+Private to :mod:`sctune.core.bounds` (Smith's rule) and :mod:`sctune.core.loss_bounds` (the loss-based finders), which
+both build an :class:`LRBounds`; import the public names from ``sctune.core.bounds``. A module of its own so that
 bounds.py can dispatch to the loss finders without either importing the other in a cycle.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 # One logger name for every finder: it is the name users see in `-v` output (it was bounds.py's).
-logger = logging.getLogger("sctune.bounds")
+logger = logging.getLogger("sctune.core.bounds")
 
 BoundsStatus = Literal["ok", "flat", "diverged_at_start", "too_few_points", "noisy"]
 STATUSES: tuple[str, ...] = ("ok", "flat", "diverged_at_start", "too_few_points", "noisy")

@@ -93,7 +93,7 @@ class RangeTestResult:
     def plot(self, *, log_x: bool | None = None, path: str | None = None):
         """Accuracy and loss vs LR with the bounds marked (a matplotlib ``Figure``; saved to ``path`` if given).
         ``log_x`` defaults to the ramp's own axis (log for ``step_mode: exp``)."""
-        from .report import range_test_figure
+        from .curves import range_test_figure
 
         b = self.bounds()
         fig = range_test_figure({"range test": self.frame}, {"range test": b} if b.status == "ok" else None,
@@ -103,7 +103,7 @@ class RangeTestResult:
         return fig
 
     def bounds(self, *, method: str | None = None, divisor: float | None = None):
-        """LR bounds from this curve (see ``sctune.bounds``)."""
+        """LR bounds from this curve (see ``sctune.core.bounds``)."""
         from .bounds import bounds_from_frame, bounds_kwargs
 
         cfg = self.config

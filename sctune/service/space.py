@@ -1,9 +1,9 @@
-"""Search-space files: YAML -> validated ``SpaceSpec`` (stage 2's plan from it: ``sctune.plan``).
+"""Search-space files: YAML -> validated ``SpaceSpec`` (stage 2's plan from it: ``sctune.service.plan``).
 
 A file has these sections (all but ``task`` optional)::
 
     task:        TaskConfig fields (dataset, model, modules, data_root, train_subset, ...); dataset and model
-                 are built-in or registered names, or module:attribute references (see ``sctune.tasks``)
+                 are built-in or registered names, or module:attribute references (see ``sctune.core.tasks``)
     fixed:       flat TrainConfig fields applied to every trial (epochs, batch_size, optimizer, ...)
     range_test:  RangeTestConfig fields (end_lr, num_iter, weight_decays, repeats, ...)
     search:      SearchConfig fields (metric, num_samples, max_concurrent, ASHA settings, seed, ...)
@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigBase, ConfigError, RangeTestConfig, TaskConfig, TrainConfig, require
+from ..core.config import ConfigBase, ConfigError, RangeTestConfig, TaskConfig, TrainConfig, require
 
 SECTIONS = ("task", "fixed", "range_test", "search", "final", "space", "smoke")
 # Budgets beyond these cannot end in reasonable time on any hardware sctune targets (the paper's longest
@@ -45,11 +45,11 @@ LIMITS = {
     "final.seeds": 1_000,
 }
 SCALES = ("max_lr_bound", "min_lr_bound", "wd_prior")
-# Installed (pip install .): the shipped files are package data next to this module (pyproject.toml maps
-# the checkout's top-level search_spaces/ to sctune/search_spaces/); in a checkout they are that folder.
-_PACKAGED_SPACES = Path(__file__).resolve().parent / "search_spaces"
+# Installed (pip install .): the shipped files are package data in the package (pyproject.toml maps the
+# checkout's top-level search_spaces/ to sctune/search_spaces/); in a checkout they are that folder.
+_PACKAGED_SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 DEFAULT_SPACE_DIR = (_PACKAGED_SPACES if _PACKAGED_SPACES.is_dir()
-                     else Path(__file__).resolve().parent.parent / "search_spaces")
+                     else Path(__file__).resolve().parents[2] / "search_spaces")
 
 
 class SpaceError(ConfigError):
@@ -290,7 +290,7 @@ def _check_budgets(file: str, base: TrainConfig, rt: RangeTestConfig, final: Fin
         limit = LIMITS["range_test.tests" if path == "range_test.repeats" else path]
         if value > limit:
             raise SpaceError(file, path, f"must be <= {limit:,}{' ' + what.strip() if what else ''} (a budget that "
-                             f"cannot end in reasonable time; see LIMITS in sctune/space.py), got {value:,}")
+                             f"cannot end in reasonable time; see LIMITS in sctune/service/space.py), got {value:,}")
 
 
 def _check_space_consistency(file: str, base: TrainConfig, space: dict[str, Dist]) -> None:
@@ -314,8 +314,8 @@ def _check_space_consistency(file: str, base: TrainConfig, space: dict[str, Dist
 
 def _check_names(file: str, base: TrainConfig) -> None:
     """The task's dataset and model resolve here, in the driver: ``task.modules`` import, ``module:attr``
-    references import and name a callable, other names are registered (see ``sctune.tasks``)."""
-    from .tasks import check_task
+    references import and name a callable, other names are registered (see ``sctune.core.tasks``)."""
+    from ..core.tasks import check_task
 
     try:
         check_task(base.task)

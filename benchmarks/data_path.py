@@ -4,7 +4,7 @@ Both serve CIFAR-shaped data (3x32x32, 10 classes, random pixels: the content do
 speed) with the standard augmentation:
 
 * ``DeviceLoader``: the training set as one normalised float tensor; shuffling, random crop (pad 4)
-  and horizontal flip as batched tensor ops (``sctune.data.DeviceLoader(augment=True)``).
+  and horizontal flip as batched tensor ops (``sctune.core.data.DeviceLoader(augment=True)``).
 * ``DataLoader(workers=W)``: uint8 HWC images in a small ``Dataset`` whose ``__getitem__`` does what
   ``torchvision.datasets.CIFAR10`` does (``PIL.Image.fromarray``) followed by
   ``RandomCrop(32, padding=4), RandomHorizontalFlip(), ToTensor(), Normalize(mean, std)``; batch 128,
@@ -60,7 +60,7 @@ def make_loaders(conf: dict[str, Any]):
     import torch
     from torchvision import transforms as T
 
-    from sctune.data import DeviceLoader
+    from sctune.core.data import DeviceLoader
 
     rng = np.random.default_rng(0)
     n, bs = conf["n_images"], conf["batch_size"]
@@ -91,7 +91,7 @@ def train_wait_share(loader, steps: int) -> dict[str, float]:
     import torch
     from torch import nn
 
-    from sctune.models import build_model
+    from sctune.core.models import build_model
 
     torch.manual_seed(0)
     model = build_model("resnet20", num_classes=10, input_shape=(3, 32, 32))

@@ -115,8 +115,8 @@ def compute_share(exp: Path, *, smoke: bool) -> dict[str, Any]:
     """Training iterations per stage, from the experiment folder sctune wrote."""
     import pandas as pd
 
-    from sctune.data import load_dataset
-    from sctune.space import load_space
+    from sctune.core.data import load_dataset
+    from sctune.service.space import load_space
 
     spec = load_space(exp / "space.yaml", smoke=smoke)
     data = load_dataset(spec.base.task)

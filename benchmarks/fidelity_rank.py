@@ -3,7 +3,7 @@
 For each task: sctune's stage 1 (as ``search_efficiency.job_range`` runs it), stage 2's plan, then
 ``--configs`` configurations of the resolved space (the recipe point first, the rest drawn at random, seed
 fixed). Each configuration trains a COMPLETE one-cycle (warm-up, anneal, annihilation) over 1/8, 1/4, 1/2 and
-all of the task's epochs (``sctune.fidelity.rung_epochs``). Reported per short length: Spearman's rank
+all of the task's epochs (``sctune.service.fidelity.rung_epochs``). Reported per short length: Spearman's rank
 correlation between the configurations' selection scores (validation, mean of the last evaluations, as
 stage 2 ranks trials) at that length and at the full length, whether the full-length best survives a halving
 at that length (it ranks in the top half), the best full-length score a halving step at that length keeps,
@@ -34,8 +34,8 @@ QUICK = {"tasks": {"digits": {"space": "search_spaces/digits.yaml", "budget_fte"
 def job_train(task: dict[str, Any], rep: int, params: dict[str, Any], constants: dict[str, Any],
               epochs: int, seed_offset: int = 0) -> dict[str, Any]:
     """One complete one-cycle of ``epochs`` epochs (the schedule is built for that length)."""
-    from sctune.config import TrainConfig
-    from sctune.train import TEST_ACC, VAL_ACC, fit, tail_mean
+    from sctune.core.config import TrainConfig
+    from sctune.core.train import TEST_ACC, VAL_ACC, fit, tail_mean
 
     _init_worker()
     spec = _spec(task, rep)
@@ -53,7 +53,7 @@ def job_train(task: dict[str, Any], rep: int, params: dict[str, Any], constants:
 def _draws(plan, n: int, seed: int) -> list[dict[str, Any]]:
     import optuna
 
-    from sctune.plan import optuna_space
+    from sctune.service.plan import optuna_space
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=seed))
@@ -76,8 +76,8 @@ def _spearman(a: list[float], b: list[float]) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sctune.fidelity import RUNG_FRACTIONS, rung_epochs
-    from sctune.plan import Anchors, build_plan
+    from sctune.service.fidelity import RUNG_FRACTIONS, rung_epochs
+    from sctune.service.plan import Anchors, build_plan
 
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=1)

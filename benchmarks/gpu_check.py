@@ -193,7 +193,7 @@ def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def trial_rows(exp: Path, stage: str, *, samples_per_epoch: int) -> list[dict[str, Any]]:
-    from sctune.train import GPU_MEM, THROUGHPUT, VAL_ACC
+    from sctune.core.train import GPU_MEM, THROUGHPUT, VAL_ACC
 
     rows = []
     base = exp / "tensorboard" / stage
@@ -294,11 +294,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from sctune.config import ConfigError
-    from sctune.data import load_dataset
-    from sctune.experiment import StageError
+    from sctune.core.config import ConfigError
+    from sctune.core.data import load_dataset
     from sctune.search import run
-    from sctune.space import load_space
+    from sctune.service.experiment import StageError
+    from sctune.service.space import load_space
 
     try:
         spec = load_space(space_file)

@@ -5,10 +5,10 @@
   per repeat:
     - ``bare``: a plain PyTorch loop (randperm batches from tensors, SGD + torch OneCycleLR, a
       validation pass per epoch): what a user writes by hand;
-    - ``fit``: ``sctune.train.fit`` with no callback;
+    - ``fit``: ``sctune.core.train.fit`` with no callback;
     - ``fit+checkpoint``: ``fit`` with the trainable's per-epoch work minus Ray: a deep-copied
       resumable state (``state_fn``) written with ``torch.save`` every epoch;
-    - ``ray_trial``: sctune's real ``onecycle_trainable`` through a one-trial Ray Tune ``Tuner``
+    - ``ray_trial``: sctune's real ``train_trial`` through a one-trial Ray Tune ``Tuner``
       (per-epoch ``tune.report`` with a checkpoint, TensorBoard logging) on an already started Ray:
       CPU of the whole process tree (driver, Ray's daemons, the worker) during ``Tuner.fit()``, its
       wall time, and the trial's own ``time_total_s``.
@@ -61,7 +61,7 @@ def bare_loop(data, *, epochs: int, batch_size: int, max_lr: float, seed: int) -
     import torch
     from torch import nn
 
-    from sctune.models import build_model
+    from sctune.core.models import build_model
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -95,7 +95,7 @@ def bare_loop(data, *, epochs: int, batch_size: int, max_lr: float, seed: int) -
 def sctune_fit(cfg, data, *, checkpoint: bool) -> tuple[float, list[float]]:
     import torch
 
-    from sctune.train import fit
+    from sctune.core.train import fit
 
     ends: list[float] = []
     t0 = time.perf_counter()
@@ -120,12 +120,12 @@ def steady(ends: list[float]) -> float | None:
 def _tuner(trainable, param_space: dict, *, root: Path, stage: str, reuse: bool, callbacks: list):
     from ray import tune
 
-    from sctune.experiment import ExperimentPaths
-    from sctune.stages import _run_config
+    from sctune.service.experiment import ExperimentPaths
+    from sctune.service.stages import stage_run_config
 
     return tune.Tuner(trainable, param_space=param_space,
                       tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=reuse),
-                      run_config=_run_config(ExperimentPaths(root), stage, callbacks, max_failures=0))
+                      run_config=stage_run_config(ExperimentPaths(root), stage, callbacks, max_failures=0))
 
 
 def _collector():
@@ -143,13 +143,13 @@ def _collector():
 
 
 def ray_trials(base: dict[str, Any], seeds: list[int], *, reuse: bool, root: Path, stage: str) -> dict[str, Any]:
-    """Run ``len(seeds)`` trials of sctune's onecycle_trainable one at a time; wall and in-trial times."""
+    """Run ``len(seeds)`` trials of sctune's train_trial one at a time; wall and in-trial times."""
     from ray import tune
 
-    from sctune.trainables import onecycle_trainable
+    from sctune.service.trainables import train_trial
 
     trainable = tune.with_resources(
-        tune.with_parameters(onecycle_trainable, base=base, tb_logdir=str(root / "tb"), stage="search", cpus=1),
+        tune.with_parameters(train_trial, base=base, tb_logdir=str(root / "tb"), stage="search", cpus=1),
         {"cpu": 1, "gpu": 0})
     collect = _collector()
     tuner = _tuner(trainable, {"seed": tune.grid_search(seeds)}, root=root, stage=stage, reuse=reuse,
@@ -174,16 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     payload = envelope(NAME, args, conf)
     t_start = time.perf_counter()
 
-    from sctune.pipeline import _quiet_ray_env
+    from sctune.service.ray_session import quiet_ray_env
 
-    _quiet_ray_env(False)
+    quiet_ray_env(False)
     import torch
 
     torch.set_num_threads(1)
-    from sctune.config import TrainConfig
-    from sctune.data import load_dataset
-    from sctune.range_test import run_range_test
-    from sctune.space import load_space
+    from sctune.core.config import TrainConfig
+    from sctune.core.data import load_dataset
+    from sctune.core.range_test import run_range_test
+    from sctune.service.space import load_space
 
     t = conf["task"]
     cfg = TrainConfig().with_flat(dataset=t["dataset"], model=t["model"], epochs=t["epochs"],

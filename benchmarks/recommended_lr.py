@@ -3,7 +3,7 @@
 Stage 1's max_lr is the top of the band where held-out accuracy stays high (Smith's reading). Issue 18 found
 full trainings best well inside that band, not at its top. Per task, this runs stage 1 as the shipped space
 file configures it (every weight decay x repeat range test, in process, shortened by ``budget.plan_compute``
-as a run would; ``--stage1-seeds`` repeats of it), then full one-cycle trainings (``sctune.train.fit``, the
+as a run would; ``--stage1-seeds`` repeats of it), then full one-cycle trainings (``sctune.core.train.fit``, the
 recipe point: div_factor 10, the chosen weight decay, the recipe's dropout) at max_lr on a log grid across
 the band of the first stage-1 seed (log-fractions ``GRID_T`` of ``[learn_lr, top_lr]``, below and above it),
 and at each stage-1 seed's ``recommended_max_lr`` itself, several seeds each. The result has the test accuracy
@@ -36,9 +36,9 @@ GRID_T = (-1.5, -0.75, 0.0, 0.33, 0.67, 1.0, 1.3)
 
 
 def _spec(space: str, subset: int | None, ramp: dict[str, Any]):
-    from sctune.budget import plan_compute
-    from sctune.data import load_dataset
-    from sctune.space import load_space
+    from sctune.core.data import load_dataset
+    from sctune.service.budget import plan_compute
+    from sctune.service.space import load_space
 
     spec = load_space(REPO / "search_spaces" / space)
     if subset is not None:
@@ -52,8 +52,8 @@ def _spec(space: str, subset: int | None, ramp: dict[str, Any]):
 
 def _stage1(spec, data, seed: int) -> dict[str, Any]:
     """Stage 1 as ``stages.run_stage1`` derives it (``summaries.range_bounds``' per-WD aggregate + choice)."""
-    from sctune.bounds import aggregate_bounds, choose_weight_decay
-    from sctune.range_test import run_range_test
+    from sctune.core.bounds import aggregate_bounds, choose_weight_decay
+    from sctune.core.range_test import run_range_test
 
     rt = spec.range_test
     per_wd, curves = {}, {}
@@ -93,8 +93,8 @@ def _rules(chosen: dict[str, Any]) -> dict[str, float | None]:
 
 
 def _train(spec, data, chosen: dict[str, Any], max_lr: float, seed: int, epochs: int | None) -> dict[str, Any]:
-    from sctune.plan import recipe_point, resolve, stage1_anchors
-    from sctune.train import fit
+    from sctune.core.train import fit
+    from sctune.service.plan import recipe_point, resolve, stage1_anchors
 
     anchors = stage1_anchors(spec, chosen)
     dists, constants = resolve(spec, anchors)

@@ -1,13 +1,13 @@
 """Benchmark 1: search efficiency. sctune vs what users would do instead, at equal compute.
 
-Arms (same task, same data split, same training loop ``sctune.train.fit``; repeat r seeds everything):
+Arms (same task, same data split, same training loop ``sctune.core.train.fit``; repeat r seeds everything):
 
 * ``sctune``: stage 1 exactly as sctune runs it with ``--budget B`` (the space file's range tests, planned by
-  ``sctune.budget.plan_compute`` for that budget: each at most ``range_test.max_fte`` of one training, at
-  most a quarter of the budget), bounds and WD prior from ``sctune.stages.summarize_range_tests``, stage 2's
-  plan from ``sctune.plan.build_plan``, then stage 2 itself: the very Ray ``Searcher`` the stage uses
-  (``sctune.searchers.make_searcher``: successive halving over complete one-cycle schedules of 1/8 .. 1 of
-  the training, ``sctune.fidelity.Promotion``; new configurations from Optuna's multivariate TPE, Smith's
+  ``sctune.service.budget.plan_compute`` for that budget: each at most ``range_test.max_fte`` of one training, at
+  most a quarter of the budget), bounds and WD prior from ``sctune.service.stages.summarize_range_tests``, stage 2's
+  plan from ``sctune.service.plan.build_plan``, then stage 2 itself: the very Ray ``Searcher`` the stage uses
+  (``sctune.service.searchers.make_searcher``: successive halving over complete one-cycle schedules of 1/8 .. 1 of
+  the training, ``sctune.service.fidelity.Promotion``; new configurations from Optuna's multivariate TPE, Smith's
   recipe first), asked for one trial at a time. A halving search is planned for its budget, so this arm
   runs once per budget (2, 4, 8 and 16 FTE); its accuracy at B is the answer of the run planned for B.
 * ``random_halving``: the same, configurations drawn at random (Optuna's RandomSampler), no recipe point.
@@ -19,14 +19,14 @@ Arms (same task, same data split, same training loop ``sctune.train.fit``; repea
   dropout 0..0.5, SGD momentum 0.9.
 * ``fastai``: fastai's recipe: one exponential LR finder (1e-7 -> 10, 100 iterations, stop when the
   loss exceeds 4x its best: sctune's range test with step_mode exp, AdamW, momentum 0.9), fastai's
-  ``valley`` suggestion (ported line for line, see ``fastai_valley``; ``sctune.loss_bounds.suggest_valley``
+  ``valley`` suggestion (ported line for line, see ``fastai_valley``; ``sctune.core.loss_bounds.suggest_valley``
   is recorded next to it), then one ``fit_one_cycle`` run
   with fastai's defaults: AdamW (decoupled WD 0.01), pct_start 0.25, div 25, final_div 1e5,
   moms 0.95-0.85-0.95, cosine annealing (torch ``OneCycleLR``, two phases).
 
 What ran where: everything runs in-process, sequentially (one trial at a time), not through Ray.
 The algorithms are the ones sctune hands to Ray: sctune's own ``HalvingSearcher`` object, and for the
-conventional and random arms optuna's samplers (``sctune.plan.make_sampler``) driven by ask/tell exactly
+conventional and random arms optuna's samplers (``sctune.service.plan.make_sampler``) driven by ask/tell exactly
 as Ray's ``OptunaSearch`` drives it (pruned trials are told COMPLETE with their last metric, as
 ``OptunaSearch.on_trial_complete`` does) and Ray's own ``ASHAScheduler`` object fed each epoch's
 result (``on_trial_add`` / ``on_trial_result`` / ``on_trial_complete``). Differences from a real
@@ -105,7 +105,7 @@ def _init_worker() -> None:
 
 
 def _spec(task: dict[str, Any], rep: int):
-    from sctune.space import load_space
+    from sctune.service.space import load_space
 
     spec = load_space(REPO / task["space"], smoke=bool(task.get("smoke")))
     spec = spec.with_search(seed=rep)
@@ -116,7 +116,7 @@ def _spec(task: dict[str, Any], rep: int):
 
 @functools.lru_cache(maxsize=4)
 def _data(task_cfg):
-    from sctune.data import load_dataset
+    from sctune.core.data import load_dataset
 
     return load_dataset(task_cfg)
 
@@ -131,10 +131,10 @@ def job_range(task: dict[str, Any], rep: int, budget_fte: float | None = None) -
     quarter of it, fewer repeats and weight decays first)."""
     import pandas as pd
 
-    from sctune.budget import BudgetError, plan_compute
-    from sctune.experiment import ExperimentPaths, StageError
-    from sctune.range_test import run_range_test
-    from sctune.stages import summarize_range_tests
+    from sctune.core.range_test import run_range_test
+    from sctune.service.budget import BudgetError, plan_compute
+    from sctune.service.experiment import ExperimentPaths, StageError
+    from sctune.service.stages import summarize_range_tests
 
     _init_worker()
     spec = _spec(task, rep)
@@ -177,9 +177,9 @@ def _halving(spec, data, plan, *, sampler: str, recipe: bool, spent0: float,
     one trial at a time; each trial a complete one-cycle of the suggested ``epochs``."""
     from ray.tune.search import Searcher
 
-    from sctune.config import TrainConfig
-    from sctune.searchers import make_searcher
-    from sctune.train import TEST_ACC, VAL_ACC, fit, tail_mean
+    from sctune.core.config import TrainConfig
+    from sctune.core.train import TEST_ACC, VAL_ACC, fit, tail_mean
+    from sctune.service.searchers import make_searcher
 
     searcher = make_searcher(spec, plan, budget_epochs=budget_epochs - spent0, sampler=sampler, recipe=recipe)
     base = spec.base.to_flat() | plan.constants
@@ -213,10 +213,10 @@ def _search(spec, data, *, dists, constants: dict, base_over: dict, sampler, rec
     import optuna
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    from sctune.config import TrainConfig
-    from sctune.plan import optuna_space
-    from sctune.schedules import schedule_phase
-    from sctune.train import PHASE, TEST_ACC, VAL_ACC, fit, tail_mean
+    from sctune.core.config import TrainConfig
+    from sctune.core.schedules import schedule_phase
+    from sctune.core.train import PHASE, TEST_ACC, VAL_ACC, fit, tail_mean
+    from sctune.service.plan import optuna_space
 
     study = optuna.create_study(direction="maximize", sampler=sampler)
     if recipe is not None:
@@ -268,8 +268,8 @@ def _search(spec, data, *, dists, constants: dict, base_over: dict, sampler, rec
 
 def job_search(task: dict[str, Any], rep: int, arm: str, range_result: dict[str, Any] | None,
                budget_fte: float | None = None) -> dict[str, Any]:
-    from sctune.plan import Anchors, build_plan, make_sampler
-    from sctune.space import Dist
+    from sctune.service.plan import Anchors, build_plan, make_sampler
+    from sctune.service.space import Dist
 
     _init_worker()
     spec = _spec(task, rep)
@@ -352,10 +352,10 @@ def fastai_valley(lrs, losses) -> tuple[float, int]:
 
 
 def job_fastai(task: dict[str, Any], rep: int) -> dict[str, Any]:
-    from sctune.config import RangeTestConfig
-    from sctune.loss_bounds import suggest_valley
-    from sctune.range_test import run_range_test
-    from sctune.train import TEST_ACC, VAL_ACC, fit
+    from sctune.core.config import RangeTestConfig
+    from sctune.core.loss_bounds import suggest_valley
+    from sctune.core.range_test import run_range_test
+    from sctune.core.train import TEST_ACC, VAL_ACC, fit
 
     _init_worker()
     spec = _spec(task, rep)
@@ -377,7 +377,7 @@ def job_fastai(task: dict[str, Any], rep: int) -> dict[str, Any]:
         lr = FASTAI["fallback_lr"]
     sb = suggest_valley(lrs, f["loss"].to_numpy())  # sctune's own valley, recorded for comparison
     sb_half = suggest_valley(lrs, f["loss"].to_numpy(), frac=0.5)
-    with mock.patch("sctune.train.build_schedule", _fastai_schedule):
+    with mock.patch("sctune.core.train.build_schedule", _fastai_schedule):
         fitres = fit(cfg.with_flat(max_lr=float(lr)), data=data, test_at_end=True)
     spe = _steps_per_epoch(spec, data)
     cost = len(f) / spe + fitres.epochs_run
@@ -513,7 +513,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 # -- driver -------------------------------------------------------------------------------------
 
 def _analyse_all(tasks: dict[str, Any], runs: dict[str, Any], stage1: dict[str, Any]) -> dict[str, Any]:
-    from sctune.space import load_space
+    from sctune.service.space import load_space
 
     results: dict[str, Any] = {}
     for tname, task in tasks.items():
@@ -567,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"tasks": tasks, "repeats": repeats, "workers": args.workers, "arms": ARMS,
                 "conventional_space": CONVENTIONAL_SPACE, "fastai": FASTAI, "target_gap": TARGET_GAP,
                 "execution": "in-process, one trial at a time; sctune and random_halving: the stage's own Ray "
-                             "Searcher (sctune.searchers.make_searcher) asked directly; conventional and random: "
+                             "Searcher (sctune.service.searchers.make_searcher) asked directly; conventional and random: "
                              "optuna ask/tell as Ray's OptunaSearch, Ray's ASHAScheduler object for pruning; "
                              "sctune stage-1 logic (run_range_test + summarize_range_tests + plan.build_plan)"}
     payload = envelope(NAME, args, settings)

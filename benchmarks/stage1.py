@@ -1,7 +1,7 @@
 """Benchmark 6: stage 1's judgment and cost, before and after the high-band rule.
 
 Part A, the authors' curves (``../shared/reference/smith-topin/``, ResNet-56, LR 0 -> 3): max_lr, status and
-the super-convergence verdict from ``sctune.bounds.smith_bounds`` now, and from the rule at the ``--before``
+the super-convergence verdict from ``sctune.core.bounds.smith_bounds`` now, and from the rule at the ``--before``
 revision (its ``sctune/bounds.py`` read from git and run on the same data). The authors read all four as
 super-convergence and trained at 0.1 -> 3.
 
@@ -72,7 +72,7 @@ def _old(b) -> dict[str, Any]:
 def part_a(old) -> list[dict[str, Any]]:
     import pandas as pd
 
-    from sctune.bounds import smith_bounds
+    from sctune.core.bounds import smith_bounds
 
     rows = []
     for name in AUTHORS:
@@ -86,9 +86,9 @@ def part_a(old) -> list[dict[str, Any]]:
 
 def _stage1_in_process(spec, *, rule: str, old=None) -> dict[str, Any]:
     """Every (weight decay, seed) range test of `spec`, then the bounds as stage 1 derives them."""
-    from sctune.bounds import aggregate_bounds, choose_weight_decay
-    from sctune.data import load_dataset
-    from sctune.range_test import run_range_test
+    from sctune.core.bounds import aggregate_bounds, choose_weight_decay
+    from sctune.core.data import load_dataset
+    from sctune.core.range_test import run_range_test
 
     rt = spec.range_test
     data = load_dataset(spec.base.task)
@@ -125,7 +125,7 @@ def _stage1_in_process(spec, *, rule: str, old=None) -> dict[str, Any]:
 
 
 def part_b(old, spaces: list[str], *, quick: bool) -> list[dict[str, Any]]:
-    from sctune.space import load_space, parse_space
+    from sctune.service.space import load_space, parse_space
 
     rows = []
     for name in spaces:
@@ -144,8 +144,8 @@ def _component_seconds(spec, *, steps: int) -> dict[str, float]:
     import torch
     from torch import nn
 
-    from sctune.models import build_model
-    from sctune.train import evaluate, make_optimizer, recalibrate_bn
+    from sctune.core.models import build_model
+    from sctune.core.train import evaluate, make_optimizer, recalibrate_bn
 
     torch.manual_seed(0)
     bs = spec.base.batch_size
@@ -171,7 +171,7 @@ def _component_seconds(spec, *, steps: int) -> dict[str, float]:
 
 
 def part_c(spaces: list[str], *, quick: bool) -> list[dict[str, Any]]:
-    from sctune.space import load_space, parse_space
+    from sctune.service.space import load_space, parse_space
 
     rows = []
     for name in spaces:

@@ -58,14 +58,14 @@ _DATA: dict[Any, Any] = {}
 
 
 def _base(subset: int | None):
-    from sctune.config import TrainConfig
+    from sctune.core.config import TrainConfig
 
     return TrainConfig().with_flat(dataset="mnist1d", model="mnist1d_cnn", batch_size=BATCH, train_subset=subset,
                                    optimizer="sgd")
 
 
 def _data(subset: int | None):
-    from sctune.data import load_dataset
+    from sctune.core.data import load_dataset
 
     if subset not in _DATA:
         _DATA[subset] = load_dataset(_base(subset).task)
@@ -79,7 +79,7 @@ def epochs_for(iters: float, subset: int | None) -> int:
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """One training run: returns final val/test accuracy and its real iteration count."""
-    from sctune.train import TEST_ACC, VAL_ACC, fit
+    from sctune.core.train import TEST_ACC, VAL_ACC, fit
 
     _init()
     subset = job["subset"]

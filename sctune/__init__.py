@@ -15,15 +15,15 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "api": ("tune",),
-    "bounds": ("LRBounds", "SuperConvergenceVerdict", "aggregate_bounds", "bounds_from_frame", "smith_bounds"),
-    "config": ("ConfigError", "OneCycleConfig", "RangeTestConfig", "RegularizationConfig", "TaskConfig",
+    "core.bounds": ("LRBounds", "SuperConvergenceVerdict", "aggregate_bounds", "bounds_from_frame", "smith_bounds"),
+    "core.config": ("ConfigError", "OneCycleConfig", "RangeTestConfig", "RegularizationConfig", "TaskConfig",
                "TrainConfig"),
-    "curvature": ("HessianFreeLR",),
-    "data": ("DatasetSplits", "DeviceLoader", "load_dataset", "register_dataset"),
-    "models": ("build_model", "register_model"),
-    "range_test": ("RangeTestResult", "range_test", "run_range_test"),
-    "space": ("SpaceSpec", "load_space"),
-    "train": ("FitResult", "evaluate", "fit"),
+    "core.curvature": ("HessianFreeLR",),
+    "core.data": ("DatasetSplits", "DeviceLoader", "load_dataset", "register_dataset"),
+    "core.models": ("build_model", "register_model"),
+    "core.range_test": ("RangeTestResult", "range_test", "run_range_test"),
+    "service.space": ("SpaceSpec", "load_space"),
+    "core.train": ("FitResult", "evaluate", "fit"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -43,7 +43,7 @@ def tune(model_fn: Callable[..., Any], data_fn: Callable[..., Any], *, budget: f
 
     ``model_fn(num_classes, input_shape, dropout) -> nn.Module``; ``data_fn()`` (or ``data_fn(task)``) ->
     ``(x_train, y_train, x_test, y_test, num_classes, augment)``, tensors, x normalised (see
-    ``sctune.data.register_dataset``). ``budget``: the whole experiment's compute in full trainings (FTE).
+    ``sctune.core.data.register_dataset``). ``budget``: the whole experiment's compute in full trainings (FTE).
     ``space``: any sections of a space file to use instead of the defaults (e.g. ``{"fixed": {"epochs": 20}}``).
     Other keywords are ``Options`` (``smoke=True``, ``max_concurrent=...``). An experiment ``name`` that
     exists is resumed (``exist_ok``), so a script calling this can be run again.
@@ -52,13 +52,13 @@ def tune(model_fn: Callable[..., Any], data_fn: Callable[..., Any], *, budget: f
     ``test_acc_mean`` / ``test_acc_std`` of the final fit, ``experiment`` (its folder) and ``snippet``
     (PyTorch code reproducing it).
     """
-    from .autofill import fill_missing
-    from .data import register_dataset
-    from .models import register_model
-    from .pipeline import run
-    from .recommend import recommended, torch_snippet
-    from .space import SpaceError, parse_space
-    from .tasks import DATASETS, MODELS
+    from .core.data import register_dataset
+    from .core.models import register_model
+    from .core.tasks import DATASETS, MODELS
+    from .present.recommend import recommended, torch_snippet
+    from .service.autofill import fill_missing
+    from .service.pipeline import run
+    from .service.space import SpaceError, parse_space
 
     raw = dict(space or {})
     if "task" in raw:

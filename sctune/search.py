@@ -16,8 +16,8 @@ import argparse
 import logging
 import sys
 
-from .config import ConfigError
-from .experiment import (
+from .core.config import ConfigError
+from .service.experiment import (
     DEFAULT_SPACE,
     DEFAULT_STORAGE,
     STAGE_CHOICES,
@@ -26,9 +26,9 @@ from .experiment import (
     UsageError,
     prepare,
 )
-from .lifecycle import EXIT_DISK_FULL, Interrupted
-from .pipeline import SearchResults, run
-from .space import DEFAULT_SPACE_DIR
+from .service.lifecycle import EXIT_DISK_FULL, Interrupted
+from .service.pipeline import SearchResults, run
+from .service.space import DEFAULT_SPACE_DIR
 
 __all__ = ["EXIT_DISK_FULL", "EXIT_STAGE", "EXIT_USAGE", "Options", "SearchResults", "UsageError", "main", "prepare", "run"]
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sctune: stopped: {e}", file=sys.stderr)
         return EXIT_STAGE
     if options.stage != "plan":
-        from .report import print_summary
+        from .present.report import print_summary
 
         print_summary(res.root, bounds=res.bounds, best=res.best, compute=res.compute)
     return 0

@@ -51,10 +51,10 @@ def cli_cmd(*args: str | Path) -> list[str]:
 # -- fault injection ----------------------------------------------------------------------------
 #
 # sctune calls the function SCTUNE_TRIAL_HOOK names once per reported epoch in every trial
-# (sctune.trainables.trial_hook); pointed at inject_fault below, it raises, kills the worker or slows
+# (sctune.service.trainables.trial_hook); pointed at inject_fault below, it raises, kills the worker or slows
 # epochs down as the rules in SCTUNE_FAULT_INJECT say. Inert unless both are set (fault_env sets both).
 
-HOOK_ENV = "SCTUNE_TRIAL_HOOK"  # sctune.trainables.HOOK_ENV; not imported, so this module stays light
+HOOK_ENV = "SCTUNE_TRIAL_HOOK"  # sctune.service.trainables.HOOK_ENV; not imported, so this module stays light
 FAULT_ENV = "SCTUNE_FAULT_INJECT"
 
 

@@ -303,7 +303,7 @@ def run_chromium(
 
 @dataclass(frozen=True)
 class DemoBounds:
-    """Stands in for sctune.bounds' result (same attributes and to_dict())."""
+    """Stands in for sctune.core.bounds' result (same attributes and to_dict())."""
 
     min_lr: float | None
     max_lr: float | None
@@ -379,7 +379,7 @@ def write_demo_logdir(logdir: str | Path) -> dict[str, str]:
     """
     import numpy as np
 
-    from sctune import tensorboard as tb
+    from sctune.present import tensorboard as tb
 
     logdir = Path(logdir)
     tb.write_hparams_config(logdir, hparams=DEMO_HPARAMS, metrics=DEMO_METRICS)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from sctune.experiment import UsageError, prepare
+from sctune.service.experiment import UsageError, prepare
 
 
 def wine():

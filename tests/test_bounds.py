@@ -1,6 +1,6 @@
-"""Tests for sctune.bounds (Smith's rule, frames, seeds) on synthetic range-test curves of known shape.
+"""Tests for sctune.core.bounds (Smith's rule, frames, seeds) on synthetic range-test curves of known shape.
 
-The loss-based finders (sctune.loss_bounds) are tested in test_loss_bounds.py."""
+The loss-based finders (sctune.core.loss_bounds) are tested in test_loss_bounds.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sctune.bounds import (
+from sctune.core.bounds import (
     RECOMMEND_DIVISOR,
     LRBounds,
     SuperConvergenceVerdict,

@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
-from sctune.budget import BudgetError, format_plan, plan_compute
-from sctune.data import _stratified_val_split, known_split_sizes, load_dataset
-from sctune.space import load_space
-from sctune.train import tail_key, tail_mean
+from sctune.core.data import known_split_sizes, load_dataset, stratified_val_split
+from sctune.core.train import tail_key, tail_mean
+from sctune.service.budget import BudgetError, format_plan, plan_compute
+from sctune.service.space import load_space
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = load_space(REPO / "search_spaces" / "digits.yaml")
@@ -59,8 +59,7 @@ def test_a_budget_is_shared_and_never_exceeded(budget):
 
 
 def test_a_run_without_a_budget_gets_the_default_and_a_smoke_run_keeps_its_own():
-    from sctune.budget import DEFAULT_BUDGET_FTE
-    from sctune.pipeline import make_plan
+    from sctune.service.budget import DEFAULT_BUDGET_FTE, make_plan
 
     assert DEFAULT_BUDGET_FTE <= 8  # issue 18: a default run spends at most ~8 FTE in all
     spec, plan = make_plan(DIGITS, default_budget=True)
@@ -142,7 +141,7 @@ def test_shipped_range_tests_fit_half_a_training():
 
 def test_known_split_sizes_follow_the_real_split_rule():
     y = torch.arange(50_000) % 10
-    tr, va = _stratified_val_split(y, 0.15, 0)
+    tr, va = stratified_val_split(y, 0.15, 0)
     sizes = known_split_sizes(load_space(REPO / "search_spaces" / "cifar10_resnet56.yaml").base.task)
     assert (len(tr), len(va)) == (sizes["train"], sizes["val"])
 
@@ -165,7 +164,7 @@ def test_tail_mean():
 
 
 def test_pick_best_ranks_by_the_tail_not_the_last_epoch():
-    from sctune.summaries import pick_best
+    from sctune.service.summaries import pick_best
 
     key = tail_key("val/acc")
     summary = pd.DataFrame([
@@ -178,7 +177,7 @@ def test_pick_best_ranks_by_the_tail_not_the_last_epoch():
 
 
 def test_progress_line_shows_only_finished_trials_scores_and_the_fte_spent(capsys):
-    from sctune.progress import StageProgress
+    from sctune.present.progress import StageProgress
 
     key = tail_key("val/acc")
     p = StageProgress("search", None, metric=key, mode="max", epochs=3,
@@ -227,7 +226,7 @@ def _inner_searcher():
 def test_budget_limiter_starts_trials_only_while_a_full_run_fits(tmp_path):
     from ray.tune.search import Searcher
 
-    from sctune.searchers import BudgetLimiter
+    from sctune.service.searchers import BudgetLimiter
 
     lim = BudgetLimiter(_inner_searcher(), 2, budget_epochs=25, max_epochs=10)
     assert lim.suggest("t1") and lim.suggest("t2")  # 20 epochs committed
@@ -252,9 +251,9 @@ def test_budget_limiter_starts_trials_only_while_a_full_run_fits(tmp_path):
 # -- final fit: the best trial tested as it is ----------------------------------------------------
 
 def test_best_trial_tested_from_its_checkpoint_matches_its_own_test_evaluation(tmp_path):
-    from sctune.stages import evaluate_search_trial
-    from sctune.train import TEST_ACC, fit
-    from sctune.trainables import CHECKPOINT_FILE
+    from sctune.core.train import TEST_ACC, fit
+    from sctune.service.stages import evaluate_search_trial
+    from sctune.service.trainables import CHECKPOINT_FILE
 
     spec = load_space(REPO / "search_spaces" / "digits.yaml", smoke=True)
     params = {"max_lr": 0.5, "weight_decay": 1e-4}
@@ -304,14 +303,14 @@ def test_budget_in_the_space_file_is_named_in_its_error(tmp_path):
 
 
 def test_stage_1_cost_is_read_from_bounds_json_or_counted_from_its_curves(tmp_path):
-    from sctune.experiment import ExperimentPaths
-    from sctune.pipeline import _range_cost_fte
+    from sctune.service.budget import range_cost_fte
+    from sctune.service.experiment import ExperimentPaths
 
     paths = ExperimentPaths(tmp_path)
     paths.range_dir.mkdir(parents=True)
-    assert _range_cost_fte({"cost_fte": 1.25}, paths, 228) == 1.25  # stage 1's own count wins
+    assert range_cost_fte({"cost_fte": 1.25}, paths, 228) == 1.25  # stage 1's own count wins
     # fallback: one curves.csv row per range-test step taken (a diverged test stops early and costs less)
     pd.DataFrame({"weight_decay": [0.0] * 100 + [1e-4] * 14, "seed": 0, "step": list(range(100)) + list(range(14))}
                  ).to_csv(paths.range_dir / "curves.csv", index=False)
-    assert _range_cost_fte({"chosen": {}}, paths, 228) == pytest.approx(114 / 228)
-    assert _range_cost_fte(None, paths, 228) is None
+    assert range_cost_fte({"chosen": {}}, paths, 228) == pytest.approx(114 / 228)
+    assert range_cost_fte(None, paths, 228) is None

@@ -1,5 +1,5 @@
 """Tests for cluster.yaml (Ray's own launcher validator + security properties) and
-sctune.cluster (preflight capacity checks, launcher-YAML limits, live snapshot)."""
+sctune.service.cluster (preflight capacity checks, launcher-YAML limits, live snapshot)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sctune.cluster import (
+from sctune.service.cluster import (
     PreflightError,
     autoscale_limits,
     autoscale_node_types,
@@ -425,7 +425,7 @@ def test_fractional_gpu_between_zero_and_one_is_fine():
 
 
 def test_import_does_not_import_ray():
-    code = "import sys, sctune.cluster; sys.exit('ray' in sys.modules)"
+    code = "import sys, sctune.service.cluster; sys.exit('ray' in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 

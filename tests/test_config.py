@@ -1,10 +1,10 @@
-"""sctune.config: strict from_dict (unknown keys, types, values, key paths) and the flat <-> nested mapping."""
+"""sctune.core.config: strict from_dict (unknown keys, types, values, key paths) and the flat <-> nested mapping."""
 
 import dataclasses
 
 import pytest
 
-from sctune.config import (
+from sctune.core.config import (
     BaselineConfig,
     ConfigError,
     OneCycleConfig,

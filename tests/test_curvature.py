@@ -1,11 +1,11 @@
-"""sctune.curvature: the Hessian-free LR estimate (METHOD.md section 6) on quadratics, where the answer is 1/h."""
+"""sctune.core.curvature: the Hessian-free LR estimate (METHOD.md section 6) on quadratics, where the answer is 1/h."""
 
 import math
 
 import pytest
 import torch
 
-from sctune.curvature import HessianFreeLR
+from sctune.core.curvature import HessianFreeLR
 
 
 def _run(*, h=2.0, lr=0.1, momentum=0.0, mode="secant", steps=6, n=50, beta=0.9, loss_fn=None, seed=0):
@@ -64,7 +64,7 @@ def test_momentum_secant_exact_sgd_form_biased():
     for est in sec[1:]:
         assert float(est) == pytest.approx(1 / h, rel=1e-4)  # dtheta/dg needs no update rule
     # The paper's form assumes theta_{i+1} - theta_i = -eps g_i; momentum breaks that and the estimate
-    # drifts away from 1/h (documented in sctune.curvature: say which form you use and why).
+    # drifts away from 1/h (documented in sctune.core.curvature: say which form you use and why).
     devs = [abs(float(e) * h - 1) for e in sgd[3:]]
     assert max(devs) > 0.1
     assert hf_sgd.mode == "sgd" and hf_sec.mode == "secant"

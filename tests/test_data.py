@@ -1,4 +1,4 @@
-"""sctune.data: built-in datasets, seeded stratified splits, CIFAR through torchvision's own loader,
+"""sctune.core.data: built-in datasets, seeded stratified splits, CIFAR through torchvision's own loader,
 the device-resident loader and its batched augmentation."""
 
 import hashlib
@@ -10,9 +10,9 @@ import pytest
 import torch
 from torchvision import datasets as tv_datasets
 
-from sctune import data as data_mod
-from sctune.config import ConfigError, TaskConfig
-from sctune.data import (
+from sctune.core import data as data_mod
+from sctune.core.config import ConfigError, TaskConfig
+from sctune.core.data import (
     DeviceLoader,
     load_dataset,
     make_synthetic,
@@ -21,7 +21,7 @@ from sctune.data import (
     register_dataset,
     resolve_device,
 )
-from sctune.tasks import DATASETS
+from sctune.core.tasks import DATASETS
 
 
 @pytest.fixture
@@ -134,7 +134,7 @@ def test_register_dataset_and_duplicates(registry):
     def fn(task):
         return _indexed(task)
 
-    assert "indexed" in data_mod.dataset_names()
+    assert "indexed" in DATASETS.names()
     with pytest.raises(ValueError, match="already registered"):
         register_dataset("indexed", _indexed)
     with pytest.raises(ValueError, match="already registered"):
@@ -187,8 +187,8 @@ def _fake_cifar10(root, monkeypatch, *, per_batch=40):
 
 
 def _expected(raw: np.ndarray, name: str) -> torch.Tensor:
-    mean = torch.tensor(data_mod._CIFAR_STATS[name][0]).view(1, 3, 1, 1)
-    std = torch.tensor(data_mod._CIFAR_STATS[name][1]).view(1, 3, 1, 1)
+    mean = torch.tensor(data_mod.CIFAR_STATS[name][0]).view(1, 3, 1, 1)
+    std = torch.tensor(data_mod.CIFAR_STATS[name][1]).view(1, 3, 1, 1)
     x = torch.from_numpy(raw.copy()).view(-1, 3, 32, 32).float() / 255.0  # CIFAR rows: R plane, G, B
     return (x - mean) / std
 

@@ -18,16 +18,16 @@ import torch
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.schedulers.async_hyperband import _Bracket
 
-from sctune.config import TrainConfig
-from sctune.plan import asha_rungs
-from sctune.schedules import build_schedule, schedule_phase
-from sctune.space import load_space, parse_space
-from sctune.train import tail_mean
+from sctune.core.config import TrainConfig
+from sctune.core.schedules import build_schedule, schedule_phase
+from sctune.core.train import tail_mean
+from sctune.service.plan import asha_rungs
+from sctune.service.space import load_space, parse_space
 
 REPO = Path(__file__).resolve().parent.parent
 
 # Per-epoch val/acc of one-cycle runs on MNIST-1D (mnist1d_cnn, 20 epochs, batch 128, div_factor 4,
-# seed 0), recorded with sctune.train.fit; the larger max_lr dips early and finishes best.
+# seed 0), recorded with sctune.core.train.fit; the larger max_lr dips early and finishes best.
 MNIST1D_HISTORIES = {
     "max_lr=0.05": [0.358, 0.633, 0.678, 0.690, 0.677, 0.797, 0.892, 0.897, 0.880, 0.897, 0.897, 0.918, 0.925,
                     0.938, 0.935, 0.927, 0.920, 0.933, 0.940, 0.943],
@@ -44,9 +44,9 @@ MNIST1D_HISTORIES = {
 }
 
 
-# Per-epoch val/acc with precise BatchNorm (sctune.train.fit as the trials run it: statistics recomputed
+# Per-epoch val/acc with precise BatchNorm (sctune.core.train.fit as the trials run it: statistics recomputed
 # before every evaluation) of ten points of the shipped MNIST-1D space (mnist1d_cnn, 20 epochs, batch 128,
-# div_factor 4, seed 0, 600 validation signals), recorded with sctune.train.fit on 2026-11-29.
+# div_factor 4, seed 0, 600 validation signals), recorded with sctune.core.train.fit on 2026-11-29.
 MNIST1D_PRECISE_BN = {  # name: (cycle_frac, per-epoch val/acc)
     "max_lr=1.1,cycle_frac=0.9,wd=0.0001": (0.9, [0.4083, 0.5467, 0.605, 0.5333, 0.595, 0.725, 0.7167, 0.69, 0.72, 0.665, 0.8017, 0.8167, 0.81, 0.8683, 0.87, 0.89, 0.8967, 0.895, 0.93, 0.9383]),
     "max_lr=0.3,cycle_frac=0.75,wd=0.0001,dropout=0.1": (0.75, [0.5367, 0.7167, 0.8483, 0.8717, 0.9067, 0.8733, 0.9167, 0.9333, 0.92, 0.935, 0.9333, 0.9317, 0.94, 0.9367, 0.94, 0.9417, 0.935, 0.945, 0.95, 0.9567]),

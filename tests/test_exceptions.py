@@ -12,10 +12,10 @@ import pickle
 
 import pytest
 
-from sctune.cluster import PreflightError
-from sctune.config import ConfigError, TaskConfig
-from sctune.experiment import StageError, UsageError
-from sctune.space import SpaceError
+from sctune.core.config import ConfigError, TaskConfig
+from sctune.service.cluster import PreflightError
+from sctune.service.experiment import StageError, UsageError
+from sctune.service.space import SpaceError
 
 CASES = [
     (ConfigError("task.dataset", "unknown dataset 'x'"), "task.dataset: unknown dataset 'x'",

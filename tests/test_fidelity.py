@@ -1,4 +1,4 @@
-"""sctune.fidelity: successive halving over complete schedules, the promotion math alone (no Ray, no Optuna)."""
+"""sctune.service.fidelity: successive halving over complete schedules, the promotion math alone (no Ray, no Optuna)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from sctune.fidelity import Promotion, Suggestion, rung_epochs, rungs_for_budget
+from sctune.service.fidelity import Promotion, Suggestion, rung_epochs, rungs_for_budget
 
 
 def test_rungs_are_complete_schedules_of_an_eighth_to_all_of_the_training():

@@ -25,13 +25,13 @@ import pytest
 import torch
 from ray_util import ROOT, in_process_cluster, patched_environ
 
-from sctune import experiment, pipeline
-from sctune.config import ConfigError, TrainConfig
-from sctune.data import DeviceLoader, resolve_device
-from sctune.models import build_model
-from sctune.plan import Anchors, build_plan
-from sctune.space import load_space
-from sctune.train import amp_dtype_for, evaluate, fit
+from sctune.core.config import ConfigError, TrainConfig
+from sctune.core.data import DeviceLoader, resolve_device
+from sctune.core.models import build_model
+from sctune.core.train import amp_dtype_for, evaluate, fit
+from sctune.service import experiment, ray_session
+from sctune.service.plan import Anchors, build_plan
+from sctune.service.space import load_space
 
 # the module, not the package-level sctune.search() shortcut of the same name
 search = importlib.import_module("sctune.search")
@@ -56,7 +56,7 @@ def _capture_trainables(monkeypatch, spec, tmp_path) -> dict[str, object]:
     """Run each stage's setup up to ``Tuner(...)``; return the trainable handed to it, per stage."""
     from ray import tune
 
-    from sctune import stages
+    from sctune.service import stages
 
     def fake_tuner(trainable, *args, **kwargs):
         raise _Captured(trainable)
@@ -85,9 +85,9 @@ def _bundles(trainable) -> list[dict[str, float]]:
 @pytest.mark.parametrize("gpus", [0.25, 0.5, 1.0, 2.0])
 def test_gpus_per_trial_reaches_every_stages_tune_resources(gpus, monkeypatch, tmp_path):
     spec = load_space(SPACE, smoke=True).with_search(gpus_per_trial=gpus, cpus_per_trial=2)
-    from sctune.stages import _resources
+    from sctune.service.stages import trial_resources
 
-    assert _resources(spec)[0] == {"cpu": 2.0, "gpu": gpus}
+    assert trial_resources(spec)[0] == {"cpu": 2.0, "gpu": gpus}
     for stage, trainable in _capture_trainables(monkeypatch, spec, tmp_path).items():
         assert _bundles(trainable) == [{"CPU": 2.0, "GPU": gpus}], stage
 
@@ -184,7 +184,7 @@ def test_preflight_with_cluster_yaml_node_types(cpu_cluster, tmp_path, caplog):
     ray.init(address=cpu_cluster.address)
     try:
         with caplog.at_level(logging.WARNING, logger="sctune"):
-            pipeline._preflight(spec, cluster_yaml=str(CLUSTER_YAML))
+            ray_session.preflight_check(spec, cluster_yaml=str(CLUSTER_YAML))
     finally:
         ray.shutdown()
     assert any("autoscaler" in r.getMessage() for r in caplog.records), caplog.text

@@ -1,13 +1,16 @@
-"""Importing the core must not pull in Ray: only trainables.py imports it at import time; the CLI, the
-experiment, the stages' wiring and their summaries load it only when a stage runs."""
+"""Importing the core must not pull in Ray: only trainables.py and searchers.py import it at import time; the
+CLI, the experiment, the stages' wiring and their summaries load it only when a stage runs."""
 
 import subprocess
 import sys
+from pathlib import Path
 
-CORE = ["sctune", "sctune.config", "sctune.schedules", "sctune.range_test", "sctune.curvature", "sctune.data",
-        "sctune.models", "sctune.train", "sctune.tasks", "sctune.bounds", "sctune.loss_bounds", "sctune.space",
-        "sctune.budget", "sctune.report", "sctune.experiment", "sctune.fidelity", "sctune.plan", "sctune.summaries", "sctune.progress",
-        "sctune.tune_state", "sctune.stages", "sctune.pipeline", "sctune.search"]
+PACKAGE = Path(__file__).resolve().parent.parent / "sctune"
+# every module of sctune/core, and the service and presentation modules that load Ray only when a stage runs
+CORE = ["sctune", *sorted(f"sctune.core.{p.stem}" for p in (PACKAGE / "core").glob("*.py") if p.stem != "__init__"),
+        "sctune.service.space", "sctune.service.budget", "sctune.service.experiment", "sctune.service.fidelity",
+        "sctune.service.plan", "sctune.service.summaries", "sctune.service.tune_state", "sctune.service.stages",
+        "sctune.service.pipeline", "sctune.present.report", "sctune.present.progress", "sctune.search"]
 
 
 def test_core_imports_without_ray():

@@ -69,9 +69,9 @@ def _marker_of(ray_tmp: Path) -> str | None:
 
 
 def _marked(marker: str) -> list[int]:
-    from sctune.lifecycle import _alive, marked_pids
+    from sctune.service.lifecycle import marked_pids, pid_alive
 
-    return [p for p in marked_pids(marker) if _alive(p)]
+    return [p for p in marked_pids(marker) if pid_alive(p)]
 
 
 def _wait_gone(ray_tmp: Path, marker: str | None, timeout: float = 30.0) -> list[int]:
@@ -179,7 +179,7 @@ def test_ctrl_c_in_search_is_a_pause_one_run_per_experiment_damaged_checkpoint_n
 
 def _range_runs(exp: Path, trials: dict) -> dict[str, list[str]]:
     """TensorBoard event files of the given range-test trials, by trial id."""
-    from sctune import tensorboard as tb
+    from sctune.present import tensorboard as tb
 
     return {t: [f.name for f in tb_event_files(exp / "tensorboard" / tb.run_name(
         "range", wd=float(v["config"]["weight_decay"]), seed=int(v["config"]["seed"])))] for t, v in trials.items()}
@@ -274,7 +274,7 @@ def test_driver_sigkill_leaves_no_ray_process_and_its_lock_is_taken_over(tmp_pat
 
 HOLD = """import sys, time
 from pathlib import Path
-from sctune.lifecycle import ExperimentLock
+from sctune.service.lifecycle import ExperimentLock
 ExperimentLock(Path(sys.argv[1])).acquire()
 print("locked", flush=True)
 time.sleep(120)
@@ -282,7 +282,7 @@ time.sleep(120)
 
 
 def test_lock_refuses_a_live_holder_and_takes_over_stale_records(tmp_path):
-    from sctune.lifecycle import LOCK_NAME, ExperimentLock, LockedError, _start_ticks, holder
+    from sctune.service.lifecycle import LOCK_NAME, ExperimentLock, LockedError, holder, start_ticks
 
     exp = tmp_path / "exp"
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(exp)], cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -305,7 +305,7 @@ def test_lock_refuses_a_live_holder_and_takes_over_stale_records(tmp_path):
     # unless its pid now belongs to another process (start time differs), or the record is another host's
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        record = {"pid": live.pid, "host": socket.gethostname(), "ticks": _start_ticks(live.pid), "started": 0,
+        record = {"pid": live.pid, "host": socket.gethostname(), "ticks": start_ticks(live.pid), "started": 0,
                   "command": "sleeper"}
         (exp / LOCK_NAME).write_text(json.dumps(record))
         assert str(live.pid) in holder(exp)
@@ -323,7 +323,7 @@ def test_lock_refuses_a_live_holder_and_takes_over_stale_records(tmp_path):
 
 
 def test_lock_of_a_refused_fresh_run_leaves_nothing_behind(tmp_path):
-    from sctune.lifecycle import ExperimentLock
+    from sctune.service.lifecycle import ExperimentLock
 
     exp = tmp_path / "fresh"
     ExperimentLock(exp).acquire().release()
@@ -350,7 +350,7 @@ def test_option_rules_refused_before_torch_or_ray_load(tmp_path, args, message):
 def test_space_loader_is_a_safe_loader_that_refuses_duplicate_keys_at_any_level():
     import yaml
 
-    from sctune.space import DuplicateKeyError, StrictSafeLoader, safe_load_strict
+    from sctune.service.space import DuplicateKeyError, StrictSafeLoader, safe_load_strict
 
     assert issubclass(StrictSafeLoader, yaml.SafeLoader)
     with pytest.raises(yaml.YAMLError):  # still plain YAML only: Python tags refused

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from ray_util import ROOT, ray_head
 
-from sctune.space import load_space
+from sctune.service.space import load_space
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

@@ -1,5 +1,5 @@
 """The package's shape: no import cycle among sctune's modules, no private name imported across modules, no
-module over 500 lines. Read from the source (every import statement, at module level or inside a function,
+module over 500 lines, and the layers of core/, service/ and present/. Read from the source (every import statement, at module level or inside a function,
 counts as an arrow), so it holds for code paths the other tests do not run."""
 
 from __future__ import annotations
@@ -109,3 +109,57 @@ def test_no_private_name_imported_across_modules():
 def test_module_is_at_most_500_lines(name):
     lines = len(_modules()[name].read_text().splitlines())
     assert lines <= MAX_LINES, f"sctune/{name}: {lines} lines"
+
+
+# The service's Ray wiring: what starts Ray, runs Tune's stages and trials, or reads Tune's state.
+RAY_WIRING = {"service.stages", "service.trainables", "service.searchers", "service.ray_session",
+              "service.pipeline", "service.tune_state", "service.storage", "service.cluster"}
+
+
+def test_the_layers_in_the_tree():
+    """core/ imports nothing from service/ or present/ (it runs without them: plain PyTorch, a Ray worker);
+    present/ reads what the service writes but never its Ray wiring."""
+    graph = _graph()
+    assert {m: sorted(t for t in ts if not t.startswith("core")) for m, ts in graph.items()
+            if m.startswith("core.") and any(not t.startswith("core") for t in ts)} == {}
+    assert {m: sorted(ts & RAY_WIRING) for m, ts in graph.items() if m.startswith("present.") and ts & RAY_WIRING} == {}
+    assert not [m for m in graph if "." not in m and m not in ("__init__", "core", "service", "present", "search", "api")]
+
+
+def test_tests_and_benchmarks_import_no_private_sctune_name():
+    """They use what the package offers: a name they need is public."""
+    root = PACKAGE.parent
+    found = []
+    for path in sorted([*root.glob("tests/*.py"), *root.glob("benchmarks/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "sctune":
+                found += [f"{path.name}: {a.name} from {node.module}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert found == []
+
+
+def _level(graph: dict[str, set[str]], module: str, seen: dict[str, int]) -> int:
+    """Layers below ``module``: the longest chain of imports under it (0: imports nothing of sctune)."""
+    if module not in seen:
+        seen[module] = 1 + max((_level(graph, m, seen) for m in graph[module]), default=-1)
+    return seen[module]
+
+
+def test_readme_walk_of_one_parameter_goes_down_the_layers():
+    """README's "Follow one parameter": every hop names a function that exists, in a module lower than the one
+    before, never returning to a module it has left."""
+    import importlib
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    walk = readme[readme.index("**Follow one parameter.**"):readme.index("Choices worth knowing:")]
+    hops = re.findall(r"^\d+\. `(\w+)\.([\w.]+)`", walk, flags=re.MULTILINE)
+    assert len(hops) >= 8, hops
+    dotted = {m.rsplit(".", 1)[-1]: m for m in _modules()}  # README names a module by its file's name
+    for module, name in hops:
+        obj = importlib.import_module(f"sctune.{dotted[module]}")
+        for part in name.split("."):
+            obj = getattr(obj, part)
+    graph, seen = _graph(), {}
+    levels = [_level(graph, dotted[module], seen) for module, _ in hops]
+    assert levels == sorted(levels, reverse=True) and len(set(levels)) == len(levels), list(zip(hops, levels, strict=True))

@@ -1,4 +1,4 @@
-"""Tests for sctune.loss_bounds (the loss-based LR finders) on synthetic loss curves of known shape."""
+"""Tests for sctune.core.loss_bounds (the loss-based LR finders) on synthetic loss curves of known shape."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from sctune.loss_bounds import (
-    _longest_decreasing,
+from sctune.core.loss_bounds import (
+    longest_decreasing,
     smooth,
     suggest_divergence,
     suggest_steepest,
@@ -87,7 +87,7 @@ def test_longest_decreasing_matches_brute_force():
     rng = np.random.default_rng(0)
     for _ in range(20):
         s = rng.normal(size=25)
-        start, end = _longest_decreasing(s)
+        start, end = longest_decreasing(s)
         best = [1] * len(s)
         for i in range(len(s)):
             for j in range(i):

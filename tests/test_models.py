@@ -1,4 +1,4 @@
-"""sctune.models: built-in shapes, the paper's CIFAR ResNets, torchvision names, dropout, the registry."""
+"""sctune.core.models: built-in shapes, the paper's CIFAR ResNets, torchvision names, dropout, the registry."""
 
 import math
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from sctune.config import ConfigError
-from sctune.models import CifarResNet, _BasicBlock, build_model, model_names, register_model
-from sctune.tasks import MODELS
+from sctune.core.config import ConfigError
+from sctune.core.models import BasicBlock, CifarResNet, build_model, register_model
+from sctune.core.tasks import MODELS
 
 # name -> an input shape the model is meant for
 BUILTIN_INPUTS = {
@@ -32,7 +32,7 @@ def registry(monkeypatch):
 
 
 def test_builtins_listed():
-    names = model_names()
+    names = MODELS.names()
     assert set(BUILTIN_INPUTS) <= set(names)
     assert "torchvision:<name>" in names
 
@@ -75,7 +75,7 @@ def test_builtin_dropout_knob(name):
 def test_cifar_resnet_depths(depth, blocks, approx_params):
     model = build_model(f"resnet{depth}", num_classes=10, input_shape=(3, 32, 32))
     assert isinstance(model, CifarResNet)
-    assert sum(isinstance(m, _BasicBlock) for m in model.modules()) == blocks
+    assert sum(isinstance(m, BasicBlock) for m in model.modules()) == blocks
     # He et al. 2016 Table 6: 0.27M / 0.85M / 1.7M (option A); option B projections add ~3k.
     assert _n_params(model) == pytest.approx(approx_params, rel=0.03)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
@@ -119,7 +119,7 @@ def test_register_model(registry):
     def tiny(num_classes, input_shape, dropout=0.0):
         return nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(math.prod(input_shape), num_classes))
 
-    assert "tiny" in model_names()
+    assert "tiny" in MODELS.names()
     model = build_model("tiny", num_classes=3, input_shape=[2, 2], dropout=0.1)
     assert model(torch.randn(5, 2, 2)).shape == (5, 3)
     assert model[1].p == 0.1
@@ -132,4 +132,4 @@ def test_register_model(registry):
 
 
 def test_registry_fixture_isolated():
-    assert "tiny" not in model_names()
+    assert "tiny" not in MODELS.names()

@@ -16,7 +16,7 @@ import pytest
 from ray_util import ROOT, in_process_cluster
 
 from sctune.search import run
-from sctune.space import load_space
+from sctune.service.space import load_space
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -38,7 +38,7 @@ def test_smoke_search_spreads_over_worker_nodes(tmp_path):
         # the cluster as the preflight sees it: 2 CPUs, on two nodes; the custom resources are there
         ray.init(address=cluster.address)
         try:
-            from sctune.cluster import cluster_snapshot
+            from sctune.service.cluster import cluster_snapshot
 
             total, nodes = cluster_snapshot()
         finally:

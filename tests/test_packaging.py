@@ -40,7 +40,7 @@ def test_wheel_builds_without_deprecation_warnings(tmp_path):
     bad = [ln for ln in out.splitlines() if "deprecat" in ln.lower() or "BuildBackendWarning" in ln]
     assert not bad, "\n".join(bad)
     names = zipfile.ZipFile(wheel).namelist()
-    assert "sctune/tasks.py" in names and "sctune/search.py" in names
+    assert "sctune/core/tasks.py" in names and "sctune/search.py" in names
     meta = next(n for n in names if n.endswith("METADATA"))
     assert "License-Expression: Apache-2.0" in zipfile.ZipFile(wheel).read(meta).decode()
     shipped = {f"sctune/search_spaces/{p.name}" for p in (REPO / "search_spaces").glob("*.yaml")}
@@ -69,7 +69,7 @@ def test_installed_wheel_plans_the_default_search_from_another_folder(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    where = subprocess.run([str(py), "-c", "import sctune.space as s; print(s.__file__); print(s.DEFAULT_SPACE_DIR)"],
+    where = subprocess.run([str(py), "-c", "import sctune.service.space as s; print(s.__file__); print(s.DEFAULT_SPACE_DIR)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
     assert where.returncode == 0, where.stderr[-3000:]
     module, space_dir = where.stdout.split()

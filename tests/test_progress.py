@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 STAGE = r'''
 import sys
 from types import SimpleNamespace
-from sctune.progress import ProgressLines, start_clock
+from sctune.present.progress import ProgressLines, start_clock
 
 start_clock()
 p = ProgressLines("search", 3, metric="m", mode="max", epochs=2, fte=(0.5, 4.0, 0.5))

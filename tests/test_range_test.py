@@ -1,4 +1,4 @@
-"""sctune.range_test: exact state restore, the recorded curve, evaluation cadence, divergence, run_range_test."""
+"""sctune.core.range_test: exact state restore, the recorded curve, evaluation cadence, divergence, run_range_test."""
 
 import copy
 import math
@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from sctune.config import RangeTestConfig, TaskConfig, TrainConfig
-from sctune.data import load_dataset, make_synthetic
-from sctune.range_test import COLUMNS, RangeTestResult, range_test, run_range_test
-from sctune.train import evaluate
+from sctune.core.config import RangeTestConfig, TaskConfig, TrainConfig
+from sctune.core.data import load_dataset, make_synthetic
+from sctune.core.range_test import COLUMNS, RangeTestResult, range_test, run_range_test
+from sctune.core.train import evaluate
 
 
 def _model(seed=0) -> nn.Module:
@@ -357,7 +357,7 @@ def test_run_range_test_uses_weight_decay_and_seed(digits):
 def test_range_test_takes_dataloaders_with_tuple_or_dict_batches(tmp_path):
     from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-    from sctune.models import build_model
+    from sctune.core.models import build_model
 
     data = load_dataset(TaskConfig(dataset="digits"))
 

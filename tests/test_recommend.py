@@ -1,4 +1,4 @@
-"""The answer in one place (sctune.recommend): only the keys that decide a training, the expected accuracy, and a
+"""The answer in one place (sctune.present.recommend): only the keys that decide a training, the expected accuracy, and a
 PyTorch snippet that, executed on a tiny model, steps its LR and momentum exactly as sctune's own schedule does
 for the same configuration; search.png's log-axis tick labels do not overlap."""
 
@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from sctune.config import TrainConfig
-from sctune.recommend import answer_lines, recommended, torch_snippet
-from sctune.schedules import build_schedule
-from sctune.train import make_optimizer
+from sctune.core.config import TrainConfig
+from sctune.core.schedules import build_schedule
+from sctune.core.train import make_optimizer
+from sctune.present.recommend import answer_lines, recommended, torch_snippet
 
 
 def _trajectory(optimizer, scheduler, steps: int) -> list[tuple[float, float]]:
@@ -71,7 +71,7 @@ def test_search_png_log_ticks_do_not_overlap(tmp_path, monkeypatch):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from sctune import report
+    from sctune.present import report
 
     saved = {}
     real_savefig = Figure.savefig

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sctune.bounds import bounds_kwargs, smith_bounds
-from sctune.config import RangeTestConfig
+from sctune.core.bounds import bounds_kwargs, smith_bounds
+from sctune.core.config import RangeTestConfig
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference" / "smith-topin"

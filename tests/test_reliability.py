@@ -124,8 +124,8 @@ def test_trial_fault_retried_from_checkpoint_and_divergence_isolated(tmp_path, r
     assert (healthy["status"] == "completed").any(), healthy
     for tid in huge["trial_id"]:
         assert tb_session_status(runs[tid]) == "STATUS_FAILURE"
-    from sctune.space import load_space
-    from sctune.summaries import pick_best
+    from sctune.service.space import load_space
+    from sctune.service.summaries import pick_best
 
     best = pick_best(summary, load_space(space))
     assert best["max_lr"] < 100 and best["status"] == "completed", best
@@ -156,7 +156,7 @@ space:
 
 
 def _range_run(exp: Path, config: dict) -> Path:
-    from sctune import tensorboard as tb
+    from sctune.present import tensorboard as tb
 
     return exp / "tensorboard" / tb.run_name("range", wd=float(config["weight_decay"]), seed=int(config["seed"]))
 
@@ -273,7 +273,7 @@ def test_trial_finished_before_tune_recorded_it_resumes_as_completed(tmp_path, r
     then the driver died while Tune's saved state still said "running, epoch 2", and the checkpoint that
     state names went missing. On --resume the trial falls back to its newest good checkpoint, the last
     epoch's: nothing is left to train, and it must still end as a completed trial, not a pruned one."""
-    from sctune.trainables import CHECKPOINT_FILE
+    from sctune.service.trainables import CHECKPOINT_FILE
 
     space = _space(tmp_path, "last", LAST_EPOCH)
     storage = tmp_path / "s"
@@ -338,9 +338,9 @@ def one_thread():
 
 
 def test_diverging_range_test_is_cut_and_bounds_use_finite_points(one_thread):
-    from sctune.bounds import bounds_from_frame, bounds_kwargs
-    from sctune.config import RangeTestConfig, TaskConfig, TrainConfig
-    from sctune.range_test import run_range_test
+    from sctune.core.bounds import bounds_from_frame, bounds_kwargs
+    from sctune.core.config import RangeTestConfig, TaskConfig, TrainConfig
+    from sctune.core.range_test import run_range_test
 
     cfg = TrainConfig(task=TaskConfig(dataset="digits", model="digits_cnn"), batch_size=64)
     rt = RangeTestConfig(start_lr=1e-3, end_lr=1e5, num_iter=80, step_mode="exp", eval_every=2, eval_samples=512,
@@ -381,8 +381,8 @@ def _curve(kind: str, n: int = 100) -> pd.DataFrame:
 
 @pytest.mark.parametrize("kind", ["flat", "rising", "all_nan", "too_short"])
 def test_degenerate_range_curves_give_no_usable_bounds(tmp_path, kind):
-    from sctune.space import parse_space
-    from sctune.stages import ExperimentPaths, StageError, summarize_range_tests
+    from sctune.service.space import parse_space
+    from sctune.service.stages import ExperimentPaths, StageError, summarize_range_tests
 
     spec = parse_space({"task": {"dataset": "digits", "model": "digits_cnn"},
                         "range_test": {"weight_decays": [0.0], "repeats": 1}}, "test.yaml")
@@ -436,7 +436,7 @@ def test_checkpoint_with_pickled_object_is_refused(tmp_path):
     import torch
     from ray import tune
 
-    from sctune.trainables import CHECKPOINT_FILE, _load_state, load_checkpoint_state
+    from sctune.service.trainables import CHECKPOINT_FILE, load_checkpoint_state, load_trial_state
 
     marker = tmp_path / "pwned"
     trial = tmp_path / "trial"
@@ -449,13 +449,13 @@ def test_checkpoint_with_pickled_object_is_refused(tmp_path):
         load_checkpoint_state(evil)
     assert not marker.exists()
     # a trial handed the refused checkpoint falls back to its previous good one, never runs the payload
-    state = _load_state(tune.Checkpoint.from_directory(str(evil)))
+    state = load_trial_state(tune.Checkpoint.from_directory(str(evil)))
     assert state is not None and state["epoch"] == 1
     # a truncated newest checkpoint, or a missing one, falls back the same way
     (evil / CHECKPOINT_FILE).write_bytes((good / CHECKPOINT_FILE).read_bytes()[:100])
-    assert _load_state(tune.Checkpoint.from_directory(str(evil)))["epoch"] == 1
+    assert load_trial_state(tune.Checkpoint.from_directory(str(evil)))["epoch"] == 1
     shutil.rmtree(good)
-    assert _load_state(tune.Checkpoint.from_directory(str(evil))) is None  # nothing usable: start over
+    assert load_trial_state(tune.Checkpoint.from_directory(str(evil))) is None  # nothing usable: start over
     assert not marker.exists()
 
 
@@ -639,7 +639,7 @@ def test_worker_node_removed_mid_run_trials_resume_elsewhere(tmp_path, monkeypat
         def remove_a_worker():
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
-                dirs = [d for d in (exp / "ray" / "search").glob("onecycle_trainable_*") if d.is_dir()]
+                dirs = [d for d in (exp / "ray" / "search").glob("train_trial_*") if d.is_dir()]
                 # as soon as two trials (one per worker) hold a checkpoint, while they still have epochs to go
                 if sum(any(d.glob("checkpoint_*")) for d in dirs) >= 2:
                     removed["node_id"] = workers[0].node_id
@@ -704,7 +704,7 @@ def test_fault_hook_is_inert_unless_set_and_fires_once(tmp_path, monkeypatch):
     # action=exit: the worker process dies on the spot
     # ...through sctune's own hook, in a fresh process as a Ray worker would be
     env = dict(os.environ, **fault_env("search:epoch=1:action=exit"))
-    p = subprocess.run([sys.executable, "-c", "from sctune.trainables import trial_hook; "
+    p = subprocess.run([sys.executable, "-c", "from sctune.service.trainables import trial_hook; "
                         "trial_hook()('search', 1, 't'); print('survived')"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 17 and "survived" not in p.stdout, (p.returncode, p.stdout, p.stderr[-1000:])

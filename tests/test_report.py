@@ -1,5 +1,5 @@
-"""sctune.report: the stage figures (range_test_figure and bounds_markdown are tested in test_tensorboard.py,
-beside their TensorBoard use)."""
+"""sctune.core.curves and sctune.present.report: the stage figures (range_test_figure and bounds_markdown are
+tested in test_tensorboard.py, beside their TensorBoard use)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pandas as pd
 
-from sctune.report import range_summary_figure, search_figure
+from sctune.core.curves import range_summary_figure
+from sctune.present.report import search_figure
 
 
 def _curves() -> pd.DataFrame:
@@ -59,7 +60,7 @@ def test_search_figure_writes_a_png_or_says_there_is_nothing(tmp_path):
 
 def test_figures_need_no_pyplot(tmp_path):
     """Bare Figures: safe in Ray workers, no global backend switch, nothing kept in pyplot's registry."""
-    code = ("import sys, pandas as pd; from sctune.report import search_figure; "
+    code = ("import sys, pandas as pd; from sctune.present.report import search_figure; "
             "s = pd.DataFrame({'max_lr': [0.1, 1.0], 'final_val/acc': [0.5, 0.9], 'status': ['completed'] * 2}); "
             "assert search_figure(s, 'val/acc', sys.argv[1]); "
             "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'")
@@ -67,7 +68,7 @@ def test_figures_need_no_pyplot(tmp_path):
 
 
 def test_range_lines_show_the_top_and_the_recommended_max_lr_with_their_reasons(capsys, tmp_path):
-    from sctune.report import print_bounds, write_report
+    from sctune.present.report import print_bounds, write_report
 
     chosen = {"max_lr_bound": 3.0, "min_lr_bound": 0.75, "wd_prior": 1e-4, "recipe_max_lr": 1.2,
               "max_lr_reason": "the top of the band where held-out accuracy stays high",

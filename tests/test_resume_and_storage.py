@@ -143,7 +143,7 @@ def test_smoke_killed_then_ctrl_c_resumes_as_smoke_with_the_printed_command(tmp_
 
 
 def _fake_experiment(storage: Path, name: str, space_text: str, options: dict) -> Path:
-    from sctune.safeguards import space_sha256
+    from sctune.service.safeguards import space_sha256
 
     exp = storage / name
     exp.mkdir(parents=True)
@@ -327,18 +327,18 @@ def test_failure_seen_only_in_workers_stops_the_stage_at_the_first(tmp_path, ray
 def test_orphaned_trial_records_get_a_note_and_an_ended_session(tmp_path):
     """A trial Tune never recorded (the driver was killed just after starting it) leaves a TensorBoard run and
     a trial folder that no result refers to: both get a note, and the run's session ends as aborted."""
-    from sctune import tensorboard as tb
-    from sctune.tune_state import ORPHAN_NOTE, note_orphans
+    from sctune.present import tensorboard as tb
+    from sctune.service.tune_state import ORPHAN_NOTE, note_orphans
 
     tb_dir, stage_dir = tmp_path / "tensorboard", tmp_path / "ray" / "search"
     for trial in ("aaaa0001", "bbbb0002"):
         logger = tb.TrialLogger(tb_dir, tb.run_name("search", trial=trial), hparams={"x": 1.0})
         logger.scalars({"val/acc": 0.5}, 1)
         logger.close()  # no session end: killed while running
-        (stage_dir / f"onecycle_trainable_{trial}_1_x=1_2026-01-01").mkdir(parents=True)
+        (stage_dir / f"train_trial_{trial}_1_x=1_2026-01-01").mkdir(parents=True)
     assert note_orphans(stage_dir, tb_dir, "search", {"aaaa0001"}) == ["bbbb0002"]
     assert (tb_dir / "search" / "bbbb0002" / ORPHAN_NOTE).exists()
-    assert (stage_dir / "onecycle_trainable_bbbb0002_1_x=1_2026-01-01" / ORPHAN_NOTE).exists()
+    assert (stage_dir / "train_trial_bbbb0002_1_x=1_2026-01-01" / ORPHAN_NOTE).exists()
     assert not (tb_dir / "search" / "aaaa0001" / ORPHAN_NOTE).exists()
     assert tb_session_status(tb_dir / "search" / "bbbb0002") == "STATUS_UNKNOWN"  # aborted (as pruned trials)
     assert note_orphans(stage_dir, tb_dir, "search", {"aaaa0001"}) == []  # noted once
@@ -346,9 +346,9 @@ def test_orphaned_trial_records_get_a_note_and_an_ended_session(tmp_path):
 
 def test_restore_options_rules(tmp_path):
     """What --resume restores and what it refuses, rule by rule (the CLI cases above run it for real)."""
-    from sctune.config import ConfigError
-    from sctune.experiment import Options
-    from sctune.safeguards import restore_options
+    from sctune.core.config import ConfigError
+    from sctune.service.experiment import Options
+    from sctune.service.safeguards import restore_options
 
     kept = {"options": {"smoke": True, "seed": 3, "num_samples": 4, "budget": 2.5, "refit": True,
                         "lr_bounds": None, "wd_prior": None}}
@@ -376,7 +376,7 @@ def test_backup_keeps_every_tune_state_file_and_restores_a_truncated_one(tmp_pat
     short by a full disk (here: emptied) is put back from it, and the stage reads as restorable again."""
     import ray.cloudpickle as cloudpickle
 
-    from sctune.tune_state import BACKUP_DIR, backup_state, check_restorable
+    from sctune.service.tune_state import BACKUP_DIR, backup_state, check_restorable
 
     stage = tmp_path / "search"
     stage.mkdir()

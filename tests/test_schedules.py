@@ -1,4 +1,4 @@
-"""sctune.schedules: exact LR/momentum values of every schedule, as seen by the optimizer at each step."""
+"""sctune.core.schedules: exact LR/momentum values of every schedule, as seen by the optimizer at each step."""
 
 import itertools
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import ConstantLR, CyclicLR, LambdaLR, MultiStepLR, OneCycleLR
 
-from sctune.config import BaselineConfig, OneCycleConfig, TrainConfig
-from sctune.schedules import (
+from sctune.core.config import BaselineConfig, OneCycleConfig, TrainConfig
+from sctune.core.schedules import (
     build_schedule,
     clr,
     constant,
@@ -313,3 +313,17 @@ def test_current_momentum():
     assert current_momentum(_sgd(momentum=0.7)) == 0.7
     assert current_momentum(_adamw()) == 0.9
     assert math.isnan(current_momentum(torch.optim.Adagrad([torch.nn.Parameter(torch.zeros(1))])))
+
+
+def test_a_schedule_is_named_alike_in_the_table_the_config_and_autofill():
+    """schedules.SCHEDULES is where a schedule is built; the config checks names without torch and autofill
+    knows what each reads: a schedule added to one and not the others fails here."""
+    from types import SimpleNamespace
+
+    from sctune.core.config import SCHEDULE_NAMES
+    from sctune.core.schedules import SCHEDULES
+    from sctune.service.autofill import SCHEDULE_PARAMS
+
+    assert set(SCHEDULES) == set(SCHEDULE_NAMES) == set(SCHEDULE_PARAMS)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        build_schedule(_sgd(), SimpleNamespace(schedule="cosine"), steps_per_epoch=10)

@@ -10,11 +10,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sctune.bounds import PEAK_ACC_TIE
-from sctune.fidelity import rung_epochs
-from sctune.plan import Anchors, resolve
-from sctune.space import load_space
-from sctune.tensorboard import experiment_logdir
+from sctune.core.bounds import PEAK_ACC_TIE
+from sctune.present.tensorboard import experiment_logdir
+from sctune.service.fidelity import rung_epochs
+from sctune.service.plan import Anchors, resolve
+from sctune.service.space import load_space
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import optuna
 import pytest
 
-from sctune.config import OneCycleConfig, RegularizationConfig
-from sctune.plan import RECIPE_DIV_FACTOR, Anchors, optuna_space, recipe_point, resolve
-from sctune.space import load_space
+from sctune.core.config import OneCycleConfig, RegularizationConfig
+from sctune.service.plan import RECIPE_DIV_FACTOR, Anchors, optuna_space, recipe_point, resolve
+from sctune.service.space import load_space
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = load_space(REPO / "search_spaces" / "digits.yaml")

@@ -1,4 +1,4 @@
-"""sctune.summaries: what the stages' trials add up to, on plain rows, without Ray."""
+"""sctune.service.summaries: what the stages' trials add up to, on plain rows, without Ray."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sctune.experiment import StageError
-from sctune.plan import Anchors, build_plan, stage1_anchors
-from sctune.space import parse_space
-from sctune.summaries import (
+from sctune.core.train import tail_key
+from sctune.service.experiment import StageError
+from sctune.service.plan import Anchors, build_plan, stage1_anchors
+from sctune.service.space import parse_space
+from sctune.service.summaries import (
     final_fit_summary,
     is_pruned,
     pick_best,
@@ -20,7 +21,6 @@ from sctune.summaries import (
     summarize_search,
     trial_status,
 )
-from sctune.train import tail_key
 
 SPEC = parse_space({
     "task": {"dataset": "digits", "model": "digits_cnn"},

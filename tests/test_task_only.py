@@ -1,4 +1,4 @@
-"""A space file that names only its task is a complete experiment (sctune.autofill): the missing sections are
+"""A space file that names only its task is a complete experiment (sctune.service.autofill): the missing sections are
 filled from the data, ``--stage plan`` says what and why, and the whole service runs on it, on data sctune has
 never seen (scikit-learn's wine, tabular) and on a small image set (400 of the 8x8 digits), reaching at least
 the test accuracy of the usual default (Adam, lr 1e-3, the same model and epochs).
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sctune.space import SpaceError, load_space, parse_space
+from sctune.service.space import SpaceError, load_space, parse_space
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -103,9 +103,9 @@ def test_searched_lr_is_refused_with_exit_2_before_ray(tmp_path, capsys):
 def test_adam_cycles_beta1_opposite_to_the_lr():
     import torch
 
-    from sctune.config import TrainConfig
-    from sctune.schedules import build_schedule
-    from sctune.train import make_optimizer
+    from sctune.core.config import TrainConfig
+    from sctune.core.schedules import build_schedule
+    from sctune.core.train import make_optimizer
 
     cfg = TrainConfig(epochs=2, optimizer="adam").with_flat(max_lr=0.01, max_momentum=0.95, min_momentum=0.85)
     opt = make_optimizer(torch.nn.Linear(3, 2), cfg)
@@ -126,7 +126,7 @@ def test_adam_cycles_beta1_opposite_to_the_lr():
 
 def _adam_baseline(spec, seeds: int) -> list[float]:
     """The usual default: Adam at lr 1e-3, constant, no weight decay or dropout, same model, epochs, batch."""
-    from sctune.train import fit
+    from sctune.core.train import fit
 
     cfg = spec.base.with_flat(optimizer="adam", schedule="constant", lr=1e-3, momentum=0.9, weight_decay=0.0,
                               dropout=0.0)

@@ -1,4 +1,4 @@
-"""sctune.tasks without Ray: how task names resolve, and which of the user's modules must be shipped."""
+"""sctune.core.tasks without Ray: how task names resolve, and which of the user's modules must be shipped."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from sctune.config import ConfigError, TaskConfig
-from sctune.tasks import (
+from sctune.core.config import ConfigError, TaskConfig
+from sctune.core.tasks import (
     DATASETS,
     MODELS,
     check_task,
@@ -69,7 +69,7 @@ def test_modules_must_be_module_names():
 
 
 def test_only_modules_the_workers_cannot_see_are_shipped(user_module, monkeypatch, tmp_path):
-    task = TaskConfig(dataset="sct_user_mod:load", model="mlp", modules=("json", "sctune.data"))
+    task = TaskConfig(dataset="sct_user_mod:load", model="mlp", modules=("json", "sctune.core.data"))
     check_task(task)
     regs = registrations(task)
     assert regs == {"datasets": {}, "models": {}}  # nothing registered: references travel as names
@@ -91,7 +91,7 @@ def test_only_modules_the_workers_cannot_see_are_shipped(user_module, monkeypatc
 def test_driver_registrations_are_what_the_task_names(user_module):
     import sct_user_mod
 
-    from sctune import data, models
+    from sctune.core import data, models
 
     try:
         data.register_dataset("sct_cells", sct_user_mod.load)

@@ -1,4 +1,4 @@
-"""sctune.tensorboard: write runs, read them back with TensorBoard's own event reader."""
+"""sctune.present.tensorboard: write runs, read them back with TensorBoard's own event reader."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from tensorboard.backend.event_processing import event_accumulator as ea
 from tensorboard.plugins.hparams import api_pb2
 from tensorboard.plugins.hparams import metadata as hp_metadata
 
-from sctune import report
-from sctune import tensorboard as tb
+from sctune.core import curves as figures
+from sctune.present import report
+from sctune.present import tensorboard as tb
 
 matplotlib.use("Agg")
 
@@ -54,7 +55,7 @@ def text_of(acc: ea.EventAccumulator, tag: str) -> list[str]:
 
 @dataclass
 class FakeBounds:
-    """The duck type sctune.bounds' result offers: attributes + to_dict()."""
+    """The duck type sctune.core.bounds' result offers: attributes + to_dict()."""
 
     min_lr: float | None
     max_lr: float | None
@@ -114,11 +115,11 @@ def test_run_name_examples_and_sanitizing() -> None:
 
 def test_experiment_logdir(tmp_path: Path) -> None:
     assert tb.experiment_logdir(tmp_path) == tmp_path / "tensorboard"
-    assert tb.experiment_logdir(str(tmp_path)) == tmp_path / tb.TB_DIRNAME
+    assert tb.experiment_logdir(str(tmp_path)) == tmp_path / "tensorboard"
 
 
 def test_module_does_not_import_ray() -> None:
-    code = "import sys, sctune.tensorboard; sys.exit(1 if 'ray' in sys.modules else 0)"
+    code = "import sys, sctune.present.tensorboard; sys.exit(1 if 'ray' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -393,7 +394,7 @@ def test_range_test_figure_marks_bounds_in_curve_color() -> None:
         "wd=1e-4 seed=0": FakeBounds(0.2, 0.8),
         "wd=1e-3 seed=0": FakeBounds(0.1, None, status="no_peak"),
     }
-    fig = report.range_test_figure(curves, bounds, title="range tests")
+    fig = figures.range_test_figure(curves, bounds, title="range tests")
     ax_acc, ax_loss = fig.axes
     for ax in (ax_acc, ax_loss):
         marks = vlines(ax)
@@ -418,11 +419,11 @@ def test_range_test_figure_marks_bounds_in_curve_color() -> None:
 
 
 def test_range_test_figure_log_x_and_no_bounds() -> None:
-    fig = report.range_test_figure({"a": range_frame()}, log_x=True)
+    fig = figures.range_test_figure({"a": range_frame()}, log_x=True)
     assert all(ax.get_xscale() == "log" for ax in fig.axes)
     assert not vlines(fig.axes[0])
     with pytest.raises(ValueError, match="'lr'"):
-        report.range_test_figure({"a": pd.DataFrame({"loss": [1.0]})})
+        figures.range_test_figure({"a": pd.DataFrame({"loss": [1.0]})})
 
 
 def test_bounds_markdown() -> None:
@@ -457,8 +458,8 @@ def test_log_range_test(tmp_path: Path) -> None:
 
 
 def test_log_range_test_with_real_bounds(tmp_path: Path) -> None:
-    """The duck type above matches sctune.bounds.LRBounds (attributes, to_dict, verdict dict)."""
-    from sctune.bounds import bounds_from_frame
+    """The duck type above matches sctune.core.bounds.LRBounds (attributes, to_dict, verdict dict)."""
+    from sctune.core.bounds import bounds_from_frame
 
     df = range_frame(n=200)
     bounds = bounds_from_frame(df, method="smith")
@@ -470,7 +471,7 @@ def test_log_range_test_with_real_bounds(tmp_path: Path) -> None:
         assert bounds.message in table
     if bounds.verdict is not None:
         assert bounds.verdict.message in table
-    fig = report.range_test_figure({"a": df}, {"a": bounds})
+    fig = figures.range_test_figure({"a": df}, {"a": bounds})
     assert ("max_lr:a" in vlines(fig.axes[0])) == (bounds.max_lr is not None)
 
 

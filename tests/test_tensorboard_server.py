@@ -22,7 +22,7 @@ from tb_util import (
     write_demo_logdir,
 )
 
-from sctune import tensorboard as tb
+from sctune.present import tensorboard as tb
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ needs_chromium = pytest.mark.skipif(chromium_path() is None, reason="chromium no
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    logdir = tmp_path_factory.mktemp("tb") / tb.TB_DIRNAME
+    logdir = tb.experiment_logdir(tmp_path_factory.mktemp("tb"))
     expected = write_demo_logdir(logdir)
     with tb.TrialLogger(logdir, EXACT_RUN, hparams={"seed": 7}) as log:
         for step, value in EXACT:
@@ -148,7 +148,7 @@ def test_hparams_session_groups(server: TBServer, demo) -> None:
 @pytest.mark.parametrize("load_fast", ["--load_fast=auto", "--load_fast=false"])
 def test_session_is_listed_while_the_trial_runs(tmp_path: Path, load_fast: str) -> None:
     """The point of writing hparams from the worker: a running trial shows up at once."""
-    logdir = tmp_path / tb.TB_DIRNAME
+    logdir = tb.experiment_logdir(tmp_path)
     tb.write_hparams_config(
         logdir,
         hparams={"max_lr": {"type": "float", "low": 0.1, "high": 3.0}},

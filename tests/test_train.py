@@ -1,4 +1,4 @@
-"""sctune.train: parameter groups, the step loop, fit (accuracy, determinism, resume, checkpoints,
+"""sctune.core.train: parameter groups, the step loop, fit (accuracy, determinism, resume, checkpoints,
 divergence, reported LR) on tiny seeded tasks."""
 
 import dataclasses
@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from sctune.config import TaskConfig, TrainConfig
-from sctune.data import load_dataset
-from sctune.tasks import MODELS
-from sctune.train import (
+from sctune.core.config import TaskConfig, TrainConfig
+from sctune.core.data import load_dataset
+from sctune.core.tasks import MODELS
+from sctune.core.train import (
     HF_LR,
     HF_LR_EMA,
     LR,
@@ -284,7 +284,7 @@ class _Scaled(nn.Module):
 
 @pytest.mark.parametrize(("scale", "diverged"), [(1e4, True), (1.0, False)])
 def test_fit_flags_finite_exploded_loss(small, monkeypatch, scale, diverged):
-    from sctune import models
+    from sctune.core import models
 
     monkeypatch.setattr(MODELS, "entries", dict(MODELS.entries))
     models.register_model("scaled", lambda nc, shape, dropout: _Scaled(nc, shape, scale))
@@ -357,7 +357,7 @@ def test_fit_evaluates_with_precise_bn_without_changing_training(small):
     """Trials evaluate as the range test does: BN statistics recomputed for the current weights from a
     fixed training subset before every evaluation. No RNG is drawn and no weight moves, so the training
     losses are bit-identical with and without it; only what the evaluation sees changes."""
-    from sctune.train import recal_subset
+    from sctune.core.train import recal_subset
 
     on = fit(_cfg(epochs=2, max_lr=1.5, dropout=0.1), data=small)
     off = fit(_cfg(epochs=2, max_lr=1.5, dropout=0.1, precise_bn=False), data=small)

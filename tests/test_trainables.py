@@ -1,8 +1,8 @@
-"""sctune.trainables: the trial hook (the rest runs under Ray in test_reliability.py and test_search.py)."""
+"""sctune.service.trainables: the trial hook (the rest runs under Ray in test_reliability.py and test_search.py)."""
 
 import pytest
 
-from sctune.trainables import HOOK_ENV, trial_hook
+from sctune.service.trainables import HOOK_ENV, trial_hook
 
 
 def test_trial_hook_is_none_unless_named(monkeypatch):

@@ -87,14 +87,14 @@ def max_running(stderr: str, stage: str) -> int:
 
 
 def test_help_says_how_to_name_a_task():
-    from sctune.data import dataset_names
+    from sctune.core.tasks import DATASETS
 
     p = subprocess.run([sys.executable, "-m", "sctune.search", "--help"], cwd=REPO, capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 0, p.stderr
     assert "task: {dataset: my_pkg.data:load_cells, model: my_pkg.nets:Net}" in p.stdout
     assert "modules: [my_pkg.tasks]" in p.stdout and "ray job submit --working-dir" in p.stdout
-    for name in dataset_names():  # the built-ins it lists are the real ones
+    for name in DATASETS.names():  # the built-ins it lists are the real ones
         assert name in p.stdout, name
 
 
@@ -201,8 +201,8 @@ def driver_with_hidden_module(hidden: Path, *, start_ray: bool, name: str) -> st
     return (f"import sys\nsys.path.insert(0, {str(hidden)!r})\n"
             "import ray\n"
             + ("ray.init(num_cpus=2, include_dashboard=False, _node_ip_address='127.0.0.1')\n" if start_ray else "")
-            + "import json\nfrom sctune.config import ConfigError\nfrom sctune.search import run\n"
-            "from sctune.stages import StageError\n"
+            + "import json\nfrom sctune.core.config import ConfigError\nfrom sctune.search import run\n"
+            "from sctune.service.stages import StageError\n"
             "try:\n"
             f"    run('hidden.yaml', name={name!r}, storage_path='results', stage='range', quiet=True)\n"
             "except ConfigError as e:\n"

@@ -39,7 +39,7 @@ def smoke_spec(project: Path):
     user's module is importable in the project folder, not in the test process)."""
     import yaml
 
-    from sctune.space import parse_space
+    from sctune.service.space import parse_space
 
     raw = yaml.safe_load((project / "space.yaml").read_text())
     return parse_space(raw | {"task": {"dataset": "digits", "model": "digits_cnn"}}, smoke=True)
@@ -99,13 +99,13 @@ def check_clean_output(stderr: str, *, users_ray: bool = False) -> None:
 
 # The plain baseline a new user compares with: Adam at its default lr 1e-3, constant, no weight decay, the same
 # network, epochs, batch size and train/validation/test split (the space file's `fixed:` and task), trained by
-# sctune.train.fit so evaluation is the same as the final fit's. AdamW with weight_decay 0 and betas
+# sctune.core.train.fit so evaluation is the same as the final fit's. AdamW with weight_decay 0 and betas
 # (0.9, 0.999) (make_optimizer: the baseline momentum 0.9) is torch.optim.Adam step for step.
 ADAM = """
 import json, sys
 import yaml
-from sctune.space import parse_space
-from sctune.train import fit
+from sctune.service.space import parse_space
+from sctune.core.train import fit
 
 spec = parse_space(yaml.safe_load(open("space.yaml")), "space.yaml", smoke="--smoke" in sys.argv)
 accs = []

@@ -89,6 +89,9 @@ class ProgressLines:
             _ACTIVE["live"] = _LiveBlock()
 
     def on_experiment_end(self, trials, **info):
+        # the stage's last state, if the last completion was not shown (a search's total is not known ahead)
+        self._recount(trials)
+        self._print(force=True)
         live = _ACTIVE.pop("live", None)
         if live is not None:
             live.stop()
@@ -231,7 +234,9 @@ class ProgressLines:
         self._count(trial, trial.last_result or {})
         self._recount(trials, finished=trial)
         self._offer(trial.last_result or {}, trial, finished=True)
-        self._print(force=self.running == 0, gap=COMPLETION_GAP_S)
+        # the stage's end always shows; "0 running" alone is not one: the halving search starts its next
+        # schedule only after one completes (a piped default run printed all 22 completions under load)
+        self._print(force=self.total is not None and self.done >= self.total, gap=COMPLETION_GAP_S)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._recount(trials, finished=trial, errored=True)

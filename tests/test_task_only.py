@@ -164,8 +164,15 @@ def test_task_only_file_runs_end_to_end_and_beats_adam(tmp_path, monkeypatch, na
     assert re.search(r"^\[final\]", p.stderr, flags=re.M), p.stderr[-2000:]
     sys.modules.pop("wine_task", None)  # imported by the baseline: the next case's project has its own
     if name == "wine" and statistics.mean(ours) < statistics.mean(base) - tol:
-        # Known gap, measured: sctune 0.969 +- 0.011 vs Adam 1.000 +- 0 on 54 test samples. Two trials tie on
-        # the 38 validation samples (0.9737) and the first, with dropout 0.27, is kept; the same configuration
-        # with dropout 0 tests at 1.000 over 3 seeds. Selection among ties on tiny data is open (issue 19).
+        # Known gap, measured (issue 19), not fixed: Adam 1e-3 tests at 0.998 +- 0.007 over 8 seeds (one test
+        # sample of 54 is 0.0185). This run at --seed 0, 1, 2 tested at 0.963 +- 0.052, 0.954 +- 0.013 and
+        # 0.981 +- 0.026 (its 6 final seeds: 0.926-1.000, mean 0.966). The 38 validation samples cannot rank the
+        # trials (they score 0.85-0.97 there, Adam's own runs 0.92-0.97, while the test split reaches 1.000),
+        # so the pick is close to the recipe point (max_lr = bound / 4, dropout 0.15, the middle of [0, 0.3]),
+        # and at batch 8 three of 8 seeds of that point test at 0.907-0.963: 0.970 +- 0.037 over the 8, with
+        # dropout 0 0.995 +- 0.013. Neither of the data-scaled changes tried closes the
+        # gap end to end (3 search seeds each): dropout in [0, 0.1] gave 0.981, 1.000 (1 seed) and 0.963;
+        # batch 16 gave 0.981, 0.972, and once a stage 1 that read max_lr only as a lower bound (3), whose final
+        # seeds diverged. Selection on this little validation data stays open.
         pytest.xfail(f"wine: sctune {statistics.mean(ours):.3f} vs Adam {statistics.mean(base):.3f} (tol {tol:.3f})")
     assert statistics.mean(ours) >= statistics.mean(base) - tol, (ours, base)

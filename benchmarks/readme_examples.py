@@ -9,7 +9,7 @@ parses every printed number, and writes the per-number range.
 
     .venv/bin/python -m benchmarks.readme_examples            # 4 seeds x 2 thread counts, ~5 min on 2 cores
     .venv/bin/python -m benchmarks.readme_examples --quick    # 2 runs
-    .venv/bin/python -m benchmarks.readme_examples --default  # the default CLI run at 4 seeds, ~4 min
+    .venv/bin/python -m benchmarks.readme_examples --default  # the default CLI run at 4 seeds, ~5 min
 
 ``--default`` measures the README's "What you get" block instead: ``python -m sctune.search`` with no space
 file (the embedded digits default) from an empty folder, at ``--seed`` 0-3 (0 is the README's run: the
@@ -78,13 +78,10 @@ def measure_default(args, seeds: list[int]) -> None:
         log(f"default run, seed {seed}: rc {rc}, {wall:.0f} s, {len(lines)} lines")
     # per line the README shows (its stages' last progress lines, then every other line): the range of each
     # number over the runs that printed that line with the README's words
-    def rows(lines):
-        progress, other = split_default(lines)
-        return [progress[k][-1] for k in ("range", "search", "final") if k in progress] + other
-
     spread = []
-    for i, line in enumerate(rows(shown)):
-        same = [numbers(r[i]) for r in (rows(x["lines"]) for x in runs) if i < len(r) and shape(r[i]) == shape(line)]
+    for i, line in enumerate(default_rows(shown)):
+        same = [numbers(r[i]) for r in (default_rows(x["lines"]) for x in runs)
+                if i < len(r) and shape(r[i]) == shape(line)]
         cols = list(zip(*same, strict=True)) if same else []
         spread.append({"readme": line, "runs_with_same_words": len(same), "of": len(runs),
                        "min": [min(c) for c in cols], "max": [max(c) for c in cols]})
@@ -118,6 +115,12 @@ def split_default(lines: list[str]) -> tuple[dict[str, list[str]], list[str]]:
         line = re.sub(r"; the model's dropout \S+$", "", line)
         other.append(re.sub(r"best trial [0-9a-f]+,", "best trial <id>,", line))
     return progress, other
+
+
+def default_rows(lines: list[str]) -> list[str]:
+    """The lines of a default run that are compared: each stage's last progress line, then every other line."""
+    progress, other = split_default(lines)
+    return [progress[k][-1] for k in ("range", "search", "final") if k in progress] + other
 
 
 def with_seed(code: str, seed: int) -> str:

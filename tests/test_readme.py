@@ -24,13 +24,13 @@ from sctune import TaskConfig, TrainConfig, build_model, load_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.readme_examples import (  # noqa: E402
+    default_rows,
     numbers,
     readme_default_block,
     readme_example,
     run_default,
     run_example,
     shape,
-    split_default,
     with_seed,
 )
 
@@ -201,16 +201,11 @@ def _within_default(tol: tuple, shown: float, printed: float) -> bool:
     return _within(tol[0], tol[1], shown, printed)
 
 
-def _default_rows(lines: list[str]) -> list[str]:
-    progress, other = split_default(lines)
-    return [progress[k][-1] for k in ("range", "search", "final") if k in progress] + other
-
-
 def compare_default(shown: list[str], printed: list[str]) -> list[str]:
     """Every difference between the README's default-run block and a run's output that the tolerances do not
     allow: the words of every line (each stage's last progress line and every other line) exactly, the
     numbers within DEFAULT_TOLERANCES."""
-    want, got = _default_rows(shown), _default_rows(printed)
+    want, got = default_rows(shown), default_rows(printed)
     if len(want) != len(got):
         return [f"{len(got)} lines to compare printed, the README shows {len(want)}"]
     problems = []
@@ -233,7 +228,7 @@ def test_default_block_tolerances_fit_the_readme_and_catch_changes():
     space; another word, a number past its tolerance or a missing line is reported."""
     shown = readme_default_block()
     assert compare_default(shown, shown) == []
-    rows = _default_rows(shown)
+    rows = default_rows(shown)
     assert len([r for r in rows if r.startswith(("[range] ", "[search] ", "[final] ")) and " done " in r]) == 3
     assert compare_default(shown, shown[:-1])
     assert compare_default(shown, [ln.replace("Super-convergence likely", "Super-convergence unlikely")

@@ -9,13 +9,25 @@ parses every printed number, and writes the per-number range.
 
     .venv/bin/python -m benchmarks.readme_examples            # 4 seeds x 2 thread counts, ~5 min on 2 cores
     .venv/bin/python -m benchmarks.readme_examples --quick    # 2 runs
+    .venv/bin/python -m benchmarks.readme_examples --default  # the default CLI run at 4 seeds, ~5 min
+
+``--default`` measures the README's "What you get" block instead: ``python -m sctune.search`` with no space
+file (the embedded digits default) from an empty folder, at ``--seed`` 0-3 (0 is the README's run: the
+default seed), writing ``readme_default.json``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 from .common import REPO, envelope, loadavg, log, out_dir, parser, write_result
@@ -31,6 +43,84 @@ def readme_example() -> tuple[str, list[str]]:
     code = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
     shown = re.search(r"prints \(digits.*?\n\n```\n(.*?)```", text, flags=re.S).group(1).splitlines()
     return code, shown
+
+
+def readme_default_block() -> list[str]:
+    """The README's "What you get" block: the lines of the default run after its ``$ python -m sctune.search``."""
+    block = re.search(r"## What you get\n\n```\n\$ python -m sctune\.search\n(.*?)```", README.read_text(),
+                      flags=re.S).group(1)
+    return block.splitlines()
+
+
+def run_default(seed: int | None = None, *, timeout: int = 900) -> tuple[int, list[str], float, Path]:
+    """``python -m sctune.search`` (no space file: the embedded default) from a fresh empty folder, stdout and
+    stderr in one stream as a shell shows them; returns (rc, lines, wall seconds, the folder). Ray stays on
+    loopback with its temp dir under the folder's own short temp dir. The caller removes the folder."""
+    cwd = Path(tempfile.mkdtemp(prefix="sctdef", dir="/tmp"))  # short: Ray's socket paths stay < 108 bytes
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(cwd / "r"), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    (cwd / "r").mkdir()
+    cmd = [sys.executable, "-m", "sctune.search", *([] if seed is None else ["--seed", str(seed)])]
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=timeout)
+    return p.returncode, p.stdout.splitlines(), time.monotonic() - t0, cwd
+
+
+def measure_default(args, seeds: list[int]) -> None:
+    shown = readme_default_block()
+    runs: list[dict[str, Any]] = []
+    for seed in seeds:
+        rc, lines, wall, cwd = run_default(seed or None)
+        shutil.rmtree(cwd, ignore_errors=True)
+        runs.append({"seed": seed, "returncode": rc, "wall_s": round(wall, 1), "lines": lines})
+        log(f"default run, seed {seed}: rc {rc}, {wall:.0f} s, {len(lines)} lines")
+    # per line the README shows (its stages' last progress lines, then every other line): the range of each
+    # number over the runs that printed that line with the README's words
+    spread = []
+    for i, line in enumerate(default_rows(shown)):
+        same = [numbers(r[i]) for r in (default_rows(x["lines"]) for x in runs)
+                if i < len(r) and shape(r[i]) == shape(line)]
+        cols = list(zip(*same, strict=True)) if same else []
+        spread.append({"readme": line, "runs_with_same_words": len(same), "of": len(runs),
+                       "min": [min(c) for c in cols], "max": [max(c) for c in cols]})
+    payload = envelope("readme_default", args, {"seeds": seeds})
+    payload |= {"results": {"readme": shown, "runs": runs, "spread": spread}, "loadavg_at_end": loadavg()}
+    log(f"wrote {write_result(out_dir(args), 'readme_default', payload)}")
+
+
+PROGRESS = re.compile(r"^\[(range|search|final)\] \d+/(?:\d+|\?) done")
+CLOCK = re.compile(r"^(?:ETA )?\d+(?:m\d+)?s$")  # a progress line's elapsed time and ETA fields
+
+
+def split_default(lines: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """A default run's output as (progress lines per stage, every other line). Other lines are made
+    comparable between machines and runs: trailing spaces dropped, the results folder shown as ``<results>``
+    (``/tmp/demo/sctune_results/digits`` in the README, a temp folder and a timestamped name in a run), the
+    best trial's id as ``<id>``. A progress line's clock fields (elapsed, ETA) are dropped: wall time depends
+    on the machine and its load, so it is never compared."""
+    progress: dict[str, list[str]] = {}
+    other = []
+    for line in lines:
+        line = line.rstrip()
+        m = PROGRESS.match(line)
+        if m:
+            progress.setdefault(m.group(1), []).append(" | ".join(f for f in line.split(" | ")
+                                                                  if not CLOCK.match(f)))
+            continue
+        line = re.sub(r"\S*/sctune_results/[^/\s]+", "<results>", line)
+        # the snippet names the model's dropout only where it is not 0 (the recipe point's may be); the value
+        # itself is on the configuration's dropout row
+        line = re.sub(r"; the model's dropout \S+$", "", line)
+        other.append(re.sub(r"best trial [0-9a-f]+,", "best trial <id>,", line))
+    return progress, other
+
+
+def default_rows(lines: list[str]) -> list[str]:
+    """The lines of a default run that are compared: each stage's last progress line, then every other line."""
+    progress, other = split_default(lines)
+    return [progress[k][-1] for k in ("range", "search", "final") if k in progress] + other
 
 
 def with_seed(code: str, seed: int) -> str:
@@ -67,7 +157,11 @@ def numbers(line: str) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser(__doc__).parse_args(argv)
+    p = parser(__doc__)
+    p.add_argument("--default", action="store_true", help="measure the default CLI run (README: What you get)")
+    args = p.parse_args(argv)
+    if args.default:
+        return measure_default(args, [0, 1] if args.quick else [0, 1, 2, 3])
     seeds, threads = ([0, 1], [2]) if args.quick else ([0, 1, 2, 3], [1, 2])
     code, shown = readme_example()
     runs: list[dict[str, Any]] = []

@@ -1,11 +1,13 @@
 """Building sctune prints no deprecation warnings of ours (setuptools' "`project.license` as a TOML table
 is deprecated" banner came up on every install), and the built wheel works outside the checkout: installed
-into a fresh venv, ``python -m sctune.search --stage plan`` finds its embedded default space (package data)
-from an unrelated folder."""
+into a fresh venv, ``python -m sctune.search`` finds its embedded default space (package data) from an
+unrelated folder: ``--stage plan`` prints its plan, and the whole default search runs to its answer."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,10 +52,13 @@ def test_wheel_builds_without_deprecation_warnings(tmp_path):
     assert {e.split(":")[1].strip() for e in extras} >= {"tensorboard", "bench", "dev"}, extras
 
 
-def test_installed_wheel_plans_the_default_search_from_another_folder(tmp_path):
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> tuple[Path, Path, dict[str, str]]:
     """The wheel in a fresh venv (no network: --no-index --no-deps; the dependencies come from this
-    interpreter's site-packages through a .pth file, so torch is reused, not reinstalled)."""
+    interpreter's site-packages through a .pth file, so torch is reused, not reinstalled), an empty folder
+    outside the checkout, and an environment without PYTHONPATH: (python, folder, env)."""
     pytest.importorskip("setuptools")
+    tmp_path = tmp_path_factory.mktemp("wheel")
     wheel, _ = _build_wheel(tmp_path)
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
@@ -68,14 +73,40 @@ def test_installed_wheel_plans_the_default_search_from_another_folder(tmp_path):
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "RAY_ADDRESS")}
     where = subprocess.run([str(py), "-c", "import sctune.service.space as s; print(s.__file__); print(s.DEFAULT_SPACE_DIR)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
     assert where.returncode == 0, where.stderr[-3000:]
     module, space_dir = where.stdout.split()
     assert Path(module).is_relative_to(env_dir) and Path(space_dir).is_relative_to(env_dir), where.stdout
+    return py, elsewhere, env
+
+
+def test_installed_wheel_plans_the_default_search_from_another_folder(installed):
+    py, elsewhere, env = installed
     p = subprocess.run([str(py), "-m", "sctune.search", "--stage", "plan"], cwd=elsewhere, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     assert "[plan] stage 1:" in p.stdout and "1221 training samples" in p.stdout, p.stdout  # digits
     assert not (elsewhere / "sctune_results").exists()  # a dry run writes nothing
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_installed_wheel_runs_the_default_search_from_another_folder(installed, tmp_path, ray_tmp):
+    """The whole default search (the embedded digits space, the default budget of 8 FTE, ~50 s on 2 cores)
+    from the installed wheel: the three stages run and the answer is printed."""
+    py, elsewhere, env = installed
+    storage = tmp_path / "storage"
+    env = dict(env, RAY_TMPDIR=str(ray_tmp), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    p = subprocess.run([str(py), "-m", "sctune.search", "--storage-path", str(storage), "--name", "digits"],
+                       cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    best = json.loads((storage / "digits" / "best.json").read_text())
+    runs = best["final"]["runs"]
+    assert runs and all(0.0 <= r["test/acc"] <= 1.0 for r in runs if not r["diverged"]), runs
+    m = re.search(r"^Expected accuracy: ([\d.]+) \(test accuracy", p.stdout, flags=re.M)
+    assert m and 0.0 <= float(m.group(1)) <= 1.0, p.stdout[-3000:]
+    assert "Super-convergence" in p.stdout and "optimizer = torch.optim.SGD(" in p.stdout, p.stdout[-3000:]
+    assert not (elsewhere / "sctune_results").exists()  # --storage-path is honoured

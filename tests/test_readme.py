@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,7 +23,16 @@ import pytest
 from sctune import TaskConfig, TrainConfig, build_model, load_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.readme_examples import readme_example, run_example, with_seed  # noqa: E402
+from benchmarks.readme_examples import (  # noqa: E402
+    default_rows,
+    numbers,
+    readme_default_block,
+    readme_example,
+    run_default,
+    run_example,
+    shape,
+    with_seed,
+)
 
 NUM = r"(-?\d+(?:\.\d+)?(?:e[-+]?\d+)?)"
 # One regex per printed line of the API example; named groups are the numbers and words compared.
@@ -128,3 +138,121 @@ def test_with_seed_changes_every_seed_the_example_sets(seed):
     code, _ = readme_example()
     changed = with_seed(code, seed)
     assert "seed=0" not in changed and f"seed={seed}" in changed and f"TrainConfig(seed={seed}," in changed
+
+
+# -- the "What you get" block: the default CLI run -------------------------------------------------------
+#
+# benchmarks/readme_examples.py --default ran ``python -m sctune.search`` at seeds 0-3, twice (8 runs at load 4-10;
+# benchmarks/results/readme_default.json holds the second four, BENCHMARKS.md section 8 both). Its words were the
+# same on every run (the results folder, the best trial's id and the snippet's optional dropout clause aside,
+# see split_default); the measured numbers set the tolerances below, about 1.5x each range. Of the progress
+# lines only each stage's last is compared: how many lines a stage prints, and its elapsed time and ETA, depend
+# on the machine's speed and load, so wall times are never compared. Stage 1's cost is measured as it runs
+# (0.89-1.02 FTE), and what it leaves sets how many schedules the halving search completes (19-22) and the FTE
+# they spend (5.08-6.00), hence the total (7.10-7.96). The searched hyperparameters (the recommended
+# configuration and the snippet built from it) are whatever the search found best: two runs can pick points
+# far apart in the space (annihilation_factor 16-1000 over 4 seeds), so a printed value is only held to the
+# search space's range ("in", lo, hi), at the README's bounds (max_lr: [0.1, 1] x the bound 3, stretched to 2 x
+# the ramp's end 3 as the bound is a lower bound; weight decay: [prior / 1000, prior x 10] for either prior).
+MAX_LR, DIV, ANNIHILATION = ("in", 0.3, 6.0), ("in", 3.0, 20.0), ("in", 10.0, 1000.0)
+MIN_LR = ("in", 0.3 / 20, 6.0 / 3)  # max_lr / div_factor
+FINAL_LR = ("in", 0.3 / 20 / 1000, 6.0 / 3 / 10)  # min_lr / annihilation_factor
+MAX_MOM, MIN_MOM, WD = ("in", 0.9, 0.97), ("in", 0.8, 0.9), ("in", 1e-8, 1e-3)
+STAGE1_FTE = ("abs", 0.2)  # 0.89-1.02
+LATER_FTE = ("abs", 1.4)  # the search's and the total's FTE: 5.08-6.00 and 7.10-7.96
+SCHEDULES = ("abs", 5)  # 19-22 complete schedules
+VAL_TAIL = ("abs", 0.02)  # best val/acc_tail 0.986-0.995 (216 validation images: one is 0.0046)
+TEST_ACC = ("abs", 0.015)  # one final seed: 0.992-1.000 (360 test images: one is 0.0028)
+BAND = [("abs", 0.05), ("factor", 3.0), ("rel", 0.25), ("factor", 3.0), ("abs", 15.0), ("exact",), ("exact",)]
+# (the README line's start, a tolerance per number on it); a line not listed must print the same numbers
+DEFAULT_TOLERANCES = [
+    ("[range] 2/2 done", [("exact",)] * 3 + [STAGE1_FTE, ("exact",)]),
+    ("[search] ", [SCHEDULES] + [("exact",)] * 3 + [VAL_TAIL, LATER_FTE, ("exact",)]),
+    ("[final] ", [("exact",)] * 3 + [TEST_ACC] + [("exact",)] * 2 + [LATER_FTE, ("exact",)]),
+    # bounds as the API example's; two weight decays are tested, either may give the prior
+    ("[range] LR bounds:", [("rel", 0.25), ("rel", 0.25), ("factor", 10.0)]),
+    ("[range] max_lr is a lower bound", []), ("[range] max_lr ", [("rel", 0.25)]),
+    ("[range] recommended max_lr", [("rel", 0.25), ("exact",), ("factor", 3.0)]),
+    ("[range] Super-convergence", BAND),  # the band's level measured 0.753-0.784; learn LR as the API example
+    ("[range] cost:", [STAGE1_FTE]),
+    ("Recommended configuration", [VAL_TAIL, ("exact",)]),
+    ("  max_lr ", [MAX_LR]), ("  div_factor ", [DIV]), ("  cycle_frac ", [("in", 0.75, 0.95)]),
+    ("  annihilation_factor ", [ANNIHILATION]), ("  max_momentum ", [MAX_MOM]), ("  min_momentum ", [MIN_MOM]),
+    ("  weight_decay ", [WD]), ("  dropout ", [("in", 0.0, 0.3)]), ("  min_lr ", [MIN_LR]),
+    ("  final_lr ", [FINAL_LR]),
+    ("Expected accuracy:", [TEST_ACC, ("exact",)]),
+    ("  params = ", [WD, ("exact",)]),
+    ("  optimizer = torch.optim.SGD(", [MIN_LR, MAX_MOM]),
+    ("      optimizer, max_lr=", [MAX_LR, ("exact",)]),
+    ("      pct_start=", [("in", 0.75 / 2, 0.95 / 2)]),  # cycle_frac / 2 (three phases)
+    ("      div_factor=", [DIV, ANNIHILATION]),
+    ("      cycle_momentum=", [MIN_MOM, MAX_MOM]),
+    ("LR bounds (stage 1):", [("exact",), ("rel", 0.25), ("rel", 0.25), ("factor", 10.0)]),
+    ("Super-convergence", BAND),
+    ("Compute:", [LATER_FTE, STAGE1_FTE, LATER_FTE, ("exact",), ("exact",)]),  # final 1.00 on all runs
+]
+
+
+def _within_default(tol: tuple, shown: float, printed: float) -> bool:
+    if tol[0] == "exact":
+        return printed == shown
+    if tol[0] == "in":
+        return tol[1] - 1e-12 <= printed <= tol[2] + 1e-12
+    return _within(tol[0], tol[1], shown, printed)
+
+
+def compare_default(shown: list[str], printed: list[str]) -> list[str]:
+    """Every difference between the README's default-run block and a run's output that the tolerances do not
+    allow: the words of every line (each stage's last progress line and every other line) exactly, the
+    numbers within DEFAULT_TOLERANCES."""
+    want, got = default_rows(shown), default_rows(printed)
+    if len(want) != len(got):
+        return [f"{len(got)} lines to compare printed, the README shows {len(want)}"]
+    problems = []
+    for a, b in zip(want, got, strict=True):
+        if shape(a) != shape(b):
+            problems.append(f"words differ: README {a!r}, printed {b!r}")
+            continue
+        tols = next((t for start, t in DEFAULT_TOLERANCES if a.startswith(start)), None)
+        na, nb = numbers(a), numbers(b)
+        tols = tols if tols is not None else [("exact",)] * len(na)
+        assert len(tols) == len(na), f"DEFAULT_TOLERANCES has {len(tols)} tolerances for {a!r}"
+        for tol, x, y in zip(tols, na, nb, strict=True):
+            if not _within_default(tol, x, y):
+                problems.append(f"{y} printed, README {x} ({tol}): {b!r}")
+    return problems
+
+
+def test_default_block_tolerances_fit_the_readme_and_catch_changes():
+    """Without a run: every tolerance fits its README line and the README's own searched values lie in the
+    space; another word, a number past its tolerance or a missing line is reported."""
+    shown = readme_default_block()
+    assert compare_default(shown, shown) == []
+    rows = default_rows(shown)
+    assert len([r for r in rows if r.startswith(("[range] ", "[search] ", "[final] ")) and " done " in r]) == 3
+    assert compare_default(shown, shown[:-1])
+    assert compare_default(shown, [ln.replace("Super-convergence likely", "Super-convergence unlikely")
+                                   for ln in shown])
+    changed = [re.sub(r"^Expected accuracy: [\d.]+", "Expected accuracy: 0.9000", ln) for ln in shown]
+    assert [p for p in compare_default(shown, changed) if "0.9 printed" in p], compare_default(shown, changed)
+    changed = [re.sub(r"^  div_factor( +)[\d.]+$", r"  div_factor\g<1>25.0", ln) for ln in shown]
+    assert compare_default(shown, changed)
+    # the clock fields are not compared: another elapsed time and ETA pass
+    assert compare_default(shown, [re.sub(r"\| \d+s$", "| 9m59s", ln) for ln in shown]) == []
+
+
+@pytest.fixture(scope="module")
+def default_run():
+    rc, lines, wall, cwd = run_default()
+    shutil.rmtree(cwd, ignore_errors=True)
+    return rc, lines
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_default_run_prints_what_the_readme_shows(default_run):
+    """``python -m sctune.search`` from an empty folder (~1 min on 2 cores) against the README's "What you get"."""
+    rc, printed = default_run
+    assert rc == 0, "\n".join(printed[-40:])
+    problems = compare_default(readme_default_block(), printed)
+    assert problems == [], "\n".join(problems + ["", *printed])

@@ -164,8 +164,17 @@ def test_task_only_file_runs_end_to_end_and_beats_adam(tmp_path, monkeypatch, na
     assert re.search(r"^\[final\]", p.stderr, flags=re.M), p.stderr[-2000:]
     sys.modules.pop("wine_task", None)  # imported by the baseline: the next case's project has its own
     if name == "wine" and statistics.mean(ours) < statistics.mean(base) - tol:
-        # Known gap, measured: sctune 0.969 +- 0.011 vs Adam 1.000 +- 0 on 54 test samples. Two trials tie on
-        # the 38 validation samples (0.9737) and the first, with dropout 0.27, is kept; the same configuration
-        # with dropout 0 tests at 1.000 over 3 seeds. Selection among ties on tiny data is open (issue 19).
+        # Known gap, measured (issue 19), not fixed: Adam 1e-3 tests at 0.998 +- 0.007 over 8 seeds (one test
+        # sample of 54 is 0.0185). This run at --seed 0, 1, 2 tested at 0.963 +- 0.052, 0.954 +- 0.013 and
+        # 0.981 +- 0.026 (its 6 final seeds: 0.926-1.000, mean 0.966). The 38 validation samples cannot rank the
+        # trials (they score 0.85-0.97 there, Adam's own runs 0.92-0.97, while the test split reaches 1.000), so
+        # the pick stays near the recipe point: max_lr = stage 1's bound / 4 (0.072 of 0.29 at seed 0), dropout
+        # 0.15. The LR is what costs: over 8 seeds at batch 8 that point tests at 0.970 +- 0.037; at max_lr 0.05
+        # 0.995 +- 0.009, at 0.036 (bound / 8) 0.998 +- 0.007 (with dropout 0.27 there: 0.991 +- 0.020), while
+        # dropout 0 at 0.072 gives 0.995 +- 0.013. Data-scaled defaults tried end to end (3 search seeds each) did
+        # not close it: dropout in [0, 0.1] gave 0.981, 1.000 (1 seed) and 0.963; batch 16 gave 0.981, 0.972, and
+        # once a stage 1 that read max_lr only as a lower bound (3), whose final seeds diverged; a longer range
+        # test (120 steps) reads the same bounds (max 0.23-0.40); at 240 steps the loss never diverged and it read
+        # max 3, the ramp's end. Open: the recommended max_lr on a model that cannot take large LRs.
         pytest.xfail(f"wine: sctune {statistics.mean(ours):.3f} vs Adam {statistics.mean(base):.3f} (tol {tol:.3f})")
     assert statistics.mean(ours) >= statistics.mean(base) - tol, (ours, base)

@@ -89,6 +89,9 @@ class ProgressLines:
             _ACTIVE["live"] = _LiveBlock()
 
     def on_experiment_end(self, trials, **info):
+        # the stage's last state, if the last completion was not shown (a search's total is not known ahead)
+        self._recount(trials)
+        self._print(force=True)
         live = _ACTIVE.pop("live", None)
         if live is not None:
             live.stop()
@@ -117,12 +120,17 @@ class ProgressLines:
         self.running = sum(st == "RUNNING" for t, st in states if t is not finished)
         for t, st in states:
             if st == "TERMINATED" and self.metric:
-                self._offer(t.last_result or {}, t)
+                self._offer(t.last_result or {}, t, finished=True)
 
-    def _offer(self, result: dict, trial=None) -> bool:
+    def _offer(self, result: dict, trial=None, finished: bool = False) -> bool:
         v = result.get(self.metric)
-        if self.stage == "final" and trial is not None and isinstance(v, (int, float)) and math.isfinite(v):
+        ran = self.epochs is None or int(result.get("epoch", 0) or 0) >= self.epochs
+        if self.stage == "final":  # the seeds' mean so far, never the best seed's value
+            if trial is None or not (finished or ran) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                return False
+            new = self.values.get(trial.trial_id) != float(v)
             self.values[trial.trial_id] = float(v)
+            return new
         if self.epochs is not None and int(result.get("epoch", 0) or 0) < self.epochs:
             return False  # a trial still running (or pruned): not comparable with a finished one
         if isinstance(v, (int, float)) and math.isfinite(v) and not result.get("diverged"):
@@ -169,7 +177,8 @@ class ProgressLines:
             f["extra"] = f"({self.errored} errored{rec})"
         if self.stage == "final" and self.values:
             vals = list(self.values.values())
-            f["best"] = f"mean {self.metric} {sum(vals) / len(vals):.4f} over {len(vals)} seed(s)"
+            of = f" of {self.total}" if self.total is not None else ""  # "1 of 2": the mean is not final yet
+            f["best"] = f"mean {self.metric} {sum(vals) / len(vals):.4f} over {len(vals)}{of} seed(s)"
         elif self.best is not None and self.metric:
             f["best"] = f"best {self.metric} {self.best:.4f}"
         spent = self.fte_spent
@@ -216,7 +225,7 @@ class ProgressLines:
         before = self.fte_spent
         self._count(trial, result)
         # a line per new best, and per half FTE spent (a 200-epoch trial reports 200 times)
-        if (self.metric and self._offer(result)) or (
+        if (self.metric and self._offer(result, trial)) or (
                 self.stage != "range"  # a range test reports once, as it completes: that line follows
                 and before is not None and math.floor(2 * self.fte_spent) > math.floor(2 * before)):
             self._print()
@@ -224,8 +233,10 @@ class ProgressLines:
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._count(trial, trial.last_result or {})
         self._recount(trials, finished=trial)
-        self._offer(trial.last_result or {}, trial)
-        self._print(force=self.running == 0, gap=COMPLETION_GAP_S)
+        self._offer(trial.last_result or {}, trial, finished=True)
+        # the stage's end always shows; "0 running" alone is not one: the halving search starts its next
+        # schedule only after one completes (a piped default run printed all 22 completions under load)
+        self._print(force=self.total is not None and self.done >= self.total, gap=COMPLETION_GAP_S)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._recount(trials, finished=trial, errored=True)

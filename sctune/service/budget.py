@@ -163,7 +163,21 @@ def plan_compute(spec, sizes: dict[str, int] | None, *, budget: float | None = N
     return spec, plan
 
 
-HALVING = "spent as complete one-cycles of 1/8, 1/4, 1/2 and all of the training, the top half promoted"
+def halving_text(search_fte: float) -> str:
+    """How the halving search spends ``search_fte`` (``searchers.HalvingSearcher``): the recipe in full
+    first (the anchor), then the ladder over the lengths ``fidelity.rungs_for_budget`` leaves it."""
+    from fractions import Fraction
+
+    from .fidelity import RUNG_FRACTIONS, rungs_for_budget
+
+    if search_fte < 2:
+        return "Smith's recipe point, trained in full (too little for a second configuration)"
+    rungs = rungs_for_budget(RUNG_FRACTIONS, search_fte - 1)
+    if len(rungs) == 1:
+        return "Smith's recipe point in full first, then full trainings of new configurations"
+    names = [str(Fraction(f).limit_denominator(64)) for f in rungs[:-1]]
+    return (f"Smith's recipe point in full first, then complete one-cycles of {', '.join(names)} and all of the "
+            "training, the top half promoted")
 
 
 def _f(v: float | None, fmt: str = ".2f") -> str:
@@ -181,11 +195,12 @@ def format_plan(plan: dict[str, Any]) -> list[str]:
                  f"seed(s)) x {r['iterations_each']:,} iterations = {r['iterations']:,} iterations = "
                  f"{_f(r['fte'])} FTE of training steps; its held-out evaluations add to it (measured as it runs)")
     if s["fte"] is not None:
-        how = (HALVING if s.get("scheduler", "halving") == "halving" else "trials start while a full run still fits")
+        how = (halving_text(s["fte"]) if s.get("scheduler", "halving") == "halving"
+               else "trials start while a full run still fits")
         lines.append(f"search:  {_f(s['fte'])} FTE (what the budget leaves after stage 1 and the final fit; {how})")
     elif s.get("scheduler", "halving") == "halving":
         lines.append(f"search:  {s['fte_without_budget']:.0f} FTE (search.num_samples full trainings' worth; "
-                     f"{HALVING})")
+                     f"{halving_text(s['fte_without_budget'])})")
     else:
         lines.append(f"search:  at most {s['max_trials']} trials = {s['fte_without_budget']:.0f} FTE if none is "
                      "pruned")

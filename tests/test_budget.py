@@ -67,7 +67,7 @@ def test_a_run_without_a_budget_gets_the_default_and_a_smoke_run_keeps_its_own()
     total = plan["range"]["fte"] + plan["search"]["fte"] + plan["final"]["fte"]
     assert total == pytest.approx(DEFAULT_BUDGET_FTE)
     lines = "\n".join(format_plan(plan))
-    assert "the default budget" in lines and "complete one-cycles of 1/8, 1/4, 1/2 and all" in lines
+    assert "the default budget" in lines and "recipe point in full first, then complete one-cycles of 1/2 and all" in lines
     given, plan = make_plan(DIGITS.with_search(budget=12.0), default_budget=True)
     assert given.search.budget == 12.0 and not plan["budget_default"]  # a budget given wins
     smoke = load_space(REPO / "search_spaces" / "digits.yaml", smoke=True)

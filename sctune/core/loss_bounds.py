@@ -127,6 +127,17 @@ def _descent_checks(method: str, c: _LossCurve, *, divisor: float, flat_tol: flo
     return None
 
 
+def _descent(method: str, lr: ArrayLike, loss: ArrayLike, *, divisor: float, window: int, min_points: int,
+             flat_tol: float, noise_tol: float) -> _LossCurve | LRBounds:
+    """The prepared curve of a descent-reading finder (steepest, valley), or the no-bounds result that its
+    prelude or descent checks gave."""
+    c = _loss_prelude(method, lr, loss, divisor=divisor, window=window, min_points=min_points, flat_tol=flat_tol)
+    if isinstance(c, LRBounds):
+        return c
+    bad = _descent_checks(method, c, divisor=divisor, flat_tol=flat_tol, noise_tol=noise_tol)
+    return c if bad is None else bad
+
+
 def _loss_confidence(c: _LossCurve, noise_tol: float) -> float:
     """(1 - exp(-n / 20)) x (1 - noise_ratio / noise_tol), clipped to [0, 1]."""
     noise_factor = max(0.0, 1.0 - c.noise_ratio / noise_tol) if noise_tol > 0 else 1.0
@@ -188,12 +199,10 @@ def suggest_steepest(lr: ArrayLike, loss: ArrayLike, *, divisor: float = MIN_LR_
     if not (math.isfinite(span_decades) and span_decades >= 0):
         raise ValueError(f"span_decades must be a finite number >= 0, got {span_decades!r}")
     method = "steepest"
-    c = _loss_prelude(method, lr, loss, divisor=divisor, window=window, min_points=min_points, flat_tol=flat_tol)
+    c = _descent(method, lr, loss, divisor=divisor, window=window, min_points=min_points, flat_tol=flat_tol,
+                 noise_tol=noise_tol)
     if isinstance(c, LRBounds):
         return c
-    bad = _descent_checks(method, c, divisor=divisor, flat_tol=flat_tol, noise_tol=noise_tol)
-    if bad is not None:
-        return bad
     slope = _local_slope(np.log10(c.lr), c.loss, half_width=span_decades / 2, min_side=max(1, window // 2))
     idx = int(np.nanargmin(slope))
     return _loss_ok(method, c, idx, float(c.lr[idx]), divisor, _loss_confidence(c, noise_tol),
@@ -238,12 +247,10 @@ def suggest_valley(lr: ArrayLike, loss: ArrayLike, *, divisor: float = MIN_LR_DI
     if not (math.isfinite(frac) and 0 <= frac <= 1):
         raise ValueError(f"frac must be in [0, 1], got {frac!r}")
     method = "valley"
-    c = _loss_prelude(method, lr, loss, divisor=divisor, window=window, min_points=min_points, flat_tol=flat_tol)
+    c = _descent(method, lr, loss, divisor=divisor, window=window, min_points=min_points, flat_tol=flat_tol,
+                 noise_tol=noise_tol)
     if isinstance(c, LRBounds):
         return c
-    bad = _descent_checks(method, c, divisor=divisor, flat_tol=flat_tol, noise_tol=noise_tol)
-    if bad is not None:
-        return bad
     start, end = longest_decreasing(c.smoothed)
     # the fraction is taken in log10(lr), not in points, so linear and exponential sweeps agree
     x = np.log10(c.lr)

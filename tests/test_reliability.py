@@ -232,7 +232,7 @@ def test_driver_killed_at_three_points_resumes_without_rerunning(tmp_path, ray_t
     assert len(summary) == 3 and set(summary["trial_id"]) == set(search_trials), (summary, search_trials)
     assert summary["status"].isin(["completed"]).all(), summary
     assert set(at_k3) <= set(search_trials)
-    trial_dirs = [p for p in (exp / "ray" / "search").iterdir() if p.is_dir() and p.name.startswith("onecycle")]
+    trial_dirs = [p for p in (exp / "ray" / "search").iterdir() if p.is_dir() and p.name.startswith("train_trial_")]
     assert len(trial_dirs) == 3, trial_dirs
     runs = _tb_runs(exp, "search")
     assert set(runs) == set(summary["trial_id"]), "TensorBoard runs of trials the resumed search does not know"
@@ -315,7 +315,7 @@ def test_trial_finished_before_tune_recorded_it_resumes_as_completed(tmp_path, r
     for f in search.glob("experiment_state-*.json"):  # Tune's state as it was at epoch 2 ...
         f.unlink()
     state_file.write_text(stale)
-    (trial_dir,) = [p for p in search.iterdir() if p.is_dir() and p.name.startswith("onecycle")]
+    (trial_dir,) = [p for p in search.iterdir() if p.is_dir() and p.name.startswith("train_trial_")]
     shutil.rmtree(trial_dir / "checkpoint_000001")  # ... and the checkpoint it names, gone
 
     final = run_cli([*common, "--resume"], env=env, log_dir=tmp_path, tag="resume", timeout=300)
@@ -409,7 +409,7 @@ def test_every_torch_load_is_weights_only_and_yaml_is_safe():
     import re
 
     calls = []
-    for f in sorted(SCTUNE.glob("*.py")):
+    for f in sorted(SCTUNE.rglob("*.py")):
         text = f.read_text()
         for m in re.finditer(r"torch\.load\(", text):
             depth, i = 1, m.end()

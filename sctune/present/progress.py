@@ -89,8 +89,11 @@ class ProgressLines:
             _ACTIVE["live"] = _LiveBlock()
 
     def on_experiment_end(self, trials, **info):
-        # the stage's last state, if the last completion was not shown (a search's total is not known ahead)
-        self._recount(trials)
+        # the stage's last state, if the last completion was not shown (a search's total is not known ahead).
+        # Not recounted after a stop (a signal, a full disk): Tune then marks the trials it stopped as
+        # finished, and the counts would say they completed
+        if not (GUARD.requested or GUARD.pending is not None):
+            self._recount(trials)
         self._print(force=True)
         live = _ACTIVE.pop("live", None)
         if live is not None:

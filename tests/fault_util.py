@@ -348,8 +348,21 @@ def tune_trials(stage_dir: Path) -> dict[str, dict[str, Any]]:
         if isinstance(config, str):
             config = json.loads(config)
         out[state["trial_id"]] = {"status": state["status"], "epoch": int(last.get("epoch", 0) or 0),
-                                  "num_failures": int(meta.get("num_failures", 0) or 0), "config": config}
+                                  "num_failures": int(meta.get("num_failures", 0) or 0), "config": config,
+                                  "checkpoint": _latest_checkpoint(meta)}
     return out
+
+
+def _latest_checkpoint(meta: dict) -> str | None:
+    """The folder name of the checkpoint Tune's state records as the trial's latest (what --resume restores
+    from), read from its checkpoint manager; None if there is none or the format is not readable."""
+    try:
+        import ray.cloudpickle as cloudpickle
+
+        latest = cloudpickle.loads(bytes.fromhex(meta["checkpoint_manager"]["value"])).latest_checkpoint_result
+        return None if latest is None else Path(latest.checkpoint.path).name
+    except Exception:
+        return None
 
 
 def tb_event_files(run_dir: Path) -> list[Path]:

@@ -147,10 +147,14 @@ def test_ctrl_c_in_search_is_a_pause_one_run_per_experiment_damaged_checkpoint_n
     tid, at = next((t, v) for t, v in unfinished.items() if v["epoch"] >= 2)
     steps_done = {t: tb_steps(exp / "tensorboard" / "search" / t, TRAIN_LOSS) for t in done}
 
-    # a damaged checkpoint: random bytes in the interrupted trial's newest state file (the one Tune recorded)
+    # a damaged checkpoint: random bytes in the interrupted trial's newest state file, the one Tune's saved
+    # state names (what --resume restores from; Tune may save once more as the driver stops, so it is read
+    # from the state, not guessed from the epoch)
     (trial_dir,) = (exp / "ray" / "search").glob(f"*_{tid}_*")
-    damaged = trial_dir / f"checkpoint_{at['epoch'] - 1:06d}" / "state.pt"
-    assert damaged.is_file() and (trial_dir / f"checkpoint_{at['epoch'] - 2:06d}" / "state.pt").is_file()
+    assert at["checkpoint"], at
+    damaged = trial_dir / at["checkpoint"] / "state.pt"
+    older = [c for c in trial_dir.glob("checkpoint_*") if c.name < at["checkpoint"] and (c / "state.pt").is_file()]
+    assert damaged.is_file() and older, (damaged, older)
     damaged.write_bytes(os.urandom(4096))
 
     res = run_cli([*common, "--resume"], env=env, log_dir=tmp_path, tag="resume", timeout=400)

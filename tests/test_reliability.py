@@ -209,9 +209,12 @@ def test_driver_killed_at_three_points_resumes_without_rerunning(tmp_path, ray_t
     at_k3 = killed("k3", [*common, "--resume"], "a finished and a running search trial", search_partly_done)
     steps_k3 = at_k3.pop("_steps")
     # 6: the checkpoint Tune recorded last for a running trial goes missing (one checkpoint per epoch)
-    lost_tid, lost = next((t, v) for t, v in at_k3.items() if v["status"] == "RUNNING" and v["epoch"] >= 2)
+    # (read from Tune's state as the kill left it: it may have saved once more after the snapshot)
+    after_kill = tune_trials(exp / "ray" / "search")
+    lost_tid, lost = next((t, v) for t, v in after_kill.items() if v["status"] == "RUNNING" and v["epoch"] >= 2
+                          and v["checkpoint"])
     (trial_dir,) = (exp / "ray" / "search").glob(f"*_{lost_tid}_*")
-    shutil.rmtree(trial_dir / f"checkpoint_{lost['epoch'] - 1:06d}")
+    shutil.rmtree(trial_dir / lost["checkpoint"])
 
     final = run_cli([*common, "--resume"], env=env, log_dir=tmp_path, tag="resume", timeout=300)
     assert final.proc.returncode == 0, final.stderr[-3000:]

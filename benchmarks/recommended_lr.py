@@ -16,6 +16,7 @@ where it lands on the measured accuracy-vs-max_lr curve and by how much it moves
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -30,7 +31,9 @@ NAME = "recommended_lr"
 # regime, and digits with a 0 -> 10 ramp (like issue 18's held-out task: the band then reaches LR ~4-8)
 TASKS = {"digits": ("digits.yaml", None, {}), "mnist1d": ("mnist1d.yaml", None, {}),
          "mnist1d_1000": ("mnist1d.yaml", 1000, {}),
-         "digits_ramp10": ("digits.yaml", None, {"end_lr": 10.0, "num_iter": 120, "eval_every": 8})}
+         "digits_ramp10": ("digits.yaml", None, {"end_lr": 10.0, "num_iter": 120, "eval_every": 8}),
+         # a task-only file (every section filled from the data): a band 20x wide without the signature
+         "wine": ("benchmarks/spaces/wine.yaml", None, {})}
 # the grid: log-fractions of the band [learn_lr, top_lr] (< 0: below where the model learned; > 1: above the top)
 GRID_T = (-1.5, -0.75, 0.0, 0.33, 0.67, 1.0, 1.3)
 
@@ -40,7 +43,7 @@ def _spec(space: str, subset: int | None, ramp: dict[str, Any]):
     from sctune.service.budget import plan_compute
     from sctune.service.space import load_space
 
-    spec = load_space(REPO / "search_spaces" / space)
+    spec = load_space(REPO / space if "/" in space else REPO / "search_spaces" / space)
     if subset is not None:
         spec = dataclasses.replace(spec, base=spec.base.with_flat(train_subset=subset))
     if ramp:
@@ -121,12 +124,14 @@ def run_task(name: str, *, seeds: int, stage1_seeds: int, grid_t: tuple[float, .
         log(f"{name} stage1 seed {s['seed']}: {s['rules']}")
     ref = s1[0]["rules"]
     learn, top = ref["learn_lr"], ref["top_lr"]
-    # the band grid, plus each stage-1 seed's recommended max_lr itself (trained, not interpolated)
+    # the band grid, plus each stage-1 seed's recommended max_lr and its max_lr / 4 (the CLR min bound, the
+    # recommendation's starting point) themselves (trained, not interpolated)
     points = {learn * (top / learn) ** t: t for t in grid_t}
     for s in s1:
-        rec = (s["rules"] or {}).get("recommended_max_lr")
-        if rec is not None and all(abs(rec / lr - 1) > 1e-6 for lr in points):
-            points[rec] = None
+        for key in ("recommended_max_lr", "top/4"):
+            rec = (s["rules"] or {}).get(key)
+            if rec is not None and all(abs(rec / lr - 1) > 1e-6 for lr in points):
+                points[rec] = None
     grid = sorted(points)
     runs = []
     for lr in grid:
@@ -158,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage1-seeds", type=int, default=3, help="stage-1 repeats (for the rules' stability)")
     p.add_argument("--grid", type=float, nargs="+", default=list(GRID_T),
                    help="grid of max_lr as log-fractions of the band [learn_lr, top_lr]")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the other tasks of the existing result file (each task records its own git commit "
+                        "and date)")
     args = p.parse_args(argv)
     if args.quick:
         settings = {"tasks": ["digits"], "seeds": 1, "stage1_seeds": 1, "grid_t": (0.0, 0.5, 1.0), "epochs": 2}
@@ -166,10 +174,18 @@ def main(argv: list[str] | None = None) -> int:
                     "grid_t": tuple(args.grid), "epochs": None}
     payload = envelope(NAME, args, settings)
     t0 = time.perf_counter()
-    payload["results"] = {"tasks": []}
+    kept = []
+    old_path = out_dir(args) / f"{NAME}.json"
+    if args.keep and old_path.exists():
+        old = json.loads(old_path.read_text())
+        measured = {k: old["machine"].get(k) for k in ("git_commit", "date_utc")}
+        kept = [{"measured": measured} | t for t in old["results"]["tasks"] if t["task"] not in settings["tasks"]]
+    payload["results"] = {"tasks": list(kept)}
+    measured = {k: payload["machine"].get(k) for k in ("git_commit", "date_utc")}
     for t in settings["tasks"]:  # written after each task: a long run keeps what it measured
-        payload["results"]["tasks"].append(run_task(t, seeds=settings["seeds"], stage1_seeds=settings["stage1_seeds"],
-                                                    grid_t=settings["grid_t"], epochs=settings["epochs"]))
+        payload["results"]["tasks"].append({"measured": measured} | run_task(
+            t, seeds=settings["seeds"], stage1_seeds=settings["stage1_seeds"], grid_t=settings["grid_t"],
+            epochs=settings["epochs"]))
         payload["results"]["wall_s"] = time.perf_counter() - t0
         payload["loadavg_at_end"] = loadavg()
         path: Path = write_result(out_dir(args), NAME, payload)

@@ -17,6 +17,10 @@ The numbers, and why:
   ``RANGE_TEST_EVALS`` times; the measured cost adds the evaluations
   (digits: 0.63 planned, 0.93 measured), so stage 1 stays under 1 FTE. Two weight decays below 10,000
   training samples (stage 2 searches a decade around the prior anyway), three from there on.
+* final fit: 3 seeds; on train + validation (``final.refit``) where validation holds at least
+  ``REFIT_VAL_FRAC`` of the data (small data, where the split above was raised): leaving 38 of wine's 124
+  samples out of the answer's training cost it, measured over 16 seeds at the recipe point (max_lr 0.043,
+  dropout 0.15): 0.993 +- 0.016 (worst 0.944) on train alone, 0.992 +- 0.009 (worst 0.981) with them.
 * space: around stage 1, as the shipped files: max_lr in [bound/10, bound] (log), div_factor in [3, 20]
   (log), weight decay 3 decades below to 1 above the prior (log), dropout in [0, 0.3].
 """
@@ -47,6 +51,7 @@ EVAL_SHARE = 0.5
 MIN_EVAL_SAMPLES = 64
 RAMP_DECADES = 4
 MANY_SAMPLES = 10_000
+REFIT_VAL_FRAC = 0.25
 
 DEFAULT_SPACE = {
     "max_lr": {"type": "float", "low": 0.1, "high": 1.0, "log": True, "scale": "max_lr_bound"},
@@ -156,6 +161,12 @@ def fill_missing(raw: Mapping[str, Any], file: str = "<space>") -> tuple[dict[st
     if "final" in missing:
         doc["final"] = {"seeds": 3}
         notes.append("final.seeds: 3 (the recommendation's accuracy is a mean +- std over 3 seeds)")
+        val_frac = float(doc["task"].get("val_frac", TaskConfig().val_frac))
+        if val_frac >= REFIT_VAL_FRAC:
+            doc["final"]["refit"] = True
+            notes.append(f"final.refit: true (validation holds {val_frac:.0%} of the training data: once the search "
+                         "has picked, the final fit trains on train + validation, as many iterations as a trial; "
+                         "the test split stays held out)")
     if "search" in missing:
         doc["search"] = {}
         notes.append("search: sctune's defaults (16 trials, 2 at once, ASHA at the cycle's end)")

@@ -109,10 +109,18 @@ def check_recommended_lr(res: dict, out: Path) -> None:
     assert all(g["n"] >= 1 for g in grid)
 
 
+def check_task_only(res: dict, out: Path) -> None:
+    (run,) = res["runs"]
+    assert run["task"] == "wine" and len(run["sctune_test_acc"]) == len(run["adam_test_acc"]) == len(run["final_seeds"])
+    assert 0 < run["stage1_fte"] <= run["total_fte"] and set(res["summary"]) == {"wine"}
+    assert run["recommended"]["max_lr"] > 0 and run["recommended"]["batch_size"] == 8  # filled from the data
+
+
 CHECKS = {"search_efficiency": check_search_efficiency, "fidelity_rank": check_fidelity_rank,
           "super_convergence": check_super_convergence,
           "overhead": check_overhead, "data_path": check_data_path, "end_to_end": check_end_to_end,
-          "readme_examples": check_readme_examples, "recommended_lr": check_recommended_lr}
+          "readme_examples": check_readme_examples, "recommended_lr": check_recommended_lr,
+          "task_only": check_task_only}
 
 
 @pytest.mark.ray

@@ -54,6 +54,8 @@ def test_task_only_file_gets_defaults_scaled_to_the_data(tmp_path, monkeypatch):
     # 124 train+val samples: 15% would leave 19 to rank trials on; at least 30% is held out
     assert spec.base.task.val_frac == pytest.approx(0.3) and "val_frac" in notes
     assert spec.final.refit and "final.refit: true" in notes  # 30% held out: the answer trains on it too
+    # 38 validation samples: accuracy ties trials a sample apart, the loss ranks them
+    assert (spec.search.metric, spec.search.mode) == ("val/loss", "min") and "search.metric: val/loss" in notes
     assert spec.base.batch_size == 8 and "fixed.batch_size: 8" in notes  # 86 training samples
     assert spec.base.schedule == "onecycle" and spec.base.optimizer == "sgd"
     assert set(spec.space) == {"max_lr", "div_factor", "weight_decay", "dropout"}
@@ -66,6 +68,14 @@ def test_task_only_file_gets_defaults_scaled_to_the_data(tmp_path, monkeypatch):
     assert load_space(REPO / "search_spaces" / "digits.yaml").filled == ()
     # --smoke works on the task-only file (a smoke section is filled too)
     assert load_space(project / "wine.yaml", smoke=True).search.num_samples == 4
+
+
+def test_larger_validation_keeps_accuracy_and_the_train_split(tmp_path):
+    """400 digits keep the full set's 216 validation samples (15%): accuracy ranks, and no refit."""
+    spec = load_space(_project(tmp_path, "digits400") / "digits400.yaml")
+    assert spec.filled and (spec.search.metric, spec.search.mode) == ("val/acc", "max")
+    assert not spec.final.refit and spec.base.task.val_frac == pytest.approx(0.15)
+    assert not any("val/loss" in n or "refit" in n for n in spec.filled)
 
 
 def test_plan_prints_what_was_filled_in(tmp_path, monkeypatch, capsys):

@@ -257,3 +257,29 @@ def test_default_run_prints_what_the_readme_shows(default_run):
     assert rc == 0, "\n".join(printed[-40:])
     problems = compare_default(readme_default_block(), printed)
     assert problems == [], "\n".join(problems + ["", *printed])
+
+
+def test_readme_benchmark_summary_quotes_the_committed_results():
+    """The Benchmarks section's figures for the newcomer's path and the wide-band recommendation are the ones
+    ``benchmarks/task_only.py`` and ``benchmarks/recommended_lr.py`` wrote (to the printed precision)."""
+    import json
+
+    root = Path(__file__).resolve().parent.parent
+    text = " ".join((root / "README.md").read_text().split())
+    res = json.loads((root / "benchmarks" / "results" / "task_only.json").read_text())["results"]["summary"]
+    m = re.search(r"tests at ([\d.]+)% against Adam's ([\d.]+)% on 400 digits, and at ([\d.]+)% against Adam's "
+                  r"([\d.]+)% on wine", text)
+    assert m, "the README's Benchmarks section no longer quotes benchmark 9"
+    quoted = [float(g) for g in m.groups()]
+    measured = [100 * res[t][arm]["mean"] for t in ("digits400", "wine") for arm in ("sctune", "adam")]
+    assert quoted == pytest.approx(measured, abs=0.051), (quoted, measured)
+    wine = next(t for t in json.loads((root / "benchmarks" / "results" / "recommended_lr.json").read_text())
+                ["results"]["tasks"] if t["task"] == "wine")
+    m = re.search(r"wine ([\d.]+)% there against ([\d.]+)-([\d.]+)% at max/4", text)
+    assert m, "the README no longer quotes benchmark 7's wine row"
+    at_rec = [g["test_acc_mean"] for g in wine["grid"] if g["recommended_by_stage1_seeds"]]
+    quarters = {round(s["rules"]["top/4"], 9) for s in wine["stage1"]}
+    at_quarter = [g["test_acc_mean"] for g in wine["grid"] if round(g["max_lr"], 9) in quarters]
+    assert float(m.group(1)) == pytest.approx(100 * min(at_rec), abs=0.051)
+    assert [float(m.group(2)), float(m.group(3))] == pytest.approx(
+        [100 * min(at_quarter), 100 * max(at_quarter)], abs=0.051)

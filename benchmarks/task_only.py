@@ -26,7 +26,8 @@ from typing import Any
 from benchmarks.common import REPO, envelope, loadavg, log, out_dir, parser, stats, write_result
 
 NAME = "task_only"
-TASKS = {"wine": "benchmarks/spaces/wine.yaml", "digits400": "benchmarks/spaces/digits400.yaml"}
+TASKS = {"wine": "benchmarks/spaces/wine.yaml", "digits400": "benchmarks/spaces/digits400.yaml",
+         "breast_cancer": "benchmarks/spaces/breast_cancer_task.yaml"}
 
 
 def _adam(space: Path, final: dict[str, Any]) -> list[float | None]:

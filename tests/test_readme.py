@@ -273,6 +273,9 @@ def test_readme_benchmark_summary_quotes_the_committed_results():
     quoted = [float(g) for g in m.groups()]
     measured = [100 * res[t][arm]["mean"] for t in ("digits400", "wine") for arm in ("sctune", "adam")]
     assert quoted == pytest.approx(measured, abs=0.051), (quoted, measured)
+    m = re.search(r"breast-cancer data both reach ([\d.]+)%", text)
+    assert m and float(m.group(1)) == pytest.approx(100 * res["breast_cancer"]["sctune"]["mean"], abs=0.051)
+    assert float(m.group(1)) == pytest.approx(100 * res["breast_cancer"]["adam"]["mean"], abs=0.051)
     wine = next(t for t in json.loads((root / "benchmarks" / "results" / "recommended_lr.json").read_text())
                 ["results"]["tasks"] if t["task"] == "wine")
     m = re.search(r"wine ([\d.]+)% there against ([\d.]+)-([\d.]+)% at max/4", text)

@@ -30,11 +30,12 @@ TASKS = {"wine": "benchmarks/spaces/wine.yaml", "digits400": "benchmarks/spaces/
          "breast_cancer": "benchmarks/spaces/breast_cancer_task.yaml"}
 
 
-def _adam(space: Path, final: dict[str, Any]) -> list[float | None]:
+def adam_baseline(spec, final: dict[str, Any]) -> list[float | None]:
+    """Adam at lr 1e-3 (constant, no weight decay or dropout, ``spec``'s model and batch) on the data the final
+    fit ``final`` (best.json's) trained on, for as many epochs, at its seeds: per seed the test accuracy (None:
+    diverged)."""
     from sctune.core.train import fit
-    from sctune.service.space import load_space
 
-    spec = load_space(space)
     cfg = spec.base.with_flat(optimizer="adam", schedule="constant", lr=1e-3, momentum=0.9, weight_decay=0.0,
                               dropout=0.0, train_on_val=bool(final["refit"]), epochs=int(final["epochs"]))
     out = []
@@ -45,6 +46,8 @@ def _adam(space: Path, final: dict[str, Any]) -> list[float | None]:
 
 
 def run_one(task: str, seed: int, extra: list[str], root: Path) -> dict[str, Any]:
+    from sctune.service.space import load_space
+
     space = REPO / TASKS[task]
     name = f"{task}_s{seed}"
     cmd = [sys.executable, "-m", "sctune.search", str(space), "--seed", str(seed), "--storage-path", str(root),
@@ -59,7 +62,7 @@ def run_one(task: str, seed: int, extra: list[str], root: Path) -> dict[str, Any
     bounds = json.loads((root / name / "range_test" / "bounds.json").read_text())
     final = best["final"]
     ours = [None if r["diverged"] else r["test/acc"] for r in final["runs"]]
-    adam = _adam(space, final)
+    adam = adam_baseline(load_space(space), final)
     log(f"{task} seed {seed}: sctune {ours}, Adam {adam} ({wall:.0f} s)")
     return {"task": task, "seed": seed, "sctune_test_acc": ours, "adam_test_acc": adam, "final_seeds": final["seeds"],
             "refit": final["refit"], "epochs": final["epochs"], "stage1_fte": bounds.get("cost_fte"),

@@ -135,22 +135,13 @@ def test_adam_cycles_beta1_opposite_to_the_lr():
 # -- end to end ----------------------------------------------------------------------------------------
 
 
-def _adam_baseline(spec, seeds: int, final: dict) -> list[float]:
-    """The usual default: Adam at lr 1e-3, constant, no weight decay or dropout, same model and batch, on the
-    data the final fit trained on (train + validation where it refit: a user without sctune trains on all of
-    their training data) for as many epochs."""
-    from sctune.core.train import fit
-
-    cfg = spec.base.with_flat(optimizer="adam", schedule="constant", lr=1e-3, momentum=0.9, weight_decay=0.0,
-                              dropout=0.0, train_on_val=bool(final["refit"]), epochs=int(final["epochs"]))
-    return [float(fit(cfg.replace(seed=s), test_at_end=True).history[-1]["test/acc"]) for s in range(seeds)]
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["wine", "digits400"])
 def test_task_only_file_runs_end_to_end_and_beats_adam(tmp_path, monkeypatch, name):
     from user_task_util import run_in
+
+    from benchmarks.task_only import adam_baseline
 
     project = _project(tmp_path, name)
     storage = tmp_path / "results"
@@ -168,7 +159,8 @@ def test_task_only_file_runs_end_to_end_and_beats_adam(tmp_path, monkeypatch, na
     assert len(ours) >= 2, best["final"]
     monkeypatch.syspath_prepend(str(project))
     spec = load_space(project / f"{name}.yaml")
-    base = _adam_baseline(spec, seeds=len(ours), final=best["final"])
+    # Adam at lr 1e-3 on the data the final fit trained on, as many epochs, the final fit's seeds
+    base = adam_baseline(spec, best["final"])
     # a tolerance from the seed spread (two standard deviations of either side), at least one test sample
     n_test = {"wine": 54, "digits400": 360}[name]
     tol = max(2 * statistics.stdev(ours), 2 * statistics.stdev(base), 1 / n_test)

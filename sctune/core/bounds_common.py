@@ -227,24 +227,24 @@ def recommend_max_lr(learn_lr: float, max_lr: float, *, likely: bool | None = Tr
     are best in the band's lower part, or below it where the band ends in a collapse (BENCHMARKS.md section 7).
     A linear fraction of the top, not a point in log LR between ``learn_lr`` and the top: ``learn_lr`` is known
     only to the resolution of the range test's evaluations (the first evaluation on the authors' 20k-iteration
-    curve, LR 0.015), and a log-space middle inherits that. Never above ``max_lr``.
+    curve, LR 0.015), and a log-space middle inherits that. Only a wide band without the signature moves in
+    log LR, and only below max / divisor (wine: 0.020-0.030 where max / 4 read 0.067-0.108). Never above
+    ``max_lr``.
     """
     if not (math.isfinite(divisor) and divisor >= 1):
         raise ValueError(f"divisor must be a finite number >= 1, got {divisor!r}")
     quarter = max_lr / divisor
+    if likely is False:  # the top is the edge of a collapse: full trainings peak near the band's start
+        why = "super-convergence is unlikely, the band's top is the edge of a collapse, and full trainings peak"
+        if quarter < learn_lr:
+            return float(quarter), (f"max_lr / {divisor:g}, below the band's start (LR {learn_lr:.3g}): {why} below "
+                                    f"the band there")
+        return float(math.sqrt(learn_lr * quarter)), (
+            f"halfway (in log LR) from max_lr / {divisor:g} = {quarter:.3g} down to the band's start, LR "
+            f"{learn_lr:.3g}: {why} near the band's start there")
     why = "full trainings peak in the band's lower part, not at its top"
-    if quarter >= learn_lr and likely is not False:
+    if quarter >= learn_lr:
         return float(quarter), (f"max_lr / {divisor:g}, in the band that starts at LR {learn_lr:.3g} (where the model "
                                 f"had learned): {why}")
-    if likely is False and quarter < learn_lr:
-        return float(quarter), (f"max_lr / {divisor:g}, below the band's start (LR {learn_lr:.3g}): super-convergence "
-                                f"is unlikely, the band's top is the edge of a collapse, and full trainings peak "
-                                f"below the band there")
-    if likely is False:
-        # without the signature full trainings peak near the band's start, not in its upper part
-        mid = math.sqrt(learn_lr * quarter)
-        return float(mid), (f"halfway (in log LR) from max_lr / {divisor:g} = {quarter:.3g} down to the band's "
-                            f"start, LR {learn_lr:.3g}: super-convergence is unlikely, the band's top is the edge "
-                            f"of a collapse, and full trainings peak near the band's start there")
     return float(min(learn_lr, max_lr)), (f"the band's start, LR {learn_lr:.3g}, where the model had learned (max_lr / "
                                           f"{divisor:g} = {quarter:.3g} lies below the band): {why}")

@@ -24,7 +24,7 @@ The numbers, and why:
 * search: sctune's defaults; below ``LOSS_RANKS_BELOW`` validation samples trials are ranked (and promoted)
   by the validation loss, not accuracy: on wine's 38, accuracy ties trials that differ by one sample, and
   selecting by it picked configurations that tested at 0.963-0.981 (3 search seeds, default budget, one
-  final seed each) where selecting by the loss kept the recipe point in 2 of 3 and tested at 0.981-1.000.
+  final seed each) where selecting by the loss kept the recipe point in all 3 and tested at 0.981-1.000.
 * space: around stage 1, as the shipped files: max_lr in [bound/10, bound] (log), div_factor in [3, 20]
   (log), weight decay 3 decades below to 1 above the prior (log), dropout in [0, 0.3].
 """

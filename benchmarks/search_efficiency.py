@@ -542,6 +542,22 @@ def reanalyse(path: Path) -> int:
     return 0
 
 
+def _kept_baselines(path: Path, tasks: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """Stage 1 and the non-halving arms' raw runs from an earlier result file, for ``--keep-baselines``: they
+    do not depend on the halving search, so a change to it reruns only its two arms. The earlier file must
+    hold the same tasks (same settings) and repeats."""
+    import json
+
+    old = json.loads(path.read_text())
+    for t, task in tasks.items():
+        if old["settings"]["tasks"].get(t) != task or old["settings"]["repeats"] != repeats:
+            raise SystemExit(f"{path}: task {t!r} or the repeats differ from this run's; rerun every arm")
+    return {"runs": {t: old["results"][t]["runs"] for t in tasks},
+            "stage1": {t: old["results"][t]["stage1"] for t in tasks},
+            "from": {"file": str(path), "git": old["machine"].get("git_commit"), "date_utc": old["machine"].get("date_utc"),
+                     "arms": [a for a in ARMS if a not in HALVING_ARMS]}}
+
+
 def halving_budgets(task: dict[str, Any]) -> list[float]:
     return sorted({g for g in HALVING_BUDGETS if g < task["budget_fte"]} | {task["budget_fte"]})
 
@@ -553,6 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="*", help="subset of tasks (mnist1d digits mnist1d_1k breast_cancer)")
     p.add_argument("--budget-fte", type=float, help="override every task's compute budget (FTE)")
     p.add_argument("--reanalyse", type=Path, help="recompute the analysis and plot of an existing result file")
+    p.add_argument("--keep-baselines", type=Path, metavar="RESULT",
+                   help="rerun only the halving arms; take stage 1 and the other arms' runs (same tasks, repeats "
+                        "and seeds) from this earlier result file, which the new file names")
     args = p.parse_args(argv)
     if args.reanalyse:
         return reanalyse(args.reanalyse)
@@ -570,9 +589,18 @@ def main(argv: list[str] | None = None) -> int:
                              "Searcher (sctune.service.searchers.make_searcher) asked directly; conventional and random: "
                              "optuna ask/tell as Ray's OptunaSearch, Ray's ASHAScheduler object for pruning; "
                              "sctune stage-1 logic (run_range_test + summarize_range_tests + plan.build_plan)"}
+    kept = _kept_baselines(args.keep_baselines, tasks, repeats) if args.keep_baselines else None
+    if kept:
+        settings["baselines_from"] = kept["from"]
     payload = envelope(NAME, args, settings)
     runs: dict[str, dict[str, list]] = {t: {a: [None] * repeats for a in ARMS} for t in tasks}
     stage1: dict[str, list] = {t: [None] * repeats for t in tasks}
+    if kept:
+        for t in tasks:
+            stage1[t] = kept["stage1"][t]
+            for a in ARMS:
+                if a not in HALVING_ARMS:
+                    runs[t][a] = kept["runs"][t][a]
     ctx = __import__("multiprocessing").get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx) as pool:
         futs: dict[Any, tuple] = {}
@@ -582,9 +610,11 @@ def main(argv: list[str] | None = None) -> int:
 
         for rep in range(repeats):
             for tname, task in tasks.items():
-                submit(job_range, task, rep, key=(tname, rep, "range"))
                 for g in halving_budgets(task):  # the halving arms' stage 1, planned for each budget
                     submit(job_range, task, rep, g, key=(tname, rep, "range", g))
+                if kept:
+                    continue
+                submit(job_range, task, rep, key=(tname, rep, "range"))
                 submit(job_search, task, rep, "conventional", None, key=(tname, rep, "conventional"))
                 submit(job_fastai, task, rep, key=(tname, rep, "fastai"))
         while futs:

@@ -54,25 +54,6 @@ def test_the_budget_is_spent_as_complete_schedules_and_never_exceeded():
             # every ladder ends at the full length: the best configuration is trained in full
             assert any(books.rungs[r] == rungs[-1] for _, r in ran)
             assert books.rungs[books.incumbent()[1]] == rungs[-1]
-            # what a longer ladder cannot use buys configurations at the shortest length: less than one
-            # shortest schedule is left over, and no rung holds more than the ladder's places
-            assert spent > budget - books.rungs[0]
-            for r, places in enumerate(books.rung_plan()):
-                assert sum(1 for _, rr in ran if rr == r) <= places
-
-
-def test_the_budget_a_longer_ladder_cannot_use_buys_configurations_at_the_shortest_length():
-    rungs = (2, 4, 8, 16)
-    books = Promotion(rungs, budget_epochs=71)
-    # 9 configurations cost 66 epochs; a 10th would cost 72 (it adds a place at 1/4 too): 5 epochs are
-    # left, two more 2-epoch schedules at the shortest length, competing for the 9-ladder's places
-    assert books.ladder_size() == 9 and books.planned(10) > 71
-    assert books.rung_plan() == [11, 4, 2, 1]
-    ran = _run(books, lambda c, r: c)  # the later a configuration, the better
-    assert books.spent == 66 + 2 * 2
-    assert [sum(1 for _, rr in ran if rr == r) for r in range(4)] == [11, 4, 2, 1]
-    # the places are spread over the whole rung, so the two extra configurations compete for them
-    assert {c for c, r in ran if r == 1} & {9, 10}
 
 
 def test_only_the_top_half_of_a_rung_is_promoted_and_the_full_length_winner_is_the_answer():

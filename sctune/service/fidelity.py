@@ -21,9 +21,6 @@ recipe can end below it (1b: MNIST-1D at 8 FTE). And the answer is decided at th
 several: a ladder is sized so its full length holds at least ``TOP_CONFIGS`` promoted configurations
 beside the anchor (``rungs_for_budget``), since one short ranking agrees with the full length no better
 than a second seed does (1a), while the full length's own validation score is what picks the answer.
-What a longer ladder cannot use (one more configuration can cost a place at every rung) buys more
-configurations at the shortest length; they compete for the ladder's places and add none
-(``Promotion.rung_plan``), so the budget is spent to within one shortest schedule.
 
 ``benchmarks/fidelity_rank.py`` measured how far a short complete cycle ranks configurations as the full
 length does (``benchmarks/results/fidelity_rank.json``, BENCHMARKS.md section 1); ``RUNG_FRACTIONS`` is set
@@ -130,57 +127,21 @@ class Promotion:
             m //= self.eta
         return total
 
-    def ladder_size(self) -> int | None:
-        """The most configurations whose whole ladder (``planned``) fits the budget; None: no budget."""
-        if self.budget_epochs is None:
-            return None
-        n = 0
-        while ((self.max_configs is None or n < self.max_configs)
-               and self.planned(n + 1) <= self.budget_epochs + 1e-9):
-            n += 1
-        return n
-
-    def rung_plan(self) -> list[int] | None:
-        """Configurations each rung holds at most (None: no budget): the ladder's ``n // eta^r``, at least
-        one, and at the shortest rung as many more as the ladder's leftover pays for there. One more
-        configuration may cost more than a rung-0 schedule (it can add a promotion at every rung), so the
-        budget that does not buy a longer ladder buys configurations at the shortest length; they compete
-        for the ladder's places and add none."""
-        n = self.ladder_size()
-        if n is None:
-            return None
-        spare = int((self.budget_epochs - self.planned(n)) // self.rungs[0] + 1e-9) if n else 0
-        if len(self.rungs) == 1:
-            spare = 0  # the shortest rung is the full length: nothing to promote to
-        first = n + spare if self.max_configs is None else min(n + spare, self.max_configs)
-        counts, m = [first], min(n, first)
-        for _ in self.rungs[1:]:
-            m //= self.eta
-            counts.append(max(1, m))
-        return counts
-
     def can_draw(self) -> bool:
-        """Whether a new configuration may start: the rung-0 places of ``rung_plan`` (with no budget: up to
-        ``max_configs``, if set)."""
+        """Whether a new configuration may start: one more still leaves room to promote the best to the end."""
         n = len(self.configs) - len(self.anchors) + len(self._drawing)
-        plan = self.rung_plan()
-        if plan is None:
-            return self.max_configs is None or n < self.max_configs
-        return n < plan[0]
+        return ((self.max_configs is None or n < self.max_configs)
+                and (self.budget_epochs is None or self.planned(n + 1) <= self.budget_epochs + 1e-9))
 
     def promotable(self) -> tuple[int, int] | None:
         """(config id, next rung): the best configuration, from the highest rung down, that ranks in the top
-        ``k`` of its rung's completed results and has not started at the next rung yet, while fewer than
-        ``k`` of the rung's results went on. ``k`` is the rung's share of places above it: ``rung_plan``'s
-        count there over the rung's own, times its results so far (the top 1/eta of a full ladder; with
-        no budget, 1/eta). Once no new configuration may be drawn, the best of a rung goes on even where
-        ``k`` rounds to 0."""
+        1/eta of its rung's completed results and has not started at the next rung yet, while fewer than
+        1/eta of the rung's results went on. Once no new
+        configuration may be drawn, the best of a rung goes on even where the rung holds fewer than eta."""
         last_call = not self.can_draw()
-        plan = self.rung_plan()
         for r in range(len(self.rungs) - 2, -1, -1):
             ranked = self._ranked(r)
-            done = len(self.scores[r])  # failed results count in the rung's size, never promote
-            k = done // self.eta if plan is None else (done * plan[r + 1]) // max(1, plan[r])
+            k = len(self.scores[r]) // self.eta  # failed results count in the rung's size, never promote
             if last_call:
                 k = max(k, 1)
             # at most k go on from this rung in all: a configuration promoted early and overtaken later keeps

@@ -554,7 +554,8 @@ def _kept_baselines(path: Path, tasks: dict[str, Any], repeats: int) -> dict[str
             raise SystemExit(f"{path}: task {t!r} or the repeats differ from this run's; rerun every arm")
     return {"runs": {t: old["results"][t]["runs"] for t in tasks},
             "stage1": {t: old["results"][t]["stage1"] for t in tasks},
-            "from": {"file": str(path), "git": old["machine"].get("git_commit"), "date_utc": old["machine"].get("date_utc"),
+            "from": {"file": str(path.resolve().relative_to(REPO) if path.resolve().is_relative_to(REPO) else path),
+                     "git": old["machine"].get("git_commit"), "date_utc": old["machine"].get("date_utc"),
                      "arms": [a for a in ARMS if a not in HALVING_ARMS]}}
 
 

@@ -85,7 +85,7 @@ FULL = {
     "repeats": 3,
 }
 QUICK = {
-    "tasks": {"digits": {"space": "search_spaces/digits.yaml", "budget_fte": 6, "smoke": True}},
+    "tasks": {"digits": {"space": "search_spaces/digits.yaml", "budget_fte": 3, "smoke": True}},
     "repeats": 1,
 }
 CONVENTIONAL_SPACE = {"lr": (1e-4, 10.0, True), "weight_decay": (1e-5, 1e-2, True), "dropout": (0.0, 0.5, False)}

@@ -114,6 +114,7 @@ def check_task_only(res: dict, out: Path) -> None:
     assert run["task"] == "wine" and len(run["sctune_test_acc"]) == len(run["adam_test_acc"]) == len(run["final_seeds"])
     assert 0 < run["stage1_fte"] <= run["total_fte"] and set(res["summary"]) == {"wine"}
     assert run["recommended"]["max_lr"] > 0 and run["recommended"]["batch_size"] == 8  # filled from the data
+    assert run["refit"] is True  # 30% of wine's data held out for validation: the final fit trains on it too
 
 
 CHECKS = {"search_efficiency": check_search_efficiency, "fidelity_rank": check_fidelity_rank,

@@ -196,7 +196,7 @@ def test_sigterm_in_range_stage_is_a_pause(tmp_path, ray_tmp, twice):
     """SIGTERM to the driver's group during the range tests: exit 143 with a resume line (no native abort,
     no traceback), no bounds computed from the finished ones, stage 1 not done; --resume runs only the
     unfinished range tests and every range test is counted once. A second signal (Ctrl-C) stops at once,
-    without waiting for the running range tests, with the same outcome."""
+    without waiting for the running range tests, and leaves the same state (not resumed again here)."""
     common, exp = _setup(tmp_path, "term")
     common += ["--stage", "range"]
     env = cli_env(ray_tmp, **fault_env("range:delay=4"))
@@ -227,6 +227,8 @@ def test_sigterm_in_range_stage_is_a_pause(tmp_path, ray_tmp, twice):
     assert json.loads((exp / "state.json").read_text())["done"] == []
     finished = {t: v for t, v in tune_trials(exp / "ray" / "range").items() if v["status"] == "TERMINATED"}
     assert 1 <= len(finished) < 3, finished
+    if twice:
+        return  # the state the second signal leaves is the one the first leaves, resumed just below
     runs_before = _range_runs(exp, finished)
 
     res = run_cli([*common, "--resume"], env=env, log_dir=tmp_path, tag="resume", timeout=400)

@@ -38,6 +38,13 @@ JOB_TIMEOUT_S = 420  # the smoke search takes ~1 min here; a loaded CI box gets 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
+@pytest.fixture(scope="module")
+def head():
+    """One head for the module's jobs (they run one after another): started once, stopped after the last."""
+    with ray_head(num_cpus=2) as h:
+        yield h
+
+
 def _status(head, job_id: str) -> str:
     out = head.ray_cli("job", "status", "--address", head.dashboard_url, job_id)
     text = out.stdout + out.stderr
@@ -64,55 +71,54 @@ def _head_node_ids(head) -> set[str]:
     return {n["node_id"] for n in nodes if n.get("state") == "ALIVE"}
 
 
-def test_job_submit_smoke_search_on_local_head(tmp_path):
+def test_job_submit_smoke_search_on_local_head(tmp_path, head):
     spec = load_space(ROOT / SPACE, smoke=True)
     storage = (tmp_path / "results").resolve()
     job_id = f"sctune-test-{int(time.time())}"
-    with ray_head(num_cpus=2) as head:
-        # Token auth is really on: a client without RAY_AUTH_MODE=token sends no token and is
-        # refused (401), and a wrong token is refused (403).
-        no_mode = head.ray_cli("job", "list", "--address", head.dashboard_url,
-                               env={k: v for k, v in head.env.items() if k != "RAY_AUTH_MODE"})
-        assert no_mode.returncode != 0 and "Unauthorized" in no_mode.stdout + no_mode.stderr
-        wrong = head.ray_cli("job", "list", "--address", head.dashboard_url,
-                             env=head.env | {"RAY_AUTH_TOKEN": "0" * 64})
-        assert wrong.returncode != 0 and "Invalid authentication token" in wrong.stdout + wrong.stderr
+    # Token auth is really on: a client without RAY_AUTH_MODE=token sends no token and is
+    # refused (401), and a wrong token is refused (403).
+    no_mode = head.ray_cli("job", "list", "--address", head.dashboard_url,
+                           env={k: v for k, v in head.env.items() if k != "RAY_AUTH_MODE"})
+    assert no_mode.returncode != 0 and "Unauthorized" in no_mode.stdout + no_mode.stderr
+    wrong = head.ray_cli("job", "list", "--address", head.dashboard_url,
+                         env=head.env | {"RAY_AUTH_TOKEN": "0" * 64})
+    assert wrong.returncode != 0 and "Invalid authentication token" in wrong.stdout + wrong.stderr
 
-        # The entrypoint runs in a shell on the head with the head's environment: name the venv's
-        # python explicitly (PATH there need not lead to it). Its cwd is the uploaded working dir,
-        # so `-m sctune.search` imports the uploaded code, and trial workers get the same tree.
-        entry = [sys.executable, "-m", "sctune.search", SPACE, "--smoke", "--storage-path", str(storage),
-                 "--name", "job"]
-        sub = head.ray_cli("job", "submit", "--address", head.dashboard_url, "--submission-id", job_id,
-                           "--no-wait", "--working-dir", str(ROOT),
-                           "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--", *entry, timeout=120)
-        text = sub.stdout + sub.stderr
-        assert sub.returncode == 0, text
-        assert f"Job '{job_id}' submitted successfully" in text, text
-        pkg = re.search(r"Uploading package gcs://(_ray_pkg_\w+)\.zip", text)
-        assert pkg, text
+    # The entrypoint runs in a shell on the head with the head's environment: name the venv's
+    # python explicitly (PATH there need not lead to it). Its cwd is the uploaded working dir,
+    # so `-m sctune.search` imports the uploaded code, and trial workers get the same tree.
+    entry = [sys.executable, "-m", "sctune.search", SPACE, "--smoke", "--storage-path", str(storage),
+             "--name", "job"]
+    sub = head.ray_cli("job", "submit", "--address", head.dashboard_url, "--submission-id", job_id,
+                       "--no-wait", "--working-dir", str(ROOT),
+                       "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--", *entry, timeout=120)
+    text = sub.stdout + sub.stderr
+    assert sub.returncode == 0, text
+    assert f"Job '{job_id}' submitted successfully" in text, text
+    pkg = re.search(r"Uploading package gcs://(_ray_pkg_\w+)\.zip", text)
+    assert pkg, text
 
-        deadline = time.monotonic() + JOB_TIMEOUT_S
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    status = _status(head, job_id)
+    while status not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(3)
         status = _status(head, job_id)
-        while status not in TERMINAL and time.monotonic() < deadline:
-            time.sleep(3)
-            status = _status(head, job_id)
-        if status != "SUCCEEDED":
-            if status not in TERMINAL:
-                head.ray_cli("job", "stop", "--address", head.dashboard_url, job_id)
-            pytest.fail(f"job {job_id} ended {status} (limit {JOB_TIMEOUT_S}s); driver log tail:\n"
-                        f"{_logs(head, job_id)}")
-        logs = _logs(head, job_id)
-        # what the head unpacked from the upload: the working tree without the excluded folders
-        (unpacked,) = {p.resolve() for p in (head.tmp / "ray").glob(  # session_latest links to session_<date>
-            f"session_*/runtime_resources/working_dir_files/{pkg.group(1)}")}
-        files = [p for p in unpacked.rglob("*") if p.is_file()]
-        mib = sum(p.stat().st_size for p in files) / 2**20
-        assert mib < MAX_UPLOAD_MIB, f"working-dir upload is {mib:.1f} MiB: excludes missed"
-        top = {p.relative_to(unpacked).parts[0] for p in files}
-        assert "sctune" in top and "search_spaces" in top and not top & {".venv", ".git"}, top
-        head_nodes = _head_node_ids(head)
-        assert not (head.tmp / "home" / ".ray" / "auth_token").exists()  # the token never touched a file
+    if status != "SUCCEEDED":
+        if status not in TERMINAL:
+            head.ray_cli("job", "stop", "--address", head.dashboard_url, job_id)
+        pytest.fail(f"job {job_id} ended {status} (limit {JOB_TIMEOUT_S}s); driver log tail:\n"
+                    f"{_logs(head, job_id)}")
+    logs = _logs(head, job_id)
+    # what the head unpacked from the upload: the working tree without the excluded folders
+    (unpacked,) = {p.resolve() for p in (head.tmp / "ray").glob(  # session_latest links to session_<date>
+        f"session_*/runtime_resources/working_dir_files/{pkg.group(1)}")}
+    files = [p for p in unpacked.rglob("*") if p.is_file()]
+    mib = sum(p.stat().st_size for p in files) / 2**20
+    assert mib < MAX_UPLOAD_MIB, f"working-dir upload is {mib:.1f} MiB: excludes missed"
+    top = {p.relative_to(unpacked).parts[0] for p in files}
+    assert "sctune" in top and "search_spaces" in top and not top & {".venv", ".git"}, top
+    head_nodes = _head_node_ids(head)
+    assert not (head.tmp / "home" / ".ray" / "auth_token").exists()  # the token never touched a file
 
     assert len(head_nodes) == 1
     exp = storage / "job"
@@ -149,7 +155,7 @@ def test_job_submit_smoke_search_on_local_head(tmp_path):
     assert "Recommended configuration" in logs, logs
 
 
-def test_job_submit_of_a_user_project_runs_its_own_task(tmp_path):
+def test_job_submit_of_a_user_project_runs_its_own_task(tmp_path, head):
     """The README's project folder (my_task.py + space.yaml naming my_task:breast_cancer, my_task:TabularNet)
     submitted as a user submits it to a cluster, `ray job submit --working-dir my_project`: the module travels
     with the working dir to the driver and to every trial worker, and the three stages run on it."""
@@ -159,24 +165,23 @@ def test_job_submit_of_a_user_project_runs_its_own_task(tmp_path):
     spec = smoke_spec(project)
     storage = (tmp_path / "results").resolve()
     job_id = f"sctune-user-{int(time.time())}"
-    with ray_head(num_cpus=2) as head:
-        # the driver's cwd is the uploaded project folder: `space.yaml` and `import my_task` resolve there
-        entry = [sys.executable, "-m", "sctune.search", "space.yaml", "--smoke", "--storage-path", str(storage),
-                 "--name", "job"]
-        sub = head.ray_cli("job", "submit", "--address", head.dashboard_url, "--submission-id", job_id,
-                           "--no-wait", "--working-dir", str(project), "--", *entry, timeout=120)
-        text = sub.stdout + sub.stderr
-        assert sub.returncode == 0 and f"Job '{job_id}' submitted successfully" in text, text
-        deadline = time.monotonic() + JOB_TIMEOUT_S
+    # the driver's cwd is the uploaded project folder: `space.yaml` and `import my_task` resolve there
+    entry = [sys.executable, "-m", "sctune.search", "space.yaml", "--smoke", "--storage-path", str(storage),
+             "--name", "job"]
+    sub = head.ray_cli("job", "submit", "--address", head.dashboard_url, "--submission-id", job_id,
+                       "--no-wait", "--working-dir", str(project), "--", *entry, timeout=120)
+    text = sub.stdout + sub.stderr
+    assert sub.returncode == 0 and f"Job '{job_id}' submitted successfully" in text, text
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    status = _status(head, job_id)
+    while status not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(3)
         status = _status(head, job_id)
-        while status not in TERMINAL and time.monotonic() < deadline:
-            time.sleep(3)
-            status = _status(head, job_id)
-        logs = _logs(head, job_id)
-        if status not in TERMINAL:
-            head.ray_cli("job", "stop", "--address", head.dashboard_url, job_id)
-        assert status == "SUCCEEDED", f"job {job_id} ended {status} (limit {JOB_TIMEOUT_S}s); driver log tail:\n{logs}"
-        head_nodes = _head_node_ids(head)
+    logs = _logs(head, job_id)
+    if status not in TERMINAL:
+        head.ray_cli("job", "stop", "--address", head.dashboard_url, job_id)
+    assert status == "SUCCEEDED", f"job {job_id} ended {status} (limit {JOB_TIMEOUT_S}s); driver log tail:\n{logs}"
+    head_nodes = _head_node_ids(head)
     check_three_stages(storage / "job", spec, dataset="my_task:breast_cancer", model="my_task:TabularNet")
     assert set(pd.read_csv(storage / "job" / "summary.csv")["node_id"]) == head_nodes
     assert "Recommended configuration" in logs and "Traceback" not in logs, logs

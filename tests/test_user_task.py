@@ -13,7 +13,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -34,25 +33,6 @@ pytestmark = pytest.mark.ray
 
 # -- the CLI --------------------------------------------------------------------------------------
 
-def test_cli_runs_the_readme_project(tmp_path):
-    project = write_project(tmp_path)
-    spec = smoke_spec(project)
-    storage = tmp_path / "results"
-    t0 = time.monotonic()
-    p = run_in(project, ["-m", "sctune.search", "space.yaml", "--smoke", "--storage-path", str(storage),
-                         "--name", "cli"])
-    wall = time.monotonic() - t0
-    assert p.returncode == 0, p.stderr[-4000:]
-    check_three_stages(storage / "cli", spec, dataset="my_task:breast_cancer", model="my_task:TabularNet")
-    assert "Recommended configuration" in p.stdout
-    check_clean_output(p.stderr)
-    # the smoke range stage has 2 trials and max_concurrent 2 on 2 CPUs: both run at once, and the
-    # progress line says so (it used to say '1 running' throughout)
-    assert max_running(p.stderr, "range") == 2, p.stderr
-    assert max_running(p.stderr, "search") <= spec.search.max_concurrent
-    print(f"CLI on the README project: {wall:.1f}s")
-
-
 # One test example of the walk-through's 114 (breast cancer, 20% test split): the final fit's and Adam's test
 # accuracies move in steps of 1/114 = 0.0088. Measured over 3 search seeds x 2 final seeds at this budget
 # (README "Your own data and models"): sctune 0.969 (std 0.005), Adam 0.964 (std 0.004), both within one
@@ -63,14 +43,19 @@ ONE_TEST_EXAMPLE = 1 / 114
 
 @pytest.mark.slow
 def test_readme_walkthrough_ends_at_or_above_plain_adam(tmp_path):
-    """The walk-through at its own (real, small) budget through the CLI, then Adam lr 1e-3 (constant, same
-    network, epochs, batch and split) over the final fit's seeds: sctune's mean test accuracy at least Adam's
-    minus one test example."""
+    """The walk-through at its own (real, small) budget through the CLI from the project folder (`import
+    my_task` resolves there; job submission runs the same folder with --smoke, tests/test_job_submit.py),
+    then Adam lr 1e-3 (constant, same network, epochs, batch and split) over the final fit's seeds: sctune's
+    mean test accuracy at least Adam's minus one test example. The run's output is clean."""
     project = write_project(tmp_path)
     storage = tmp_path / "results"
     p = run_in(project, ["-m", "sctune.search", "space.yaml", "--storage-path", str(storage), "--name", "vs-adam"],
                timeout=1500)
     assert p.returncode == 0, p.stderr[-4000:]
+    assert "Recommended configuration" in p.stdout
+    check_clean_output(p.stderr)
+    # 2 CPUs and the range stage's max_concurrent 2: two range tests run at once, and the progress line says so
+    assert max_running(p.stderr, "range") == 2, p.stderr
     final = json.loads((storage / "vs-adam" / "best.json").read_text())["final"]
     assert final["n"] >= 1  # the default budget (8 FTE) leaves the walk-through's final fit one seed
     adam = adam_baseline(project, final["seeds"])

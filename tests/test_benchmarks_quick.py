@@ -95,7 +95,7 @@ def check_end_to_end(res: dict, out: Path) -> None:
 
 
 def check_readme_examples(res: dict, out: Path) -> None:
-    assert len(res["runs"]) == 2 and all(len(r["numbers"]) == len(r["lines"]) for r in res["runs"])
+    assert len(res["runs"]) == 1 and all(len(r["numbers"]) == len(r["lines"]) for r in res["runs"])
     assert all(s["runs_with_same_words"] <= s["of"] for s in res["spread"])
 
 

@@ -347,11 +347,9 @@ def test_gpu_check_without_gpu_says_use_tiny(tmp_path):
 def test_gpu_check_tiny_runs_the_pipeline_on_cpu(tmp_path):
     import json
 
-    t0 = time.monotonic()
     proc = _gpu_check(tmp_path, "--tiny")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert time.monotonic() - t0 < 240
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["schema"] == "sctune.gpu_check/1" and r["status"] == "ok" and r["mode"] == "tiny"
     assert set(r["stages"]) == {"range", "search", "final"}

@@ -217,17 +217,32 @@ def test_state_json_marks_all_stages_done(run):
     assert (run.root / "space.yaml").read_text() == (REPO / "search_spaces/digits.yaml").read_text()
 
 
-def test_python_api_runs_stage_by_stage(tmp_path):
-    """``run()`` drives one stage at a time; later stages read the earlier ones' outputs."""
+@pytest.fixture
+def users_ray():
+    """A Ray the user started in this process (as a notebook does): sctune runs on it and leaves it running."""
+    import ray
+
+    assert not ray.is_initialized()
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def test_python_api_runs_stage_by_stage(tmp_path, users_ray):
+    """``run()`` drives one stage at a time; later stages read the earlier ones' outputs. Under a Ray the user
+    started, every stage runs on it, and it is still there for the next call."""
     from sctune.search import run as sctune_run
 
     space = REPO / "search_spaces" / "digits.yaml"
     common = dict(name="api", storage_path=tmp_path, smoke=True, quiet=True)
     r1 = sctune_run(space, stage="range", **common)
+    assert users_ray.is_initialized()
     assert r1.stages_run == ["range"] and r1.summary is None and r1.best is None
     assert r1.bounds["status"] == "ok"
     r2 = sctune_run(space, stage="search", num_samples=2, **common)
-    assert r2.stages_run == ["search"]
+    assert r2.stages_run == ["search"] and users_ray.is_initialized()
     # 2 full trainings' worth: the recipe in full, then one more configuration in full (too little for a ladder)
     assert r2.summary["epochs_run"].sum() <= 2 * SPEC.base.epochs
     assert sorted(r2.summary["epochs"]) == [SPEC.base.epochs] * 2

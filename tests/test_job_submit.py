@@ -64,6 +64,19 @@ def _logs(head, job_id: str) -> str:
     return (out.stdout + out.stderr)[-6000:]
 
 
+def _wait(head, job_id: str) -> tuple[str, str]:
+    """Poll the job until it ends or JOB_TIMEOUT_S passes (then stop it): its last status and driver log."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    status = _status(head, job_id)
+    while status not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(3)
+        status = _status(head, job_id)
+    logs = _logs(head, job_id)
+    if status not in TERMINAL:
+        head.ray_cli("job", "stop", "--address", head.dashboard_url, job_id)
+    return status, logs
+
+
 def _head_node_ids(head) -> set[str]:
     out = head.ray_cli("list", "nodes", "--address", head.dashboard_url, "--format", "json", "--detail")
     assert out.returncode == 0, out.stderr
@@ -98,17 +111,8 @@ def test_job_submit_smoke_search_on_local_head(tmp_path, head):
     pkg = re.search(r"Uploading package gcs://(_ray_pkg_\w+)\.zip", text)
     assert pkg, text
 
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    status = _status(head, job_id)
-    while status not in TERMINAL and time.monotonic() < deadline:
-        time.sleep(3)
-        status = _status(head, job_id)
-    if status != "SUCCEEDED":
-        if status not in TERMINAL:
-            head.ray_cli("job", "stop", "--address", head.dashboard_url, job_id)
-        pytest.fail(f"job {job_id} ended {status} (limit {JOB_TIMEOUT_S}s); driver log tail:\n"
-                    f"{_logs(head, job_id)}")
-    logs = _logs(head, job_id)
+    status, logs = _wait(head, job_id)
+    assert status == "SUCCEEDED", f"job {job_id} ended {status} (limit {JOB_TIMEOUT_S}s); driver log tail:\n{logs}"
     # what the head unpacked from the upload: the working tree without the excluded folders
     (unpacked,) = {p.resolve() for p in (head.tmp / "ray").glob(  # session_latest links to session_<date>
         f"session_*/runtime_resources/working_dir_files/{pkg.group(1)}")}
@@ -172,14 +176,7 @@ def test_job_submit_of_a_user_project_runs_its_own_task(tmp_path, head):
                        "--no-wait", "--working-dir", str(project), "--", *entry, timeout=120)
     text = sub.stdout + sub.stderr
     assert sub.returncode == 0 and f"Job '{job_id}' submitted successfully" in text, text
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    status = _status(head, job_id)
-    while status not in TERMINAL and time.monotonic() < deadline:
-        time.sleep(3)
-        status = _status(head, job_id)
-    logs = _logs(head, job_id)
-    if status not in TERMINAL:
-        head.ray_cli("job", "stop", "--address", head.dashboard_url, job_id)
+    status, logs = _wait(head, job_id)
     assert status == "SUCCEEDED", f"job {job_id} ended {status} (limit {JOB_TIMEOUT_S}s); driver log tail:\n{logs}"
     head_nodes = _head_node_ids(head)
     check_three_stages(storage / "job", spec, dataset="my_task:breast_cancer", model="my_task:TabularNet")

@@ -616,19 +616,22 @@ _SCTUNE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLE
                "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "1000", "RAY_DEDUP_LOGS": "1"}
 
 
+NODE_EPOCH_DELAY_S = 5  # the slower of the two delays this test ran at (2 and 5 s): headroom on a loaded machine
+
+
 @pytest.mark.slow
 def test_worker_node_removed_mid_run_trials_resume_elsewhere(tmp_path, monkeypatch, ray_tmp):
     """A head with 0 CPUs and two 1-CPU workers; once both running trials have checkpointed, one worker is
     killed. Its trial is retried on the other worker from its checkpoint; every trial completes. Epochs are
     slowed (5 s after each) so that the removal lands mid-trial on a fast machine as on a loaded one."""
-    delay = 5
     import ray
     from ray.cluster_utils import Cluster
 
     from sctune.search import run
 
     # the nodes inherit this process's environment: sctune's Ray settings, a private RAY_TMPDIR, slow epochs
-    for k, v in {**_SCTUNE_ENV, "RAY_TMPDIR": str(ray_tmp), **fault_env(f"search:delay={delay}")}.items():
+    slow = fault_env(f"search:delay={NODE_EPOCH_DELAY_S}")
+    for k, v in {**_SCTUNE_ENV, "RAY_TMPDIR": str(ray_tmp), **slow}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     space = _space(tmp_path, "nodes", NODES)
@@ -663,10 +666,10 @@ def test_worker_node_removed_mid_run_trials_resume_elsewhere(tmp_path, monkeypat
             ray.shutdown()
         cluster.shutdown()
     summary = _summary(exp)
-    # Each trial sleeps `delay` s after each of its 4 epochs, so two trials hold a checkpoint long before the
+    # Each trial sleeps NODE_EPOCH_DELAY_S after each of its 4 epochs, so two trials hold a checkpoint long before the
     # run ends: a node never removed means the trials did not run (e.g. their actors never started).
     assert removed, (f"no worker node was removed: two trials never held a checkpoint at once (epoch delay "
-                     f"{delay} s); summary:\n{summary.to_string()}")
+                     f"{NODE_EPOCH_DELAY_S} s); summary:\n{summary.to_string()}")
     assert len(summary) == 3 and (summary["status"] == "completed").all(), summary
     assert len(res.summary) == 3
     trials = tune_trials(exp / "ray" / "search")

@@ -56,6 +56,7 @@ def test_readme_walkthrough_ends_at_or_above_plain_adam(tmp_path):
     check_clean_output(p.stderr)
     # 2 CPUs and the range stage's max_concurrent 2: two range tests run at once, and the progress line says so
     assert max_running(p.stderr, "range") == 2, p.stderr
+    assert max_running(p.stderr, "search") <= smoke_spec(project).search.max_concurrent  # as the file sets it
     final = json.loads((storage / "vs-adam" / "best.json").read_text())["final"]
     assert final["n"] >= 1  # the default budget (8 FTE) leaves the walk-through's final fit one seed
     adam = adam_baseline(project, final["seeds"])

@@ -44,8 +44,8 @@ from ..core.config import ConfigError, RegularizationConfig
 RANGE_SHARE = 0.25
 # A run with no --budget and no search.budget (and not --smoke) gets this many FTE in all: stage 1, the
 # multi-fidelity search and the final fit (issue 18: a default run at most ~8 FTE). On digits: stage 1 ~0.9,
-# the search ~6 FTE = a full ladder of 12 configurations (12 at 1/8, 6 at 1/4, 3 at 1/2, the best in full),
-# one final seed. Why a ladder of ~12 is enough: on the shipped spaces the configurations stage 1's space
+# the search ~5.5 FTE = Smith's recipe point in full, then 5 configurations at 1/2 and the better 2 in full
+# (BENCHMARKS.md 8), one final seed. Why so few are enough: on the shipped spaces the configurations stage 1's space
 # holds differ by little more than seed noise at the full length (BENCHMARKS.md 1a: two full-length runs
 # of the same 14 rank them with Spearman 0.23-0.38), so more configurations buy little; benchmark 1b
 # measures sctune at 8 FTE against the other methods.

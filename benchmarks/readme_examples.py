@@ -52,16 +52,21 @@ def readme_default_block() -> list[str]:
     return block.splitlines()
 
 
-def run_default(seed: int | None = None, *, timeout: int = 900) -> tuple[int, list[str], float, Path]:
+def run_default(seed: int | None = None, *, timeout: int = 900, python: Path | None = None,
+                env: dict[str, str] | None = None) -> tuple[int, list[str], float, Path]:
     """``python -m sctune.search`` (no space file: the embedded default) from a fresh empty folder, stdout and
     stderr in one stream as a shell shows them; returns (rc, lines, wall seconds, the folder). Ray stays on
-    loopback with its temp dir under the folder's own short temp dir. The caller removes the folder."""
+    loopback with its temp dir under the folder's own short temp dir. The caller removes the folder.
+    Without ``python``: this interpreter, with the checkout on PYTHONPATH; with it (a venv where sctune is
+    installed): that interpreter and ``env`` as given, the checkout not on the path."""
     cwd = Path(tempfile.mkdtemp(prefix="sctdef", dir="/tmp"))  # short: Ray's socket paths stay < 108 bytes
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_TMPDIR=str(cwd / "r"), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    base = os.environ if env is None else env
+    env = {k: v for k, v in base.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(cwd / "r"), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    if python is None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     (cwd / "r").mkdir()
-    cmd = [sys.executable, "-m", "sctune.search", *([] if seed is None else ["--seed", str(seed)])]
+    cmd = [str(python or sys.executable), "-m", "sctune.search", *([] if seed is None else ["--seed", str(seed)])]
     t0 = time.monotonic()
     p = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                        timeout=timeout)

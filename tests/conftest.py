@@ -56,3 +56,13 @@ def ray_tmp():
     d = short_tmpdir()
     yield d
     cleanup_ray_tmp(d)
+
+
+# -- sctune's wheel installed into a fresh venv (test_packaging.py; test_readme.py's default run) ----------
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory) -> tuple[Path, Path, dict[str, str]]:
+    """(python of a venv with the built wheel, an empty folder outside the checkout, env without PYTHONPATH)."""
+    pytest.importorskip("setuptools")
+    from wheel_util import install_wheel
+
+    return install_wheel(tmp_path_factory.mktemp("wheel"))

@@ -30,6 +30,15 @@ def spread(s: dict[str, Any], f=pct) -> str:
     return f"{f(s['median'])} [{f(s['min'])}–{f(s['max'])}]"
 
 
+def to_target(s: dict[str, Any] | None) -> str:
+    """A time to target: the median over all repeats (a repeat that never reached it counts as never), then
+    the range over the repeats that reached it."""
+    if not s or not s["n"]:
+        return "never"
+    med = "never" if s.get("median_all") is None else f"{s['median_all']:.1f}"
+    return med if s["n"] == 1 and not s["missing"] else f"{med} [{s['min']:.1f}–{s['max']:.1f}]"
+
+
 def stamp(d: dict[str, Any]) -> str:
     m = d["machine"]
     v = m["versions"]
@@ -54,8 +63,8 @@ def search_efficiency(d: dict[str, Any]) -> str:
             cells = [spread(m["test_acc_at_fte"][g]) for g in grid]
             n = m["test_acc_at_budget"]["n"] + m["test_acc_at_budget"]["missing"]
             out.append(f"| {arm} | {spread(m['stage1_fte'], lambda x: f'{x:.1f}')} | " + " | ".join(cells)
-                       + f" | {spread(m['fte_to_target'], lambda x: f'{x:.1f}')} ({m['reached_target']}/{n}) | "
-                       f"{spread(m.get('search_fte_to_target'), lambda x: f'{x:.1f}')} | "
+                       + f" | {to_target(m['fte_to_target'])} ({m['reached_target']}/{n}) | "
+                       f"{to_target(m.get('search_fte_to_target'))} | "
                        f"{num(m['trials']['median'], '.0f')} ({num(m['pruned']['median'], '.0f')} / "
                        f"{num(m['diverged']['median'], '.0f')}) |")
         out.append("")
@@ -79,15 +88,38 @@ def goals(r: dict[str, Any]) -> str:
                              default=(None, None))
         ok = ours is not None and (best is None or ours >= best - GOAL_GAP - 1e-12)
         parts.append(f"@{g} FTE {'met' if ok else 'NOT met'} (sctune {pct(ours)}, best other {best_arm} {pct(best)})")
-    conv = m["conventional"]["fte_to_target"].get("median")
-    ours = m["sctune"]["fte_to_target"].get("median")
+    conv = m["conventional"]["fte_to_target"].get("median_all")
+    ours = m["sctune"]["fte_to_target"].get("median_all")
     if conv is None or conv > 2:
         ok = ours is not None and (conv is None or ours < conv)
-        parts.append(f"FTE to target {'met' if ok else 'NOT met'} (sctune {num(ours, '.1f')}, conventional "
-                     f"{num(conv, '.1f')})")
+        parts.append(f"FTE to target {'met' if ok else 'NOT met'} (median over all repeats: sctune "
+                     f"{_fte(ours)}, conventional {_fte(conv)})")
     else:
-        parts.append(f"FTE to target: conventional needs {num(conv, '.1f')} <= 2 FTE (no goal; sctune {num(ours, '.1f')})")
-    return "Goals: " + "; ".join(parts) + "."
+        parts.append(f"FTE to target: conventional needs {_fte(conv)} <= 2 FTE (no goal; sctune {_fte(ours)})")
+    out = "Goals: " + "; ".join(parts) + "."
+    if r.get("paired"):
+        out += "\n\n" + paired_line(r)
+    return out
+
+
+def _fte(x: float | None) -> str:
+    return "never" if x is None else f"{x:.1f}"
+
+
+def paired_line(r: dict[str, Any]) -> str:
+    """At each goal budget, sctune against the arm with the best median, repeat by repeat."""
+    parts = []
+    for g in GOAL_FTE:
+        m = r["methods"]
+        others = {a: v["test_acc_at_fte"].get(g, {}).get("median") for a, v in m.items() if a != "sctune"}
+        best_arm = max((a for a, v in others.items() if v is not None), key=lambda a: others[a], default=None)
+        p = r["paired"].get(g, {}).get(best_arm)
+        if not p or p["mean"] is None:
+            continue
+        ci = "" if p["ci95"] is None else f", 95% CI {100 * p['ci95'][0]:+.1f} to {100 * p['ci95'][1]:+.1f}"
+        parts.append(f"@{g} FTE vs {best_arm} {100 * p['mean']:+.2f} points{ci} "
+                     f"({p['wins']} won / {p['ties']} tied / {p['losses']} lost of {p['n']})")
+    return "Paired by repeat (sctune minus the best other arm, mean): " + "; ".join(parts) + "."
 
 
 def fidelity_rank(d: dict[str, Any]) -> str:

@@ -263,12 +263,19 @@ def test_default_run_prints_what_the_readme_shows(installed):
 
 
 def test_readme_benchmark_summary_quotes_the_committed_results():
-    """The Benchmarks section's figures for the newcomer's path and the wide-band recommendation are the ones
-    ``benchmarks/task_only.py`` and ``benchmarks/recommended_lr.py`` wrote (to the printed precision)."""
-    import json
+    """The Benchmarks section's figures for the anytime comparison, the newcomer's path and the wide-band
+    recommendation are the ones ``benchmarks/search_efficiency.py``, ``benchmarks/task_only.py`` and
+    ``benchmarks/recommended_lr.py`` wrote (to the printed precision)."""
+    from benchmarks.summarize import goals
 
     root = Path(__file__).resolve().parent.parent
     text = " ".join((root / "README.md").read_text().split())
+    se = json.loads((root / "benchmarks" / "results" / "search_efficiency.json").read_text())
+    met = sum(len(re.findall(r"@\d+ FTE met \(", goals(r))) for r in se["results"].values())
+    m = re.search(r"on four tasks, (\d+) repeats\) sctune's median is within 0.2 points of the best other arm at "
+                  r"(\d+) of (\d+) task-budget points", text)
+    assert m, "the README no longer quotes benchmark 1b's goal count"
+    assert [int(g) for g in m.groups()] == [se["settings"]["repeats"], met, 3 * len(se["results"])], m.group(0)
     res = json.loads((root / "benchmarks" / "results" / "task_only.json").read_text())["results"]["summary"]
     m = re.search(r"tests at ([\d.]+)% against Adam's ([\d.]+)% on 400 digits, and at ([\d.]+)% against Adam's "
                   r"([\d.]+)% on wine", text)

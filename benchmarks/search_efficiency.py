@@ -590,6 +590,17 @@ def _kept_baselines(path: Path, tasks: dict[str, Any], repeats: int) -> dict[str
                      "arms": [a for a in ARMS if a not in HALVING_ARMS]}}
 
 
+def _rerun_budgets(runs: dict[str, Any], budgets: list[float]) -> dict[str, Any]:
+    """The halving arms' runs of an earlier file without the budgets to run again (``--halving-budgets``)."""
+    import copy
+
+    runs = copy.deepcopy(runs)
+    for rs in runs.values():
+        for r in rs:
+            r["by_budget"] = {g: v for g, v in r["by_budget"].items() if float(g) not in budgets}
+    return runs
+
+
 def _kept_repeats(path: Path, tasks: dict[str, Any], repeats: int) -> dict[str, Any]:
     """Every arm's raw runs and stage 1 of the repeats an earlier result file holds, for ``--add-repeats``: repeat
     r seeds everything, so repeats 0..k-1 are the same whether run now or then, and a run with more repeats
@@ -631,9 +642,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--add-repeats", type=Path, metavar="RESULT",
                    help="keep every arm's runs of the repeats this earlier result file holds (same tasks, same "
                         "seeds) and run only the repeats up to --repeats; the new file names the earlier one")
+    p.add_argument("--halving-budgets", type=float, nargs="+", metavar="FTE",
+                   help="with --keep-baselines: rerun the halving arms at these budgets only, the others kept too")
     args = p.parse_args(argv)
     if args.keep_baselines and args.add_repeats:
         p.error("--keep-baselines and --add-repeats: use one")
+    if args.halving_budgets and not args.keep_baselines:
+        p.error("--halving-budgets needs --keep-baselines")
     if args.reanalyse:
         return reanalyse(args.reanalyse)
     conf = QUICK if args.quick else FULL
@@ -653,6 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     kept = _kept_baselines(args.keep_baselines, tasks, repeats) if args.keep_baselines else None
     if kept:
         settings["baselines_from"] = kept["from"]
+        if args.halving_budgets:
+            settings["baselines_from"]["halving_budgets_rerun"] = args.halving_budgets
     added = _kept_repeats(args.add_repeats, tasks, repeats) if args.add_repeats else None
     first_rep = added["repeats"] if added else 0
     if added:
@@ -666,6 +683,8 @@ def main(argv: list[str] | None = None) -> int:
             for a in ARMS:
                 if a not in HALVING_ARMS:
                     runs[t][a] = kept["runs"][t][a]
+                elif args.halving_budgets:
+                    runs[t][a] = _rerun_budgets({a: kept["runs"][t][a]}, args.halving_budgets)[a]
     if added:
         for t in tasks:
             stage1[t][:first_rep] = added["stage1"][t]
@@ -681,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(first_rep, repeats):
             for tname, task in tasks.items():
                 for g in halving_budgets(task):  # the halving arms' stage 1, planned for each budget
+                    if args.halving_budgets and g not in args.halving_budgets:
+                        continue
                     submit(job_range, task, rep, g, key=(tname, rep, "range", g))
                 if kept:
                     continue

@@ -48,10 +48,14 @@ def check_search_efficiency(res: dict, out: Path) -> None:
         assert set(task["methods"]) == {"sctune", "random_halving", "random", "conventional", "fastai"}
         for m in task["methods"].values():
             assert _is_stats(m["test_acc_at_budget"]) and _is_stats(m["fte_to_target"])
+            assert "median_all" in m["fte_to_target"]  # the median over all repeats, never-reached included
             assert all(_is_stats(v) for v in m["test_acc_at_fte"].values())
             for curve in m["curves_fte"]:
                 assert all(len(point) == 3 for point in curve)
         assert "target" in task and task["stage1"][0]["iters"] > 0
+        for per_arm in task["paired"].values():  # sctune against each other arm, repeat by repeat
+            assert set(per_arm) == {"random_halving", "random", "conventional", "fastai"}
+            assert all({"n", "mean", "wins", "ties", "losses"} <= set(p) for p in per_arm.values())
 
 
 def check_fidelity_rank(res: dict, out: Path) -> None:

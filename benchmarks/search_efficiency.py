@@ -477,6 +477,7 @@ def censored(s: dict[str, Any]) -> dict[str, Any]:
 def paired(ours: list[float | None], theirs: list[float | None]) -> dict[str, Any]:
     """sctune minus another arm, repeat by repeat (repeat r seeds the data split, stage 1 and the sampler of
     both): the mean difference with a 95% t interval, and how many repeats each side won."""
+    import numpy as np
     from scipy import stats as st
 
     d = [a - b for a, b in zip(ours, theirs, strict=True) if a is not None and b is not None]
@@ -484,10 +485,11 @@ def paired(ours: list[float | None], theirs: list[float | None]) -> dict[str, An
                            "ties": sum(abs(x) <= 1e-12 for x in d), "losses": sum(x < -1e-12 for x in d)}
     if len(d) < 2:
         return out | {"mean": d[0] if d else None, "ci95": None}
-    mean = sum(d) / len(d)
-    sd = (sum((x - mean) ** 2 for x in d) / (len(d) - 1)) ** 0.5
-    half = float(st.t.ppf(0.975, len(d) - 1)) * sd / len(d) ** 0.5
-    return out | {"mean": mean, "ci95": [mean - half, mean + half]}
+    mean = float(np.mean(d))
+    if np.ptp(d) == 0:  # every repeat the same difference: no spread to put an interval on
+        return out | {"mean": mean, "ci95": [mean, mean]}
+    lo, hi = st.t.interval(0.95, len(d) - 1, loc=mean, scale=st.sem(d))
+    return out | {"mean": mean, "ci95": [float(lo), float(hi)]}
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -574,56 +576,49 @@ def reanalyse(path: Path) -> int:
     return 0
 
 
-def _kept_baselines(path: Path, tasks: dict[str, Any], repeats: int) -> dict[str, Any]:
-    """Stage 1 and the non-halving arms' raw runs from an earlier result file, for ``--keep-baselines``: they
-    do not depend on the halving search, so a change to it reruns only its two arms. The earlier file must
-    hold the same tasks (same settings) and repeats."""
+def _earlier(path: Path, tasks: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An earlier result file whose runs a new one keeps (``--keep-baselines``, ``--add-repeats``): (its
+    payload, where it came from). It must hold the same tasks with the same settings."""
     import json
 
     old = json.loads(path.read_text())
     for t, task in tasks.items():
-        if old["settings"]["tasks"].get(t) != task or old["settings"]["repeats"] != repeats:
-            raise SystemExit(f"{path}: task {t!r} or the repeats differ from this run's; rerun every arm")
+        if old["settings"]["tasks"].get(t) != task:
+            raise SystemExit(f"{path}: task {t!r} differs from this run's; rerun every arm")
+    rel = str(path.resolve().relative_to(REPO) if path.resolve().is_relative_to(REPO) else path)
+    return old, {"file": rel, "git": old["machine"].get("git_commit"), "date_utc": old["machine"].get("date_utc")}
+
+
+def _kept_baselines(path: Path, tasks: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """Stage 1 and the non-halving arms' raw runs from an earlier result file, for ``--keep-baselines``: they
+    do not depend on the halving search, so a change to it reruns only its two arms. The earlier file must
+    hold the same tasks and repeats."""
+    old, source = _earlier(path, tasks)
+    if old["settings"]["repeats"] != repeats:
+        raise SystemExit(f"{path}: holds {old['settings']['repeats']} repeats, this run {repeats}; rerun every arm")
     return {"runs": {t: old["results"][t]["runs"] for t in tasks},
             "stage1": {t: old["results"][t]["stage1"] for t in tasks},
-            "from": {"file": _relative(path), "git": old["machine"].get("git_commit"), "date_utc": old["machine"].get("date_utc"),
-                     "arms": [a for a in ARMS if a not in HALVING_ARMS]}}
+            "from": source | {"arms": [a for a in ARMS if a not in HALVING_ARMS]}}
 
 
-def _rerun_budgets(runs: dict[str, Any], budgets: list[float]) -> dict[str, Any]:
-    """The halving arms' runs of an earlier file without the budgets to run again (``--halving-budgets``)."""
-    import copy
-
-    runs = copy.deepcopy(runs)
-    for rs in runs.values():
-        for r in rs:
-            r["by_budget"] = {g: v for g, v in r["by_budget"].items() if float(g) not in budgets}
-    return runs
+def _rerun_budgets(runs: list[dict[str, Any]], budgets: list[float]) -> list[dict[str, Any]]:
+    """A halving arm's runs of an earlier file without the budgets to run again (``--halving-budgets``)."""
+    return [r | {"by_budget": {g: v for g, v in r["by_budget"].items() if float(g) not in budgets}} for r in runs]
 
 
 def _kept_repeats(path: Path, tasks: dict[str, Any], repeats: int) -> dict[str, Any]:
     """Every arm's raw runs and stage 1 of the repeats an earlier result file holds, for ``--add-repeats``: repeat
     r seeds everything, so repeats 0..k-1 are the same whether run now or then, and a run with more repeats
-    only needs the new ones. The earlier file must hold the same tasks (same settings) and fewer repeats."""
-    import json
-
-    old = json.loads(path.read_text())
+    only needs the new ones. The earlier file must hold the same tasks and fewer repeats."""
+    old, source = _earlier(path, tasks)
     k = old["settings"]["repeats"]
     if k >= repeats:
         raise SystemExit(f"{path}: already holds {k} repeats; --add-repeats needs --repeats above that")
-    for t, task in tasks.items():
-        if old["settings"]["tasks"].get(t) != task:
-            raise SystemExit(f"{path}: task {t!r} differs from this run's; rerun every arm")
     return {"repeats": k, "runs": {t: old["results"][t]["runs"] for t in tasks},
             "stage1": {t: old["results"][t]["stage1"] for t in tasks},
-            "from": {"file": _relative(path), "git": old["machine"].get("git_commit"),
-                     "date_utc": old["machine"].get("date_utc"), "cpu": old["machine"].get("cpu"),
-                     "repeats": list(range(k)), "baselines_from": old["settings"].get("baselines_from"),
-                     "repeats_from": old["settings"].get("repeats_from")}}  # where ITS earlier repeats came from
-
-
-def _relative(path: Path) -> str:
-    return str(path.resolve().relative_to(REPO) if path.resolve().is_relative_to(REPO) else path)
+            "from": source | {"cpu": old["machine"].get("cpu"), "repeats": list(range(k)),
+                              "baselines_from": old["settings"].get("baselines_from"),
+                              "repeats_from": old["settings"].get("repeats_from")}}  # where ITS repeats came from
 
 
 def halving_budgets(task: dict[str, Any]) -> list[float]:
@@ -685,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
                 if a not in HALVING_ARMS:
                     runs[t][a] = kept["runs"][t][a]
                 elif args.halving_budgets:
-                    runs[t][a] = _rerun_budgets({a: kept["runs"][t][a]}, args.halving_budgets)[a]
+                    runs[t][a] = _rerun_budgets(kept["runs"][t][a], args.halving_budgets)
     if added:
         for t in tasks:
             stage1[t][:first_rep] = added["stage1"][t]

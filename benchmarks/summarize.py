@@ -83,9 +83,7 @@ def goals(r: dict[str, Any]) -> str:
     parts = []
     for g in GOAL_FTE:
         ours = m["sctune"]["test_acc_at_fte"].get(g, {}).get("median")
-        others = {a: v["test_acc_at_fte"].get(g, {}).get("median") for a, v in m.items() if a != "sctune"}
-        best_arm, best = max(((a, v) for a, v in others.items() if v is not None), key=lambda av: av[1],
-                             default=(None, None))
+        best_arm, best = best_other(m, g)
         ok = ours is not None and (best is None or ours >= best - GOAL_GAP - 1e-12)
         parts.append(f"@{g} FTE {'met' if ok else 'NOT met'} (sctune {pct(ours)}, best other {best_arm} {pct(best)})")
     conv = m["conventional"]["fte_to_target"].get("median_all")
@@ -102,6 +100,12 @@ def goals(r: dict[str, Any]) -> str:
     return out
 
 
+def best_other(m: dict[str, Any], g: str) -> tuple[str | None, float | None]:
+    """The arm other than sctune with the best median test accuracy at ``g`` FTE, and that median."""
+    others = {a: v["test_acc_at_fte"].get(g, {}).get("median") for a, v in m.items() if a != "sctune"}
+    return max(((a, v) for a, v in others.items() if v is not None), key=lambda av: av[1], default=(None, None))
+
+
 def _fte(x: float | None) -> str:
     return "never" if x is None else f"{x:.1f}"
 
@@ -110,9 +114,7 @@ def paired_line(r: dict[str, Any]) -> str:
     """At each goal budget, sctune against the arm with the best median, repeat by repeat."""
     parts = []
     for g in GOAL_FTE:
-        m = r["methods"]
-        others = {a: v["test_acc_at_fte"].get(g, {}).get("median") for a, v in m.items() if a != "sctune"}
-        best_arm = max((a for a, v in others.items() if v is not None), key=lambda a: others[a], default=None)
+        best_arm, _ = best_other(r["methods"], g)
         p = r["paired"].get(g, {}).get(best_arm)
         if not p or p["mean"] is None:
             continue

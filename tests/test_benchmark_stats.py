@@ -41,8 +41,8 @@ def test_paired_differences_follow_the_repeats():
 
 
 def test_a_partial_rerun_drops_only_the_budgets_it_runs_again():
-    runs = {"sctune": [{"by_budget": {"2": {"events": [1]}, "8": {"events": [2]}, "16": {"events": [3]}}}]}
+    runs = [{"rep": 0, "by_budget": {"2": {"events": [1]}, "8": {"events": [2]}, "16": {"events": [3]}}}]
     kept = _rerun_budgets(runs, [8.0])
-    assert set(kept["sctune"][0]["by_budget"]) == {"2", "16"}
-    assert set(runs["sctune"][0]["by_budget"]) == {"2", "8", "16"}  # the earlier file's runs are not touched
-    assert kept["sctune"][0]["by_budget"]["16"] == {"events": [3]}
+    assert set(kept[0]["by_budget"]) == {"2", "16"} and kept[0]["rep"] == 0
+    assert set(runs[0]["by_budget"]) == {"2", "8", "16"}  # the earlier file's runs are not touched
+    assert kept[0]["by_budget"]["16"] == {"events": [3]}
